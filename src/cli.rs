@@ -1,0 +1,311 @@
+//! The command line: `serve`, `check-config`, `keys`, `decrypt` (offline), `audit-verify`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, RouteKind};
+use crate::keys::keyring::Keyring;
+use crate::keys::{KeyRef, KeyService, RootKeyProvider};
+use crate::metrics::Metrics;
+use crate::transform::json_fields::{self, RequestMeta};
+
+#[derive(Parser)]
+#[command(
+    name = "envelope-proxy",
+    version,
+    about = "Transparent envelope encryption proxy"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "ENVELOPE_PROXY_CONFIG",
+        default_value = "envelope-proxy.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve,
+    /// Check a configuration file and list every problem with its place.
+    CheckConfig {
+        /// The file to check (default: --config).
+        file: Option<PathBuf>,
+    },
+    /// Manage root keys in the local keyring.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Decrypt a token or a JSON document offline, with the same keys as the proxy.
+    ///
+    /// Reads stdin: a bare token (`enc:v1:...`, quoted or not) or a JSON document as stored.
+    /// Context values the route derives from requests must be given with --context NAME=VALUE.
+    Decrypt {
+        /// Route whose fields and context apply (default: the only encrypting route).
+        #[arg(long)]
+        route: Option<String>,
+        /// A context value, by context key name (repeatable).
+        #[arg(long = "context", value_parser = parse_pair)]
+        context: Vec<(String, String)>,
+        /// For a bare token: the configured field path it was sealed under.
+        #[arg(long)]
+        field: Option<String>,
+    },
+    /// Check the hash chain of an audit log file.
+    AuditVerify { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// List root keys.
+    List,
+    /// Create a root key.
+    Create { name: String },
+    /// Add a new version to a root key; new writes use it, old data still decrypts.
+    Rotate { name: String },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENVELOPE_PROXY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, String> {
+    config::load(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn open_keyring(cfg: &Config) -> Result<Arc<Keyring>, String> {
+    Keyring::open(
+        KeyRef::DEFAULT_BACKEND,
+        &cfg.keyring.path,
+        &cfg.keyring.master_key,
+    )
+    .map_err(|e| e.to_string())
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve => crate::server::run(load(&cli.config)?).await,
+        Command::CheckConfig { file } => {
+            let path = file.unwrap_or(cli.config);
+            let cfg = load(&path)?;
+            println!("{}: OK ({} routes)", path.display(), cfg.routes.len());
+            Ok(())
+        }
+        Command::Keys { action } => {
+            let cfg = load(&cli.config)?;
+            let keyring = open_keyring(&cfg)?;
+            match action {
+                KeysAction::List => {
+                    println!(
+                        "{:<32} {:<9} {:>7} {:>8}  CREATED",
+                        "NAME", "STATE", "CURRENT", "VERSIONS"
+                    );
+                    for k in keyring.list() {
+                        println!(
+                            "{:<32} {:<9} {:>7} {:>8}  {}",
+                            k.name,
+                            if k.enabled { "enabled" } else { "disabled" },
+                            k.current_version,
+                            k.versions,
+                            k.created
+                        );
+                    }
+                }
+                KeysAction::Create { name } => {
+                    let k = keyring.create_key(&name).map_err(|e| e.to_string())?;
+                    println!("created {} (version {})", k.name, k.current_version);
+                }
+                KeysAction::Rotate { name } => {
+                    let k = keyring.rotate_key(&name).map_err(|e| e.to_string())?;
+                    println!(
+                        "rotated {}: new writes use version {}; versions 1..{} still decrypt",
+                        k.name, k.current_version, k.current_version
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Decrypt {
+            route,
+            context,
+            field,
+        } => {
+            let cfg = load(&cli.config)?;
+            let mut input = String::new();
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .map_err(|e| format!("reading stdin: {e}"))?;
+            let out = decrypt_offline(
+                &cfg,
+                route.as_deref(),
+                context.into_iter().collect(),
+                field.as_deref(),
+                &input,
+            )
+            .await?;
+            println!("{out}");
+            Ok(())
+        }
+        Command::AuditVerify { file } => {
+            let n = crate::audit::verify(&file)?;
+            println!("{}: {n} lines, hash chain intact", file.display());
+            Ok(())
+        }
+    }
+}
+
+/// Decrypt `input` (a token or a stored document) as `route` would on a read.
+pub async fn decrypt_offline(
+    cfg: &Config,
+    route: Option<&str>,
+    given: HashMap<String, String>,
+    field: Option<&str>,
+    input: &str,
+) -> Result<String, String> {
+    let encrypting: Vec<_> = cfg
+        .routes
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RouteKind::JsonFields(jr) => Some((r, jr)),
+            RouteKind::Passthrough => None,
+        })
+        .collect();
+    let (_, jr) = match route {
+        Some(name) => encrypting
+            .iter()
+            .find(|(r, _)| r.name == name)
+            .ok_or_else(|| format!("no encrypting route named {name:?}"))?,
+        None if encrypting.len() == 1 => &encrypting[0],
+        None => return Err("several encrypting routes: choose one with --route".into()),
+    };
+    let keyring = open_keyring(cfg)?;
+    let backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring];
+    let keys = KeyService::new(backends, cfg.cache.clone(), Arc::new(Metrics::new()));
+    let captures = HashMap::new();
+    let headers = http::HeaderMap::new();
+    let meta = RequestMeta {
+        captures: &captures,
+        headers: &headers,
+        given: Some(&given),
+    };
+    let key_ctx = json_fields::key_context(jr, &meta).map_err(|e| e.to_string())?;
+    let trimmed = input.trim();
+    let bare = trimmed.trim_matches('"');
+    let (mut doc, single) = if bare.starts_with(crate::envelope::token::PREFIX) {
+        // A bare token: wrap it as the one field it was sealed under.
+        let path = match field {
+            Some(f) => f.to_string(),
+            None if jr.fields.len() == 1 => jr.fields[0].source().to_string(),
+            None => {
+                return Err(
+                    "a bare token needs --field (the configured path it was sealed under)".into(),
+                );
+            }
+        };
+        let fp = jr
+            .fields
+            .iter()
+            .find(|f| f.source() == path)
+            .ok_or_else(|| format!("{path:?} is not a field of this route"))?;
+        (
+            single_field_doc(fp.source(), bare)?,
+            Some(fp.source().to_string()),
+        )
+    } else {
+        (
+            crate::transform::strict_json::parse(trimmed.as_bytes(), 128)
+                .map_err(|e| e.to_string())?,
+            None,
+        )
+    };
+    let mut jr_one = (*jr).clone();
+    if let Some(path) = &single {
+        jr_one.fields.retain(|f| f.source() == path);
+    }
+    json_fields::open_body(&jr_one, &meta, &key_ctx, &keys, &mut doc)
+        .await
+        .map_err(|e| match e {
+            crate::error::ProxyError::DecryptFailed(f) => format!("does not decrypt: {f}"),
+            other => other.to_string(),
+        })?;
+    let out = match single {
+        Some(path) => extract_single(&path, &doc),
+        None => doc,
+    };
+    serde_json::to_string_pretty(&out).map_err(|e| e.to_string())
+}
+
+/// For a bare token under a simple path like `$.a.b`, build `{"a": {"b": token}}`.
+fn single_field_doc(path: &str, token: &str) -> Result<serde_json::Value, String> {
+    let names = simple_names(path).ok_or_else(|| {
+        format!("{path:?}: bare tokens are supported for simple dotted paths; decrypt the whole document instead")
+    })?;
+    let mut v = serde_json::Value::String(token.to_string());
+    for n in names.iter().rev() {
+        v = serde_json::json!({ n.clone(): v });
+    }
+    Ok(v)
+}
+
+fn extract_single(path: &str, doc: &serde_json::Value) -> serde_json::Value {
+    let mut v = doc;
+    for n in simple_names(path).unwrap_or_default() {
+        v = &v[n.as_str()];
+    }
+    v.clone()
+}
+
+fn simple_names(path: &str) -> Option<Vec<String>> {
+    let rest = path.strip_prefix("$.")?;
+    let names: Vec<String> = rest.split('.').map(str::to_string).collect();
+    names
+        .iter()
+        .all(|n| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+        })
+        .then_some(names)
+}

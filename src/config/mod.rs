@@ -1,0 +1,738 @@
+//! Configuration: the TOML file types (unknown keys rejected) and their resolution into typed
+//! settings. Loading reports *every* problem with its place (`route[2].fields[1]: ...`) before
+//! failing, and never echoes file contents (the file may hold secrets).
+//!
+//! Relative file paths are taken relative to the working directory.
+//! `config/reference.toml` documents every option and its default.
+
+pub mod pattern;
+pub mod template;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::envelope::context::RESERVED_PREFIX;
+use crate::keys::keyring::MasterKeySource;
+use crate::keys::{CacheLimits, KeyRef};
+use crate::transform::json_fields::FieldPath;
+pub use pattern::PathPattern;
+pub use template::{Source, Template};
+
+// ---------------------------------------------------------------------------------------------
+// File types: exactly what a user writes.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    listen: String,
+    #[serde(default)]
+    tls: Option<FileTls>,
+    max_body_bytes: Option<u64>,
+    max_response_bytes: Option<u64>,
+    max_json_depth: Option<usize>,
+    upstream_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    upstream_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKeyring {
+    path: PathBuf,
+    master_key_file: Option<PathBuf>,
+    master_key_env: Option<String>,
+    #[serde(default)]
+    create_missing_keys: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileCache {
+    max_age_secs: Option<u64>,
+    max_messages: Option<u64>,
+    max_bytes: Option<u64>,
+    max_entries: Option<u64>,
+    open_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDemoStore {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    name: String,
+    path: String,
+    upstream: String,
+    #[serde(default)]
+    passthrough: bool,
+    key: Option<String>,
+    keys: Option<Vec<String>>,
+    #[serde(default)]
+    fields: Vec<String>,
+    #[serde(default)]
+    response_documents: Vec<String>,
+    #[serde(default)]
+    context: BTreeMap<String, String>,
+    #[serde(default)]
+    message_context: BTreeMap<String, String>,
+    on_decrypt_error: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolved configuration.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub admin: Option<SocketAddr>,
+    pub keyring: KeyringSettings,
+    pub cache: CacheLimits,
+    pub audit_path: Option<PathBuf>,
+    pub demo_store: Option<SocketAddr>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Largest request body a transformed route accepts (default 1 MiB; bounds memory per request).
+    pub max_body_bytes: u64,
+    /// Largest upstream response a transformed route decrypts (default 16 MiB).
+    pub max_response_bytes: u64,
+    /// Deepest JSON nesting accepted (default 64; deep nesting is a stack/CPU DoS vector).
+    pub max_json_depth: usize,
+    /// Time allowed for the upstream to answer (default 30 s) → 504 after.
+    pub upstream_timeout: Duration,
+    /// Time allowed to connect to the upstream (default 5 s) → 502 after.
+    pub connect_timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for https upstreams, beside the webpki roots.
+    pub upstream_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyringSettings {
+    pub path: PathBuf,
+    pub master_key: MasterKeySource,
+    pub create_missing_keys: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub pattern: PathPattern,
+    pub upstream: Upstream,
+    pub kind: RouteKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteKind {
+    /// Explicitly configured: bodies stream through unchanged.
+    Passthrough,
+    /// Configured JSON fields are encrypted on write and decrypted on read.
+    JsonFields(JsonRoute),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDecryptError {
+    /// 502 with a JSON error (default).
+    Error,
+    /// The field becomes `null` and the response goes on (`x-envelope-redacted` counts them).
+    Redact,
+}
+
+#[derive(Debug, Clone)]
+pub struct JsonRoute {
+    pub keys: Vec<KeyRef>,
+    pub fields: Vec<FieldPath>,
+    pub documents: Vec<FieldPath>,
+    pub key_context: Vec<(String, Template)>,
+    pub message_context: Vec<(String, Template)>,
+    pub on_decrypt_error: OnDecryptError,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Prefix put before the request path (no trailing slash), often empty.
+    pub base_path: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Every problem found, each with its place.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{} problem(s) in the configuration:", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+    parse(&text)
+}
+
+pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            // `e.message()` and a position only: toml's Display quotes the offending line.
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: ")
+                })
+                .unwrap_or_default();
+            return Err(ConfigErrors(vec![format!("{at}{}", e.message())]));
+        }
+    };
+
+    for key in table.keys() {
+        if ![
+            "server",
+            "admin",
+            "keyring",
+            "cache",
+            "audit",
+            "demo_store",
+            "route",
+        ]
+        .contains(&key.as_str())
+        {
+            errors.push(format!("unknown section [{key}]"));
+        }
+    }
+
+    let server: Option<FileServer> = section(&table, "server", &mut errors, true);
+    let admin: Option<FileAdmin> = section(&table, "admin", &mut errors, false);
+    let keyring: Option<FileKeyring> = section(&table, "keyring", &mut errors, true);
+    let cache: Option<FileCache> = section(&table, "cache", &mut errors, false);
+    let audit: Option<FileAudit> = section(&table, "audit", &mut errors, false);
+    let demo: Option<FileDemoStore> = section(&table, "demo_store", &mut errors, false);
+
+    let server = server.map(|s| resolve_server(s, &mut errors));
+    let admin = admin.and_then(|a| socket_addr("admin.listen", &a.listen, &mut errors));
+    let demo_store = demo.and_then(|d| socket_addr("demo_store.listen", &d.listen, &mut errors));
+    let keyring = keyring.and_then(|k| resolve_keyring(k, &mut errors));
+    let cache = resolve_cache(cache.unwrap_or_default(), &mut errors);
+
+    let mut routes = Vec::new();
+    match table.get("route") {
+        None => errors.push("no [[route]] defined: the proxy would refuse every request".into()),
+        Some(toml::Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let place = format!("route[{i}]");
+                match item.clone().try_into::<FileRoute>() {
+                    Ok(r) => {
+                        if let Some(route) = resolve_route(&place, r, &mut errors) {
+                            routes.push(route);
+                        }
+                    }
+                    Err(e) => errors.push(format!("{place}: {}", e.message())),
+                }
+            }
+        }
+        Some(_) => errors.push("route: use [[route]] (an array of tables)".into()),
+    }
+    let mut names = std::collections::HashSet::new();
+    for r in &routes {
+        if !names.insert(r.name.clone()) {
+            errors.push(format!("route {:?}: the name is used twice", r.name));
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    match (server, keyring) {
+        (Some(server), Some(keyring)) => Ok(Config {
+            server,
+            admin,
+            keyring,
+            cache,
+            audit_path: audit.map(|a| a.path),
+            demo_store,
+            routes,
+        }),
+        _ => Err(ConfigErrors(vec!["incomplete configuration".into()])),
+    }
+}
+
+fn section<T: DeserializeOwned>(
+    table: &toml::Table,
+    name: &str,
+    errors: &mut Vec<String>,
+    required: bool,
+) -> Option<T> {
+    match table.get(name) {
+        None => {
+            if required {
+                errors.push(format!("[{name}] section is missing"));
+            }
+            None
+        }
+        Some(v) => match v.clone().try_into::<T>() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(format!("{name}: {}", e.message()));
+                None
+            }
+        },
+    }
+}
+
+fn socket_addr(place: &str, s: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
+    match s.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(format!(
+                "{place}: {s:?} is not an address like 127.0.0.1:8080"
+            ));
+            None
+        }
+    }
+}
+
+fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> ServerSettings {
+    let listen = socket_addr("server.listen", &s.listen, errors)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let positive = |place: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>| match v {
+        Some(0) => {
+            errors.push(format!("{place}: must be greater than 0"));
+            default
+        }
+        Some(v) => v,
+        None => default,
+    };
+    let max_json_depth = match s.max_json_depth {
+        Some(d) if d == 0 || d > 128 => {
+            errors.push("server.max_json_depth: must be between 1 and 128".into());
+            64
+        }
+        Some(d) => d,
+        None => 64,
+    };
+    ServerSettings {
+        listen,
+        tls: s.tls.map(|t| (t.cert_file, t.key_file)),
+        max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes, 1 << 20, errors),
+        max_response_bytes: positive(
+            "server.max_response_bytes",
+            s.max_response_bytes,
+            16 << 20,
+            errors,
+        ),
+        max_json_depth,
+        upstream_timeout: Duration::from_millis(positive(
+            "server.upstream_timeout_ms",
+            s.upstream_timeout_ms,
+            30_000,
+            errors,
+        )),
+        connect_timeout: Duration::from_millis(positive(
+            "server.connect_timeout_ms",
+            s.connect_timeout_ms,
+            5_000,
+            errors,
+        )),
+        upstream_ca_file: s.upstream_ca_file,
+    }
+}
+
+fn resolve_keyring(k: FileKeyring, errors: &mut Vec<String>) -> Option<KeyringSettings> {
+    let master_key = match (k.master_key_file, k.master_key_env) {
+        (Some(f), None) => MasterKeySource::File(f),
+        (None, Some(e)) => MasterKeySource::Env(e),
+        (Some(_), Some(_)) => {
+            errors.push("keyring: set master_key_file or master_key_env, not both".into());
+            return None;
+        }
+        (None, None) => {
+            errors.push("keyring: master_key_file or master_key_env is required".into());
+            return None;
+        }
+    };
+    Some(KeyringSettings {
+        path: k.path,
+        master_key,
+        create_missing_keys: k.create_missing_keys,
+    })
+}
+
+fn resolve_cache(c: FileCache, errors: &mut Vec<String>) -> CacheLimits {
+    let d = CacheLimits::default();
+    let mut check = |place: &str, v: Option<u64>| {
+        if v == Some(0) {
+            errors.push(format!("cache.{place}: must be greater than 0"));
+        }
+        v.filter(|v| *v > 0)
+    };
+    CacheLimits {
+        max_age: check("max_age_secs", c.max_age_secs)
+            .map(Duration::from_secs)
+            .unwrap_or(d.max_age),
+        max_messages: check("max_messages", c.max_messages).unwrap_or(d.max_messages),
+        max_bytes: check("max_bytes", c.max_bytes).unwrap_or(d.max_bytes),
+        max_entries: check("max_entries", c.max_entries).unwrap_or(d.max_entries),
+        open_ttl: check("open_ttl_secs", c.open_ttl_secs)
+            .map(Duration::from_secs)
+            .unwrap_or(d.open_ttl),
+    }
+}
+
+fn resolve_upstream(place: &str, s: &str, errors: &mut Vec<String>) -> Option<Upstream> {
+    let uri: http::Uri = match s.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            errors.push(format!("{place}.upstream: {s:?} is not a URL"));
+            return None;
+        }
+    };
+    let scheme = uri.scheme().cloned();
+    let authority = uri.authority().cloned();
+    match (scheme, authority) {
+        (Some(scheme), Some(authority))
+            if scheme == http::uri::Scheme::HTTP || scheme == http::uri::Scheme::HTTPS =>
+        {
+            if uri.query().is_some() {
+                errors.push(format!("{place}.upstream: must not have a query string"));
+            }
+            Some(Upstream {
+                scheme,
+                authority,
+                base_path: uri.path().trim_end_matches('/').to_string(),
+            })
+        }
+        _ => {
+            errors.push(format!(
+                "{place}.upstream: {s:?} must be an http:// or https:// URL"
+            ));
+            None
+        }
+    }
+}
+
+fn resolve_route(place: &str, r: FileRoute, errors: &mut Vec<String>) -> Option<Route> {
+    let before = errors.len();
+    let place = format!("{place} ({:?})", r.name);
+    if r.name.is_empty() {
+        errors.push(format!("{place}.name: must not be empty"));
+    }
+    let pattern = PathPattern::parse(&r.path)
+        .map_err(|e| errors.push(format!("{place}.path: {e}")))
+        .ok();
+    let upstream = resolve_upstream(&place, &r.upstream, errors);
+
+    if r.passthrough {
+        for (set, what) in [
+            (r.key.is_some() || r.keys.is_some(), "key/keys"),
+            (!r.fields.is_empty(), "fields"),
+            (!r.response_documents.is_empty(), "response_documents"),
+            (!r.context.is_empty(), "context"),
+            (!r.message_context.is_empty(), "message_context"),
+            (r.on_decrypt_error.is_some(), "on_decrypt_error"),
+        ] {
+            if set {
+                errors.push(format!(
+                    "{place}: passthrough = true cannot be combined with {what}"
+                ));
+            }
+        }
+        return (errors.len() == before).then(|| Route {
+            name: r.name,
+            pattern: pattern.expect("checked"),
+            upstream: upstream.expect("checked"),
+            kind: RouteKind::Passthrough,
+        });
+    }
+
+    let key_strings = match (r.key, r.keys) {
+        (Some(k), None) => vec![k],
+        (None, Some(ks)) if !ks.is_empty() => ks,
+        (None, Some(_)) => {
+            errors.push(format!("{place}.keys: must list at least one key"));
+            vec![]
+        }
+        (Some(_), Some(_)) => {
+            errors.push(format!("{place}: set key or keys, not both"));
+            vec![]
+        }
+        (None, None) => {
+            errors.push(format!(
+                "{place}: needs key (or keys) to encrypt with; for a route without encryption set passthrough = true"
+            ));
+            vec![]
+        }
+    };
+    let mut keys = Vec::new();
+    for (i, k) in key_strings.iter().enumerate() {
+        match KeyRef::parse(k) {
+            Some(kr) if kr.backend == KeyRef::DEFAULT_BACKEND => {
+                match crate::keys::keyring::validate_key_name(&kr.key_id) {
+                    Ok(()) => keys.push(kr),
+                    Err(e) => errors.push(format!("{place}.keys[{i}]: {e}")),
+                }
+            }
+            Some(kr) => errors.push(format!(
+                "{place}.keys[{i}]: unknown backend {:?} (configured: local)",
+                kr.backend
+            )),
+            None => errors.push(format!(
+                "{place}.keys[{i}]: {k:?} is not a key reference like \"name\" or \"backend:key\""
+            )),
+        }
+    }
+    if r.fields.is_empty() {
+        errors.push(format!(
+            "{place}.fields: list at least one JSONPath to encrypt; for a route without encryption set passthrough = true"
+        ));
+    }
+    let fields = parse_paths(&format!("{place}.fields"), &r.fields, errors);
+    let documents = parse_paths(
+        &format!("{place}.response_documents"),
+        &r.response_documents,
+        errors,
+    );
+
+    let key_context = parse_templates(
+        &format!("{place}.context"),
+        &r.context,
+        pattern.as_ref(),
+        false,
+        errors,
+    );
+    let message_context = parse_templates(
+        &format!("{place}.message_context"),
+        &r.message_context,
+        pattern.as_ref(),
+        true,
+        errors,
+    );
+    for name in r.context.keys() {
+        if r.message_context.contains_key(name) {
+            errors.push(format!(
+                "{place}.message_context.{name}: already defined in context"
+            ));
+        }
+    }
+    // A record id read from the document must not itself be encrypted: it would not be there
+    // to read back.
+    for (name, t) in &message_context {
+        for s in t.sources() {
+            if let Source::Json(member) = s {
+                let probe = serde_json::json!({ member.clone(): 1 });
+                if fields.iter().any(|f| f.matches_any(&probe)) {
+                    errors.push(format!(
+                        "{place}.message_context.{name}: json.{member} is an encrypted field and cannot be part of the context"
+                    ));
+                }
+            }
+        }
+    }
+    let on_decrypt_error = match r.on_decrypt_error.as_deref() {
+        None | Some("error") => OnDecryptError::Error,
+        Some("redact") => OnDecryptError::Redact,
+        Some(other) => {
+            errors.push(format!(
+                "{place}.on_decrypt_error: {other:?} is not one of \"error\", \"redact\""
+            ));
+            OnDecryptError::Error
+        }
+    };
+    (errors.len() == before).then(|| Route {
+        name: r.name,
+        pattern: pattern.expect("checked"),
+        upstream: upstream.expect("checked"),
+        kind: RouteKind::JsonFields(JsonRoute {
+            keys,
+            fields,
+            documents,
+            key_context,
+            message_context,
+            on_decrypt_error,
+        }),
+    })
+}
+
+fn parse_paths(place: &str, paths: &[String], errors: &mut Vec<String>) -> Vec<FieldPath> {
+    paths
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            FieldPath::parse(p)
+                .map_err(|e| errors.push(format!("{place}[{i}]: {e}")))
+                .ok()
+        })
+        .collect()
+}
+
+fn parse_templates(
+    place: &str,
+    map: &BTreeMap<String, String>,
+    pattern: Option<&PathPattern>,
+    allow_json: bool,
+    errors: &mut Vec<String>,
+) -> Vec<(String, Template)> {
+    let mut out = Vec::new();
+    for (name, value) in map {
+        let at = format!("{place}.{name}");
+        if name.starts_with(RESERVED_PREFIX) || name.starts_with("aws:") || name.is_empty() {
+            errors.push(format!(
+                "{at}: context keys may not be empty or start with {RESERVED_PREFIX:?} or \"aws:\""
+            ));
+            continue;
+        }
+        let template = match Template::parse(value) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{at}: {e}"));
+                continue;
+            }
+        };
+        let mut ok = true;
+        for s in template.sources() {
+            match s {
+                Source::Path(n) if pattern.is_some_and(|p| !p.has_capture(n)) => {
+                    errors.push(format!(
+                        "{at}: path.{n} is not a capture of the route's path pattern"
+                    ));
+                    ok = false;
+                }
+                Source::Json(_) if !allow_json => {
+                    errors.push(format!(
+                        "{at}: json.* values belong in message_context (the key context must be known before the body is read)"
+                    ));
+                    ok = false;
+                }
+                _ => {}
+            }
+        }
+        if ok {
+            out.push((name.clone(), template));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+[keyring]
+path = "data/keyring.json"
+master_key_file = "data/master.key"
+"#;
+
+    #[test]
+    fn reports_every_problem_with_its_place() {
+        let text = format!(
+            r#"{BASE}
+[[route]]
+name = "users"
+path = "/tenants/{{tenant}}/users/**"
+upstream = "ftp://x"
+key = "users"
+fields = ["$.ssn", "$[?(@.a)]"]
+context = {{ tenant = "{{path.nope}}", "ep:x" = "y" }}
+colour = "blue"
+
+[[route]]
+name = "b"
+path = "nope"
+upstream = "http://127.0.0.1:3000"
+key = "users"
+fields = ["$.a"]
+context = {{ id = "{{json.id}}" }}
+on_decrypt_error = "shrug"
+"#
+        );
+        let errs = parse(&text).unwrap_err().0;
+        let all = errs.join("\n");
+        assert!(all.contains("route[0]") && all.contains("colour"), "{all}");
+        let text = text.replace("colour = \"blue\"\n", "");
+        let errs = parse(&text).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "route[0] (\"users\").upstream",
+            "route[0] (\"users\").fields[1]",
+            "path.nope is not a capture",
+            "context.ep:x",
+            "route[1] (\"b\").path",
+            "json.* values belong in message_context",
+            "on_decrypt_error",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_do_not_echo_the_file() {
+        let err = parse("[server]\nsecret = \"hunter2\" oops\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn record_ids_cannot_be_encrypted_fields() {
+        let text = format!(
+            r#"{BASE}
+[[route]]
+name = "u"
+path = "/u/**"
+upstream = "http://127.0.0.1:3000"
+key = "users"
+fields = ["$.id"]
+message_context = {{ id = "{{json.id}}" }}
+"#
+        );
+        let all = parse(&text).unwrap_err().0.join("\n");
+        assert!(all.contains("json.id is an encrypted field"), "{all}");
+    }
+}

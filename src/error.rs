@@ -1,0 +1,165 @@
+//! Errors of the data path, grouped by whose fault they are, and the one place that maps them
+//! to HTTP responses ([`ProxyError::to_response`]).
+//!
+//! Messages never carry plaintext, keys or request content: only names from the config (route,
+//! header, capture names) and positions.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::keys::BackendError;
+use crate::pipeline::ProxyBody;
+use crate::transform::strict_json::JsonError;
+
+/// Why one stored value did not open. Never shown to the peer (it gets one opaque error);
+/// logged and audited.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DecryptFailure {
+    #[error("the value at a configured path is not an envelope token")]
+    NotAToken,
+    #[error("the wrapped data key did not unwrap (tampered, foreign key, or another key context)")]
+    WrappedKey,
+    #[error("the message did not open (tampered, moved, or another context)")]
+    Message,
+    #[error("a context value for this record is missing")]
+    MissingContext,
+    #[error("key backend: {0}")]
+    Backend(BackendError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    // -- the client's fault (4xx) -----------------------------------------------------------
+    #[error("no route matches this path")]
+    NoRoute,
+    #[error("request path rejected: {0}")]
+    BadPath(&'static str),
+    #[error("this route encrypts JSON: the body must be application/json without content-encoding")]
+    UnsupportedMediaType,
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(JsonError),
+    #[error("request body is larger than the configured limit of {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("missing {0}, needed for the encryption context")]
+    MissingContext(String),
+    #[error("reading the request body failed")]
+    ClientBody,
+
+    // -- stored data's fault ----------------------------------------------------------------
+    #[error("a stored value could not be decrypted")]
+    DecryptFailed(DecryptFailure),
+
+    // -- the upstream's fault (502/504) -----------------------------------------------------
+    #[error("upstream unavailable")]
+    UpstreamUnavailable(String),
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("upstream response could not be processed: {0}")]
+    UpstreamResponse(&'static str),
+
+    // -- the key backend ---------------------------------------------------------------------
+    #[error("key backend: {0}")]
+    KeyBackend(BackendError),
+
+    // -- ours --------------------------------------------------------------------------------
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<BackendError> for ProxyError {
+    fn from(e: BackendError) -> Self {
+        ProxyError::KeyBackend(e)
+    }
+}
+
+impl ProxyError {
+    /// Status, stable error code and whether a retry may help, in one ordered list.
+    fn classify(&self) -> (StatusCode, &'static str, bool) {
+        use ProxyError::*;
+        match self {
+            // Unmatched paths are refused, never forwarded in clear.
+            NoRoute => (StatusCode::NOT_FOUND, "no_route", false),
+            // Dot segments and encoded slashes could route differently upstream: refuse.
+            BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path", false),
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                false,
+            ),
+            MalformedJson(JsonError::DuplicateKey { .. }) => {
+                (StatusCode::BAD_REQUEST, "duplicate_key", false)
+            }
+            MalformedJson(JsonError::TooDeep(_)) => (StatusCode::BAD_REQUEST, "too_deep", false),
+            MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json", false),
+            BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", false),
+            MissingContext(_) => (StatusCode::BAD_REQUEST, "missing_context", false),
+            ClientBody => (StatusCode::BAD_REQUEST, "bad_body", false),
+            // What storage returned does not decrypt: the proxy cannot serve it.
+            DecryptFailed(_) => (StatusCode::BAD_GATEWAY, "decrypt_failed", false),
+            UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable", true),
+            UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", true),
+            UpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "bad_upstream_response", false),
+            // The key is gone or off: nothing to retry. Access denied is the caller's problem.
+            KeyBackend(BackendError::AccessDenied(_)) => {
+                (StatusCode::FORBIDDEN, "key_access_denied", false)
+            }
+            KeyBackend(BackendError::InvalidCiphertext) => {
+                (StatusCode::BAD_GATEWAY, "decrypt_failed", false)
+            }
+            KeyBackend(e) if e.retryable() => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "key_backend_unavailable",
+                true,
+            ),
+            KeyBackend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "key_unusable", false),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", false),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.classify().1
+    }
+
+    /// What the peer is told. Decryption and internal details stay in the logs.
+    fn public_message(&self) -> String {
+        match self {
+            ProxyError::DecryptFailed(_)
+            | ProxyError::KeyBackend(BackendError::InvalidCiphertext) => {
+                "a stored value could not be decrypted for this request".into()
+            }
+            ProxyError::Internal(_) => "internal error".into(),
+            ProxyError::KeyBackend(e) if e.retryable() => {
+                "the key backend is unavailable; retry later".into()
+            }
+            ProxyError::KeyBackend(_) => "the configured root key cannot be used".into(),
+            ProxyError::UpstreamUnavailable(_) => "upstream unavailable".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The JSON error response: `{"error": {"code": "...", "message": "..."}}`.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let (status, code, retryable) = self.classify();
+        let body =
+            serde_json::json!({ "error": { "code": code, "message": self.public_message() } });
+        let mut resp = Response::new(crate::pipeline::full_body(Bytes::from(body.to_string())));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        if retryable && status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,275 @@
+//! The data-key cache, modelled on the AWS Encryption SDK's caching materials manager.
+//!
+//! - **Sealing side**: one data key per (root keys, key context), reused until it is older than
+//!   `max_age`, has sealed `max_messages` messages or `max_bytes` bytes, whichever comes first.
+//!   Key contexts partition the cache: one tenant's data key never seals another's data.
+//! - **Opening side**: (wrapped key, key context) → data key, for `open_ttl`.
+//! - **Single-flight**: concurrent misses on one entry share one backend call (moka's
+//!   `try_get_with` coalesces initialisers).
+//! - Evicted keys are zeroized when their last user drops them ([`DataKey`] zeroizes on drop).
+//! - Authorization is not the cache's business: callers check it on every request, hit or miss.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use moka::future::Cache;
+
+use super::{BackendError, DataKey, KeyRef, SealingKey};
+use crate::envelope::{Context, WrappedKey};
+
+/// Cache limits. The defaults stay far inside NIST's limits for AES-GCM under one key
+/// (each message also gets its own HKDF-derived key, so these bound exposure, not nonce reuse).
+#[derive(Debug, Clone)]
+pub struct CacheLimits {
+    /// Age after which a sealing key is dropped (default 5 minutes).
+    pub max_age: Duration,
+    /// Messages one sealing key may seal (default 2^20).
+    pub max_messages: u64,
+    /// Plaintext bytes one sealing key may seal (default 4 GiB).
+    pub max_bytes: u64,
+    /// Entries per side before least-recently-used eviction (default 10,000; bounds memory).
+    pub max_entries: u64,
+    /// How long an unwrapped data key is kept for opening (default 5 minutes).
+    pub open_ttl: Duration,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        CacheLimits {
+            max_age: Duration::from_secs(300),
+            max_messages: 1 << 20,
+            max_bytes: 4 << 30,
+            max_entries: 10_000,
+            open_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+struct SealEntry {
+    key: Arc<SealingKey>,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+pub struct DataKeyCache {
+    limits: CacheLimits,
+    seal: Cache<Vec<u8>, Arc<SealEntry>>,
+    open: Cache<Vec<u8>, Arc<DataKey>>,
+}
+
+impl DataKeyCache {
+    pub fn new(limits: CacheLimits) -> Self {
+        let seal = Cache::builder()
+            .max_capacity(limits.max_entries)
+            .time_to_live(limits.max_age)
+            .build();
+        let open = Cache::builder()
+            .max_capacity(limits.max_entries)
+            .time_to_live(limits.open_ttl)
+            .build();
+        DataKeyCache { limits, seal, open }
+    }
+
+    /// A sealing key for `messages` messages totalling `bytes` bytes; `make` is called on a
+    /// miss. Returns the key and whether it was a cache hit.
+    pub async fn sealing_key<F, Fut>(
+        &self,
+        keys: &[KeyRef],
+        key_context: &Context,
+        messages: u64,
+        bytes: u64,
+        make: F,
+    ) -> Result<(Arc<SealingKey>, bool), BackendError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<SealingKey, BackendError>>,
+    {
+        let cache_key = seal_cache_key(keys, key_context);
+        // A few rounds: an entry used up by this message (or by racing ones) is replaced.
+        for _ in 0..3 {
+            let mut missed = false;
+            let entry = self
+                .seal
+                .try_get_with(cache_key.clone(), async {
+                    missed = true;
+                    make().await.map(|key| {
+                        Arc::new(SealEntry {
+                            key: Arc::new(key),
+                            messages: AtomicU64::new(0),
+                            bytes: AtomicU64::new(0),
+                        })
+                    })
+                })
+                .await
+                .map_err(|e: Arc<BackendError>| (*e).clone())?;
+            let used_messages = entry
+                .messages
+                .fetch_add(messages, Ordering::Relaxed)
+                .saturating_add(messages);
+            let used_bytes = entry
+                .bytes
+                .fetch_add(bytes, Ordering::Relaxed)
+                .saturating_add(bytes);
+            if used_messages <= self.limits.max_messages && used_bytes <= self.limits.max_bytes {
+                return Ok((entry.key.clone(), !missed));
+            }
+            // Used up: drop it (only if it is still this entry) and go round again.
+            if let Some(current) = self.seal.get(&cache_key).await
+                && Arc::ptr_eq(&current, &entry)
+            {
+                self.seal.invalidate(&cache_key).await;
+            }
+        }
+        // A single message larger than max_bytes, or heavy churn: a key of its own.
+        Ok((Arc::new(make().await?), false))
+    }
+
+    /// The data key inside `edk` under `key_context`; `unwrap` is called on a miss.
+    pub async fn opening_key<F, Fut>(
+        &self,
+        edk: &WrappedKey,
+        key_context: &Context,
+        unwrap: F,
+    ) -> Result<(Arc<DataKey>, bool), BackendError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<DataKey, BackendError>>,
+    {
+        let cache_key = open_cache_key(edk, key_context);
+        let mut missed = false;
+        let key = self
+            .open
+            .try_get_with(cache_key, async {
+                missed = true;
+                unwrap().await.map(Arc::new)
+            })
+            .await
+            .map_err(|e: Arc<BackendError>| (*e).clone())?;
+        Ok((key, !missed))
+    }
+
+    /// Drop every cached key (a root key was rotated, disabled or scheduled for deletion).
+    pub fn invalidate_all(&self) {
+        self.seal.invalidate_all();
+        self.open.invalidate_all();
+    }
+}
+
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn seal_cache_key(keys: &[KeyRef], key_context: &Context) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+    for k in keys {
+        put(&mut out, k.backend.as_bytes());
+        put(&mut out, k.key_id.as_bytes());
+    }
+    out.extend_from_slice(&key_context.canonical());
+    out
+}
+
+fn open_cache_key(edk: &WrappedKey, key_context: &Context) -> Vec<u8> {
+    let mut out = Vec::new();
+    put(&mut out, edk.backend.as_bytes());
+    put(&mut out, edk.key_id.as_bytes());
+    out.extend_from_slice(&edk.key_version.to_be_bytes());
+    put(&mut out, &edk.blob);
+    out.extend_from_slice(&key_context.canonical());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Header;
+    use std::sync::atomic::AtomicUsize;
+
+    fn fake_key() -> SealingKey {
+        SealingKey {
+            data_key: DataKey::generate(),
+            header: Header { edks: vec![] },
+        }
+    }
+
+    fn keys() -> Vec<KeyRef> {
+        vec![KeyRef::parse("users").unwrap()]
+    }
+
+    #[tokio::test]
+    async fn message_limit_forces_a_new_key() {
+        let cache = DataKeyCache::new(CacheLimits {
+            max_messages: 2,
+            ..Default::default()
+        });
+        let calls = AtomicUsize::new(0);
+        let make = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(fake_key())
+        };
+        let ctx = Context::new();
+        for _ in 0..5 {
+            cache.sealing_key(&keys(), &ctx, 1, 1, make).await.unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn byte_limit_and_contexts_partition() {
+        let cache = DataKeyCache::new(CacheLimits {
+            max_bytes: 100,
+            ..Default::default()
+        });
+        let calls = AtomicUsize::new(0);
+        let make = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(fake_key())
+        };
+        let a: Context = [("tenant", "a")].into_iter().collect();
+        let b: Context = [("tenant", "b")].into_iter().collect();
+        cache.sealing_key(&keys(), &a, 1, 60, make).await.unwrap();
+        cache.sealing_key(&keys(), &b, 1, 60, make).await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "contexts do not share keys"
+        );
+        cache.sealing_key(&keys(), &a, 1, 60, make).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "byte limit reached");
+        // A message larger than the limit gets a key of its own.
+        cache.sealing_key(&keys(), &a, 1, 1000, make).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_make_one_call() {
+        let cache = Arc::new(DataKeyCache::new(CacheLimits::default()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..1000 {
+            let cache = cache.clone();
+            let calls = calls.clone();
+            tasks.push(tokio::spawn(async move {
+                let make = || {
+                    let calls = calls.clone();
+                    async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(fake_key())
+                    }
+                };
+                cache
+                    .sealing_key(&keys(), &Context::new(), 1, 1, make)
+                    .await
+                    .unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}

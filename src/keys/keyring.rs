@@ -1,0 +1,805 @@
+//! The embedded local keyring: the default root-key backend, needing no outside service.
+//!
+//! Root keys are 256-bit AES keys with versions. New data keys are wrapped by the newest
+//! version; every version still unwraps, so rotation never rewrites data. The file holding them
+//! is sealed under a master key:
+//!
+//! ```text
+//! keyring file = {"format": "envelope-proxy.keyring.v1", "nonce": b64(12), "sealed": b64(ct‖tag)}
+//! sealed       = AES-256-GCM(master key, nonce, aad = "envelope-proxy.keyring.v1", inner JSON)
+//! ```
+//!
+//! A wrapped data key (EDK blob) is `nonce (12) ‖ AES-256-GCM(root key version, nonce,
+//! aad = wrap_aad(key id, version, key context), data key) (32 + 16)`, 60 bytes.
+//!
+//! Files are written atomically (temp file, fsync, rename, fsync of the directory) under an
+//! advisory lock, and refused when group- or world-accessible. A running proxy polls the file
+//! and picks up `keys create` / `keys rotate` from the CLI within a second.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aes_gcm::aead::array::Array;
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::{BackendError, DataKey, GeneratedKey, KeyDescription, RootKeyProvider};
+use crate::envelope::{Context, WrappedKey, fill_random};
+
+const FORMAT: &str = "envelope-proxy.keyring.v1";
+const WRAP_LABEL: &[u8] = b"envelope-proxy.local-wrap.v1";
+const BLOB_LEN: usize = 12 + 32 + 16;
+
+/// Where the master key comes from.
+#[derive(Debug, Clone)]
+pub enum MasterKeySource {
+    /// A file holding 64 hex characters (or 32 raw bytes); created on first start.
+    File(PathBuf),
+    /// An environment variable holding 64 hex characters.
+    Env(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("root key {0} not found")]
+    NotFound(String),
+    #[error("root key {0} already exists")]
+    Exists(String),
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> KeyringError {
+    KeyringError::File {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// One version of a root key.
+struct Version {
+    created: u64,
+    material: Zeroizing<[u8; 32]>,
+}
+
+struct RootKey {
+    enabled: bool,
+    created: u64,
+    versions: BTreeMap<u32, Version>,
+}
+
+impl RootKey {
+    fn current(&self) -> Option<(u32, &Version)> {
+        self.versions.iter().next_back().map(|(v, k)| (*v, k))
+    }
+}
+
+/// A line of `keys list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySummary {
+    pub name: String,
+    pub enabled: bool,
+    pub created: u64,
+    pub current_version: u32,
+    pub versions: usize,
+}
+
+// The sealed inner document. Key material is base64 in `material` and wiped after parsing.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InnerDoc {
+    keys: BTreeMap<String, InnerKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InnerKey {
+    state: String,
+    created: u64,
+    versions: Vec<InnerVersion>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InnerVersion {
+    version: u32,
+    created: u64,
+    material: String,
+}
+
+impl Drop for InnerVersion {
+    fn drop(&mut self) {
+        self.material.zeroize();
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OuterDoc {
+    format: String,
+    nonce: String,
+    sealed: String,
+}
+
+pub struct Keyring {
+    name: String,
+    path: PathBuf,
+    master: Zeroizing<[u8; 32]>,
+    keys: RwLock<BTreeMap<String, RootKey>>,
+    stamp: std::sync::Mutex<Option<(SystemTime, u64)>>,
+    changes: watch::Sender<u64>,
+}
+
+impl Keyring {
+    /// Open the keyring at `path`, creating an empty one (and, if the keyring is new, the master
+    /// key file) when missing.
+    pub fn open(
+        name: &str,
+        path: &Path,
+        master: &MasterKeySource,
+    ) -> Result<Arc<Keyring>, KeyringError> {
+        let fresh = !path.exists();
+        let master_key = load_master_key(master, fresh)?;
+        let keyring = Keyring {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            master: master_key,
+            keys: RwLock::new(BTreeMap::new()),
+            stamp: std::sync::Mutex::new(None),
+            changes: watch::channel(0).0,
+        };
+        if fresh {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                create_private_dir(dir)?;
+            }
+            let _lock = keyring.lock()?;
+            if !path.exists() {
+                keyring.write(&BTreeMap::new())?;
+                tracing::warn!(path = %path.display(), "created a new, empty keyring");
+            }
+        }
+        keyring.reload()?;
+        Ok(Arc::new(keyring))
+    }
+
+    /// Re-read the file if it changed on disk; tell the cache when it did.
+    pub fn reload_if_changed(&self) -> Result<bool, KeyringError> {
+        let stamp = file_stamp(&self.path)?;
+        if *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) == Some(stamp) {
+            return Ok(false);
+        }
+        self.reload()?;
+        self.changes.send_modify(|n| *n += 1);
+        Ok(true)
+    }
+
+    /// Poll the file every `every` until the keyring is dropped.
+    pub fn watch(self: &Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(k) = weak.upgrade() else { break };
+                match k.reload_if_changed() {
+                    Ok(true) => tracing::info!(path = %k.path.display(), "keyring reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "keyring reload failed; keeping the keys in memory")
+                    }
+                }
+            }
+        });
+    }
+
+    fn reload(&self) -> Result<(), KeyringError> {
+        let stamp = file_stamp(&self.path)?;
+        let keys = self.read()?;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp);
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<KeySummary> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.iter()
+            .map(|(name, k)| KeySummary {
+                name: name.clone(),
+                enabled: k.enabled,
+                created: k.created,
+                current_version: k.current().map(|(v, _)| v).unwrap_or(0),
+                versions: k.versions.len(),
+            })
+            .collect()
+    }
+
+    /// Create root key `name` with one fresh version.
+    pub fn create_key(&self, name: &str) -> Result<KeySummary, KeyringError> {
+        validate_key_name(name)?;
+        self.modify(name, |keys| {
+            if keys.contains_key(name) {
+                return Err(KeyringError::Exists(name.to_string()));
+            }
+            let now = unix_now();
+            let mut versions = BTreeMap::new();
+            versions.insert(1, new_version(now));
+            keys.insert(
+                name.to_string(),
+                RootKey {
+                    enabled: true,
+                    created: now,
+                    versions,
+                },
+            );
+            Ok(())
+        })
+    }
+
+    /// Add a new version to `name`; new data keys use it, older versions still unwrap.
+    pub fn rotate_key(&self, name: &str) -> Result<KeySummary, KeyringError> {
+        self.modify(name, |keys| {
+            let key = keys
+                .get_mut(name)
+                .ok_or_else(|| KeyringError::NotFound(name.to_string()))?;
+            let next = key.current().map(|(v, _)| v + 1).unwrap_or(1);
+            key.versions.insert(next, new_version(unix_now()));
+            Ok(())
+        })
+    }
+
+    fn modify(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut BTreeMap<String, RootKey>) -> Result<(), KeyringError>,
+    ) -> Result<KeySummary, KeyringError> {
+        let _lock = self.lock()?;
+        let mut keys = self.read()?;
+        change(&mut keys)?;
+        self.write(&keys)?;
+        self.reload()?;
+        self.changes.send_modify(|n| *n += 1);
+        self.list()
+            .into_iter()
+            .find(|k| k.name == name)
+            .ok_or_else(|| KeyringError::NotFound(name.to_string()))
+    }
+
+    fn lock(&self) -> Result<File, KeyringError> {
+        let lock_path = self.path.with_extension("lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| file_err(&lock_path, e.to_string()))?;
+        f.lock().map_err(|e| file_err(&lock_path, e.to_string()))?;
+        Ok(f)
+    }
+
+    fn read(&self) -> Result<BTreeMap<String, RootKey>, KeyringError> {
+        let path = &self.path;
+        check_private(path)?;
+        let raw = fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
+        let outer: OuterDoc = serde_json::from_slice(&raw).map_err(|_| {
+            file_err(
+                path,
+                "is not a keyring file (malformed JSON); restore it from a backup",
+            )
+        })?;
+        if outer.format != FORMAT {
+            return Err(file_err(
+                path,
+                format!("unsupported keyring format {:?}", outer.format),
+            ));
+        }
+        let nonce: [u8; 12] = B64
+            .decode(&outer.nonce)
+            .ok()
+            .and_then(|n| n.try_into().ok())
+            .ok_or_else(|| file_err(path, "malformed keyring nonce"))?;
+        let mut sealed = Zeroizing::new(
+            B64.decode(&outer.sealed)
+                .map_err(|_| file_err(path, "malformed keyring body"))?,
+        );
+        if sealed.len() < 16 {
+            return Err(file_err(path, "truncated keyring body"));
+        }
+        let split = sealed.len() - 16;
+        let (body, tag) = sealed.split_at_mut(split);
+        let tag: [u8; 16] = (&*tag)
+            .try_into()
+            .map_err(|_| file_err(path, "truncated keyring body"))?;
+        Aes256Gcm::new(&Array::from(*self.master))
+            .decrypt_inout_detached(&Array::from(nonce), FORMAT.as_bytes(), body.into(), &Array::from(tag))
+            .map_err(|_| {
+                file_err(path, "does not open with this master key (wrong master key, or the file was modified)")
+            })?;
+        let inner: InnerDoc = serde_json::from_slice(body)
+            .map_err(|_| file_err(path, "sealed keyring content is malformed"))?;
+        let mut keys = BTreeMap::new();
+        for (name, k) in inner.keys {
+            let mut versions = BTreeMap::new();
+            for v in &k.versions {
+                let material = Zeroizing::new(
+                    B64.decode(&v.material)
+                        .ok()
+                        .and_then(|m| <[u8; 32]>::try_from(m.as_slice()).ok())
+                        .ok_or_else(|| {
+                            file_err(
+                                path,
+                                format!("key {name} version {} is malformed", v.version),
+                            )
+                        })?,
+                );
+                versions.insert(
+                    v.version,
+                    Version {
+                        created: v.created,
+                        material,
+                    },
+                );
+            }
+            keys.insert(
+                name,
+                RootKey {
+                    enabled: k.state == "enabled",
+                    created: k.created,
+                    versions,
+                },
+            );
+        }
+        Ok(keys)
+    }
+
+    fn write(&self, keys: &BTreeMap<String, RootKey>) -> Result<(), KeyringError> {
+        let inner = InnerDoc {
+            keys: keys
+                .iter()
+                .map(|(name, k)| {
+                    (
+                        name.clone(),
+                        InnerKey {
+                            state: if k.enabled { "enabled" } else { "disabled" }.to_string(),
+                            created: k.created,
+                            versions: k
+                                .versions
+                                .iter()
+                                .map(|(v, ver)| InnerVersion {
+                                    version: *v,
+                                    created: ver.created,
+                                    material: B64.encode(ver.material.as_ref()),
+                                })
+                                .collect(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let mut body = Zeroizing::new(
+            serde_json::to_vec(&inner).map_err(|e| KeyringError::Invalid(e.to_string()))?,
+        );
+        drop(inner);
+        let mut nonce = [0u8; 12];
+        fill_random(&mut nonce);
+        let tag = Aes256Gcm::new(&Array::from(*self.master))
+            .encrypt_inout_detached(
+                &Array::from(nonce),
+                FORMAT.as_bytes(),
+                body.as_mut_slice().into(),
+            )
+            .map_err(|_| KeyringError::Invalid("keyring too large".into()))?;
+        body.extend_from_slice(&tag);
+        let outer = OuterDoc {
+            format: FORMAT.to_string(),
+            nonce: B64.encode(nonce),
+            sealed: B64.encode(body.as_slice()),
+        };
+        let json =
+            serde_json::to_vec_pretty(&outer).map_err(|e| KeyringError::Invalid(e.to_string()))?;
+        write_atomically(&self.path, &json)
+    }
+
+    fn with_key<T>(
+        &self,
+        key_id: &str,
+        f: impl FnOnce(&RootKey) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let key = keys
+            .get(key_id)
+            .ok_or_else(|| BackendError::KeyNotFound(key_id.to_string()))?;
+        if !key.enabled {
+            return Err(BackendError::KeyDisabled(key_id.to_string()));
+        }
+        f(key)
+    }
+
+    fn wrap(
+        &self,
+        key_id: &str,
+        data_key: &DataKey,
+        ctx: &Context,
+    ) -> Result<WrappedKey, BackendError> {
+        self.with_key(key_id, |key| {
+            let (version, material) = key
+                .current()
+                .ok_or_else(|| BackendError::KeyNotFound(key_id.to_string()))?;
+            let mut nonce = [0u8; 12];
+            fill_random(&mut nonce);
+            let mut blob = Vec::with_capacity(BLOB_LEN);
+            blob.extend_from_slice(&nonce);
+            blob.extend_from_slice(data_key.expose());
+            let tag = Aes256Gcm::new(&Array::from(*material.material))
+                .encrypt_inout_detached(
+                    &Array::from(nonce),
+                    &wrap_aad(key_id, version, ctx),
+                    (&mut blob[12..]).into(),
+                )
+                .map_err(|_| BackendError::Unavailable("local wrap failed".into()))?;
+            blob.extend_from_slice(&tag);
+            Ok(WrappedKey {
+                backend: self.name.clone(),
+                key_id: key_id.to_string(),
+                key_version: version,
+                blob,
+            })
+        })
+    }
+}
+
+#[async_trait]
+impl RootKeyProvider for Keyring {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn generate_data_key(
+        &self,
+        key_id: &str,
+        ctx: &Context,
+    ) -> Result<GeneratedKey, BackendError> {
+        let plaintext = DataKey::generate();
+        let wrapped = self.wrap(key_id, &plaintext, ctx)?;
+        Ok(GeneratedKey { plaintext, wrapped })
+    }
+
+    async fn wrap_data_key(
+        &self,
+        key_id: &str,
+        data_key: &DataKey,
+        ctx: &Context,
+    ) -> Result<WrappedKey, BackendError> {
+        self.wrap(key_id, data_key, ctx)
+    }
+
+    /// `wrapped.blob` is attacker controlled: every length is checked, nothing here panics.
+    async fn unwrap_data_key(
+        &self,
+        wrapped: &WrappedKey,
+        ctx: &Context,
+    ) -> Result<DataKey, BackendError> {
+        self.with_key(&wrapped.key_id, |key| {
+            let version = key
+                .versions
+                .get(&wrapped.key_version)
+                .ok_or(BackendError::InvalidCiphertext)?;
+            if wrapped.blob.len() != BLOB_LEN {
+                return Err(BackendError::InvalidCiphertext);
+            }
+            let nonce: [u8; 12] = wrapped.blob[..12]
+                .try_into()
+                .map_err(|_| BackendError::InvalidCiphertext)?;
+            let tag: [u8; 16] = wrapped.blob[44..]
+                .try_into()
+                .map_err(|_| BackendError::InvalidCiphertext)?;
+            let mut key_bytes = Zeroizing::new([0u8; 32]);
+            key_bytes.copy_from_slice(&wrapped.blob[12..44]);
+            Aes256Gcm::new(&Array::from(*version.material))
+                .decrypt_inout_detached(
+                    &Array::from(nonce),
+                    &wrap_aad(&wrapped.key_id, wrapped.key_version, ctx),
+                    key_bytes.as_mut_slice().into(),
+                    &Array::from(tag),
+                )
+                .map_err(|_| BackendError::InvalidCiphertext)?;
+            Ok(DataKey::from_bytes(*key_bytes))
+        })
+    }
+
+    async fn describe_key(&self, key_id: &str) -> Result<KeyDescription, BackendError> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let key = keys
+            .get(key_id)
+            .ok_or_else(|| BackendError::KeyNotFound(key_id.to_string()))?;
+        Ok(KeyDescription {
+            key_id: key_id.to_string(),
+            enabled: key.enabled,
+            current_version: key.current().map(|(v, _)| v).unwrap_or(0),
+        })
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
+    }
+}
+
+fn wrap_aad(key_id: &str, version: u32, ctx: &Context) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64);
+    aad.extend_from_slice(WRAP_LABEL);
+    aad.extend_from_slice(&(key_id.len() as u32).to_be_bytes());
+    aad.extend_from_slice(key_id.as_bytes());
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad.extend_from_slice(&ctx.canonical());
+    aad
+}
+
+fn new_version(created: u64) -> Version {
+    let mut material = Zeroizing::new([0u8; 32]);
+    fill_random(material.as_mut());
+    Version { created, material }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn validate_key_name(name: &str) -> Result<(), KeyringError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(KeyringError::Invalid(format!(
+            "invalid key name {name:?}: use 1-64 characters from A-Z a-z 0-9 - _ . /"
+        )))
+    }
+}
+
+fn file_stamp(path: &Path) -> Result<(SystemTime, u64), KeyringError> {
+    let meta = fs::metadata(path).map_err(|e| file_err(path, e.to_string()))?;
+    Ok((meta.modified().unwrap_or(UNIX_EPOCH), meta.len()))
+}
+
+/// Refuse a secret file that group or others can access.
+fn check_private(path: &Path) -> Result<(), KeyringError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(path).map_err(|e| file_err(path, e.to_string()))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(file_err(
+                path,
+                format!(
+                    "is accessible by group or others (mode {:o}); run `chmod 600 {}`",
+                    mode & 0o777,
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), KeyringError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|e| file_err(dir, e.to_string()))
+}
+
+fn open_private(path: &Path, create_new: bool) -> std::io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.write(true);
+    if create_new {
+        opts.create_new(true);
+    } else {
+        opts.create(true).truncate(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)
+}
+
+/// temp file in the same directory → write → fsync → rename → fsync the directory.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), KeyringError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut suffix = [0u8; 8];
+    fill_random(&mut suffix);
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("keyring"),
+        hex::encode(suffix)
+    ));
+    let result = (|| {
+        let mut f = open_private(&tmp, true)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(|e| file_err(path, format!("write failed: {e}")))
+}
+
+fn load_master_key(
+    source: &MasterKeySource,
+    may_create: bool,
+) -> Result<Zeroizing<[u8; 32]>, KeyringError> {
+    match source {
+        MasterKeySource::Env(var) => {
+            let value = Zeroizing::new(std::env::var(var).map_err(|_| {
+                KeyringError::Invalid(format!(
+                    "environment variable {var} (the keyring master key) is not set"
+                ))
+            })?);
+            parse_master_key(value.trim().as_bytes()).ok_or_else(|| {
+                KeyringError::Invalid(format!(
+                    "environment variable {var} must hold 64 hex characters (32 bytes)"
+                ))
+            })
+        }
+        MasterKeySource::File(path) => {
+            if !path.exists() {
+                if !may_create {
+                    return Err(file_err(
+                        path,
+                        "master key file is missing but the keyring exists: restore the master key \
+                         (a new one cannot open the existing keyring)",
+                    ));
+                }
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    create_private_dir(dir)?;
+                }
+                let mut key = Zeroizing::new([0u8; 32]);
+                fill_random(key.as_mut());
+                let hex_key = Zeroizing::new(hex::encode(key.as_ref()) + "\n");
+                let mut f = open_private(path, true).map_err(|e| file_err(path, e.to_string()))?;
+                f.write_all(hex_key.as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| file_err(path, e.to_string()))?;
+                tracing::warn!(path = %path.display(), "generated a new keyring master key; back it up: without it the keyring cannot be opened");
+                return Ok(key);
+            }
+            check_private(path)?;
+            let raw = Zeroizing::new(fs::read(path).map_err(|e| file_err(path, e.to_string()))?);
+            parse_master_key(&raw)
+                .ok_or_else(|| file_err(path, "must hold 64 hex characters or 32 raw bytes"))
+        }
+    }
+}
+
+fn parse_master_key(raw: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    if raw.len() == 32 {
+        key.copy_from_slice(raw);
+        return Some(key);
+    }
+    let text = std::str::from_utf8(raw).ok()?.trim();
+    hex::decode_to_slice(text, key.as_mut()).ok()?;
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_tmp(dir: &Path) -> Arc<Keyring> {
+        Keyring::open(
+            "local",
+            &dir.join("keyring.json"),
+            &MasterKeySource::File(dir.join("master.key")),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_old_versions_unwrapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let kr = open_tmp(dir.path());
+        kr.create_key("users").unwrap();
+        let ctx: Context = [("tenant", "acme")].into_iter().collect();
+        let g1 = kr.generate_data_key("users", &ctx).await.unwrap();
+        assert_eq!(g1.wrapped.key_version, 1);
+        kr.rotate_key("users").unwrap();
+        let g2 = kr.generate_data_key("users", &ctx).await.unwrap();
+        assert_eq!(g2.wrapped.key_version, 2);
+        // Reopen from disk: both versions still unwrap.
+        let kr2 = open_tmp(dir.path());
+        let k1 = kr2.unwrap_data_key(&g1.wrapped, &ctx).await.unwrap();
+        assert_eq!(k1.expose(), g1.plaintext.expose());
+        let other: Context = [("tenant", "globex")].into_iter().collect();
+        assert!(matches!(
+            kr2.unwrap_data_key(&g1.wrapped, &other).await,
+            Err(BackendError::InvalidCiphertext)
+        ));
+        let mut bad = g2.wrapped.clone();
+        bad.blob[20] ^= 1;
+        assert!(kr2.unwrap_data_key(&bad, &ctx).await.is_err());
+        bad.blob.truncate(3);
+        assert!(kr2.unwrap_data_key(&bad, &ctx).await.is_err());
+    }
+
+    #[test]
+    fn refuses_world_readable_and_tampered_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let kr = open_tmp(dir.path());
+        kr.create_key("k").unwrap();
+        let path = dir.path().join("keyring.json");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Keyring::open(
+            "local",
+            &path,
+            &MasterKeySource::File(dir.path().join("master.key")),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut doc: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        let sealed = doc["sealed"].as_str().unwrap().to_string();
+        let mut raw = B64.decode(sealed).unwrap();
+        raw[3] ^= 1;
+        doc["sealed"] = B64.encode(raw).into();
+        fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
+        let err = Keyring::open(
+            "local",
+            &path,
+            &MasterKeySource::File(dir.path().join("master.key")),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("does not open"), "{err}");
+        fs::write(&path, b"{not json").unwrap();
+        let err = Keyring::open(
+            "local",
+            &path,
+            &MasterKeySource::File(dir.path().join("master.key")),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("malformed"), "{err}");
+    }
+
+    #[test]
+    fn the_master_key_never_appears_in_the_keyring_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let kr = open_tmp(dir.path());
+        kr.create_key("k").unwrap();
+        let master = fs::read_to_string(dir.path().join("master.key")).unwrap();
+        let file = fs::read_to_string(dir.path().join("keyring.json")).unwrap();
+        assert!(!file.contains(master.trim()));
+        assert!(!file.contains("\"k\""), "key names are sealed too");
+    }
+}

@@ -1,0 +1,187 @@
+//! Prometheus metrics, served on the admin listener at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    backend_calls: Family<BackendLabels, Counter>,
+    fields_sealed: Family<RouteLabels, Counter>,
+    fields_opened: Family<RouteLabels, Counter>,
+    decrypt_failures: Family<RouteLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("envelope_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+        });
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
+        let backend_calls = Family::<BackendLabels, Counter>::default();
+        let fields_sealed = Family::<RouteLabels, Counter>::default();
+        let fields_opened = Family::<RouteLabels, Counter>::default();
+        let decrypt_failures = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests handled, by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_seconds",
+            "Time to handle a request, by route",
+            latency.clone(),
+        );
+        registry.register(
+            "data_key_cache_hits",
+            "Data-key cache hits",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "data_key_cache_misses",
+            "Data-key cache misses",
+            cache_misses.clone(),
+        );
+        registry.register(
+            "backend_calls",
+            "Root-key backend calls",
+            backend_calls.clone(),
+        );
+        registry.register(
+            "fields_sealed",
+            "JSON values encrypted",
+            fields_sealed.clone(),
+        );
+        registry.register(
+            "fields_opened",
+            "JSON values decrypted",
+            fields_opened.clone(),
+        );
+        registry.register(
+            "decrypt_failures",
+            "Stored values that did not decrypt",
+            decrypt_failures.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            cache_hits,
+            cache_misses,
+            backend_calls,
+            fields_sealed,
+            fields_opened,
+            decrypt_failures,
+        }
+    }
+
+    pub fn request(&self, route: &str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn record_cache(&self, hit: bool) {
+        if hit {
+            self.cache_hits.inc();
+        } else {
+            self.cache_misses.inc();
+        }
+    }
+
+    pub fn backend_call(&self, backend: &str, operation: &str) {
+        self.backend_calls
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+                operation: operation.to_string(),
+            })
+            .inc();
+    }
+
+    /// Total backend calls so far (all backends and operations).
+    pub fn backend_calls_total(&self) -> u64 {
+        let mut total = 0;
+        for backend in ["local"] {
+            for op in ["generate", "wrap", "unwrap"] {
+                total += self
+                    .backend_calls
+                    .get_or_create(&BackendLabels {
+                        backend: backend.into(),
+                        operation: op.into(),
+                    })
+                    .get();
+            }
+        }
+        total
+    }
+
+    pub fn fields(&self, route: &str, sealed: usize, opened: usize) {
+        let labels = RouteLabels {
+            route: route.to_string(),
+        };
+        if sealed > 0 {
+            self.fields_sealed
+                .get_or_create(&labels)
+                .inc_by(sealed as u64);
+        }
+        if opened > 0 {
+            self.fields_opened
+                .get_or_create(&labels)
+                .inc_by(opened as u64);
+        }
+    }
+
+    pub fn decrypt_failure(&self, route: &str) {
+        self.decrypt_failures
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

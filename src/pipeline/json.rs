@@ -1,0 +1,184 @@
+//! Stages 3–6 for a JSON-fields route: key context → data key → seal the request body →
+//! upstream → open the response body.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Body;
+
+use super::upstream::{self, ClientInfo};
+use super::{AppState, BoxError, ProxyBody, full_body};
+use crate::config::{JsonRoute, Route};
+use crate::error::ProxyError;
+use crate::transform::json_fields::{self, RequestMeta};
+use crate::transform::strict_json;
+
+/// What a JSON route did, for the audit log.
+#[derive(Default)]
+pub struct Outcome {
+    pub sealed: usize,
+    pub opened: usize,
+    pub redacted: usize,
+}
+
+pub async fn handle<B>(
+    state: &Arc<AppState>,
+    route: &Route,
+    jr: &JsonRoute,
+    captures: HashMap<String, String>,
+    req: Request<B>,
+    client: ClientInfo,
+    outcome: &mut Outcome,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let settings = &state.config.server;
+    let (parts, body) = req.into_parts();
+    let meta = RequestMeta {
+        captures: &captures,
+        headers: &parts.headers,
+        given: None,
+    };
+    // Identity and context: derived from this request alone, never from stored data.
+    let key_ctx = json_fields::key_context(jr, &meta)?;
+
+    // The request body: every byte of it is read, checked and sealed before anything is sent.
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > settings.max_body_bytes
+    {
+        return Err(ProxyError::BodyTooLarge(settings.max_body_bytes));
+    }
+    let bytes = read_limited(body, settings.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            ReadError::TooLarge => ProxyError::BodyTooLarge(settings.max_body_bytes),
+            ReadError::Body => ProxyError::ClientBody,
+        })?;
+    let forwarded = if bytes.is_empty() {
+        bytes
+    } else {
+        if !is_json(&parts.headers) || has_content_encoding(&parts.headers) {
+            return Err(ProxyError::UnsupportedMediaType);
+        }
+        let mut doc = strict_json::parse(&bytes, settings.max_json_depth)
+            .map_err(ProxyError::MalformedJson)?;
+        let messages = json_fields::estimate_messages(jr, &doc);
+        let key = state
+            .keys
+            .sealing_key(&jr.keys, &key_ctx, messages, bytes.len() as u64)
+            .await?;
+        outcome.sealed = json_fields::seal_body(jr, &meta, &key_ctx, &key, &mut doc)?;
+        Bytes::from(serde_json::to_vec(&doc).map_err(|_| ProxyError::Internal("serialize".into()))?)
+    };
+
+    let up_req = upstream::request(
+        &route.upstream,
+        &parts,
+        full_body(forwarded.clone()),
+        client,
+        Some(forwarded.len()),
+    )?;
+    let resp = state.upstream.send(up_req).await?;
+
+    // The response: JSON bodies are opened; anything else passes through untouched.
+    let (mut rparts, rbody) = resp.into_parts();
+    upstream::strip_hop_by_hop(&mut rparts.headers);
+    if parts.method == http::Method::HEAD || !is_json(&rparts.headers) {
+        if parts.method == http::Method::HEAD {
+            rparts.headers.remove(header::CONTENT_LENGTH);
+        }
+        return Ok(Response::from_parts(
+            rparts,
+            rbody.map_err(Into::into).boxed(),
+        ));
+    }
+    if has_content_encoding(&rparts.headers) {
+        return Err(ProxyError::UpstreamResponse(
+            "compressed JSON response on an encrypting route",
+        ));
+    }
+    let body = tokio::time::timeout(
+        state.upstream.timeout(),
+        read_limited(rbody, settings.max_response_bytes),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout)?
+    .map_err(|e| match e {
+        ReadError::TooLarge => {
+            ProxyError::UpstreamResponse("response larger than max_response_bytes")
+        }
+        ReadError::Body => ProxyError::UpstreamUnavailable("response body failed".into()),
+    })?;
+    let out = if body.is_empty() {
+        body
+    } else {
+        let mut doc = strict_json::parse(&body, settings.max_json_depth)
+            .map_err(|_| ProxyError::UpstreamResponse("malformed JSON from upstream"))?;
+        let report = json_fields::open_body(jr, &meta, &key_ctx, &state.keys, &mut doc).await?;
+        outcome.opened = report.opened;
+        outcome.redacted = report.redacted;
+        if report.redacted > 0 {
+            rparts
+                .headers
+                .insert("x-envelope-redacted", HeaderValue::from(report.redacted));
+        }
+        Bytes::from(serde_json::to_vec(&doc).map_err(|_| ProxyError::Internal("serialize".into()))?)
+    };
+    rparts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+    Ok(Response::from_parts(rparts, full_body(out)))
+}
+
+enum ReadError {
+    TooLarge,
+    Body,
+}
+
+async fn read_limited<B>(body: B, limit: u64) -> Result<Bytes, ReadError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
+        Err(_) => Err(ReadError::Body),
+    }
+}
+
+/// `application/json` or any `+json` media type.
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            let essence = v
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            essence == "application/json"
+                || (essence.starts_with("application/") && essence.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+fn has_content_encoding(headers: &http::HeaderMap) -> bool {
+    headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.to_str()
+            .map(|s| !s.trim().eq_ignore_ascii_case("identity"))
+            .unwrap_or(true)
+    })
+}

@@ -1,0 +1,164 @@
+//! The data path, one stage per module, in the order a request meets them:
+//!
+//! 1. [`route`]: check the path, pick the route (unmatched → 404, never forwarded).
+//! 2. identity and context: [`crate::transform::json_fields::key_context`] from path captures
+//!    and headers (the client identity joins here with the S3 gateway).
+//! 3. data key: [`crate::keys::KeyService`] (cache, then backend).
+//! 4. transform: [`crate::transform`] (JSON fields; S3 object bodies next).
+//! 5. [`upstream`]: forward to storage.
+//! 6. response transform: decrypt on the way back ([`json`]).
+//!
+//! [`handle`] reads top to bottom; every error becomes a response in one place
+//! ([`ProxyError::to_response`]) and every request that used a key or was refused is audited.
+
+pub mod json;
+pub mod route;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::config::{Config, RouteKind};
+use crate::error::ProxyError;
+use crate::keys::KeyService;
+use crate::metrics::Metrics;
+pub use upstream::{ClientInfo, UpstreamClient};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+pub fn full_body(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct AppState {
+    pub config: Config,
+    pub keys: Arc<KeyService>,
+    pub upstream: UpstreamClient,
+    pub audit: AuditLog,
+    pub metrics: Arc<Metrics>,
+}
+
+pub async fn handle<B>(
+    state: Arc<AppState>,
+    req: Request<B>,
+    client: ClientInfo,
+) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+
+    // 1. Route match.
+    let (route, captures) = match route::select(&state.config.routes, &path) {
+        Ok(found) => found,
+        Err(e) => {
+            let resp = e.to_response();
+            finish(&state, "-", &resp, started);
+            state
+                .audit
+                .record(AuditEvent {
+                    action: "reject",
+                    outcome: "error",
+                    route: "-".into(),
+                    method,
+                    path,
+                    status: resp.status().as_u16(),
+                    client: client.addr.ip().to_string(),
+                    keys: vec![],
+                    values: 0,
+                    reason: Some(e.code().to_string()),
+                })
+                .await;
+            return resp;
+        }
+    };
+
+    match &route.kind {
+        // Explicit pass-through: stream both ways, nothing read or changed.
+        RouteKind::Passthrough => {
+            let (parts, body) = req.into_parts();
+            let body = body.map_err(Into::into).boxed();
+            let result = match upstream::request(&route.upstream, &parts, body, client, None) {
+                Ok(up) => state.upstream.send(up).await.map(|resp| {
+                    let (mut rparts, rbody) = resp.into_parts();
+                    upstream::strip_hop_by_hop(&mut rparts.headers);
+                    Response::from_parts(rparts, rbody.map_err(Into::into).boxed())
+                }),
+                Err(e) => Err(e),
+            };
+            let resp = result.unwrap_or_else(|e| e.to_response());
+            finish(&state, &route.name, &resp, started);
+            resp
+        }
+        // 2–6. Context, data key, transform, upstream, response transform.
+        RouteKind::JsonFields(jr) => {
+            let mut outcome = json::Outcome::default();
+            let result = json::handle(&state, route, jr, captures, req, client, &mut outcome).await;
+            let (resp, error) = match result {
+                Ok(resp) => (resp, None),
+                Err(e) => {
+                    if let ProxyError::DecryptFailed(f) = &e {
+                        state.metrics.decrypt_failure(&route.name);
+                        tracing::warn!(route = %route.name, reason = %f, "decryption failed");
+                    } else if e.status().is_server_error() {
+                        tracing::warn!(route = %route.name, error = %e, "request failed");
+                    }
+                    (e.to_response(), Some(e))
+                }
+            };
+            state
+                .metrics
+                .fields(&route.name, outcome.sealed, outcome.opened);
+            finish(&state, &route.name, &resp, started);
+            state
+                .audit
+                .record(AuditEvent {
+                    action: if outcome.sealed > 0 {
+                        "seal"
+                    } else if outcome.opened > 0 || error.is_none() {
+                        "open"
+                    } else {
+                        "reject"
+                    },
+                    outcome: match (&error, outcome.redacted) {
+                        (Some(_), _) => "error",
+                        (None, 0) => "ok",
+                        (None, _) => "redacted",
+                    },
+                    route: route.name.clone(),
+                    method,
+                    path,
+                    status: resp.status().as_u16(),
+                    client: client.addr.ip().to_string(),
+                    keys: jr.keys.iter().map(|k| k.to_string()).collect(),
+                    values: outcome.sealed + outcome.opened,
+                    reason: error.map(|e| match e {
+                        ProxyError::DecryptFailed(f) => format!("decrypt_failed: {f}"),
+                        other => other.code().to_string(),
+                    }),
+                })
+                .await;
+            resp
+        }
+    }
+}
+
+fn finish(state: &AppState, route: &str, resp: &Response<ProxyBody>, started: Instant) {
+    state.metrics.request(
+        route,
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+}

@@ -1,0 +1,317 @@
+//! Listeners: the proxy (HTTP/1.1 and HTTP/2, optionally TLS), the admin endpoints
+//! (`/healthz`, `/readyz`, `/metrics`), the optional demo store, and graceful shutdown.
+
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::audit::AuditLog;
+use crate::config::{Config, RouteKind};
+use crate::keys::keyring::Keyring;
+use crate::keys::{KeyService, RootKeyProvider};
+use crate::metrics::Metrics;
+use crate::pipeline::{self, AppState, ClientInfo, ProxyBody, UpstreamClient, full_body};
+
+/// A started proxy: its bound addresses and a handle to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub demo_store_addr: Option<SocketAddr>,
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stop accepting, let in-flight requests finish (up to 30 s), and return.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+    }
+}
+
+/// Open the keyring, build the state and bind every listener.
+pub async fn start(config: Config) -> Result<Running, String> {
+    let metrics = Arc::new(Metrics::new());
+    let keyring = Keyring::open(
+        crate::keys::KeyRef::DEFAULT_BACKEND,
+        &config.keyring.path,
+        &config.keyring.master_key,
+    )
+    .map_err(|e| e.to_string())?;
+    let known: std::collections::HashSet<String> =
+        keyring.list().into_iter().map(|k| k.name).collect();
+    for route in &config.routes {
+        if let RouteKind::JsonFields(jr) = &route.kind {
+            for k in &jr.keys {
+                if known.contains(&k.key_id) {
+                    continue;
+                }
+                if config.keyring.create_missing_keys {
+                    if keyring.list().iter().all(|s| s.name != k.key_id) {
+                        keyring.create_key(&k.key_id).map_err(|e| e.to_string())?;
+                        tracing::warn!(key = %k.key_id, "created missing root key (keyring.create_missing_keys = true)");
+                    }
+                } else {
+                    return Err(format!(
+                        "route {:?} uses root key {:?}, which is not in the keyring: run `envelope-proxy keys create {}`",
+                        route.name, k.key_id, k.key_id
+                    ));
+                }
+            }
+        }
+    }
+    keyring.watch(Duration::from_secs(1));
+    let backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring];
+    let keys = KeyService::new(backends, config.cache.clone(), metrics.clone());
+    let audit = match &config.audit_path {
+        Some(p) => AuditLog::to_file(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
+        None => AuditLog::to_tracing(),
+    };
+    let upstream = UpstreamClient::new(&config.server)?;
+    let tls = match &config.server.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None => None,
+    };
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let demo_store_addr = match config.demo_store {
+        Some(addr) => {
+            let listener = bind(addr).await?;
+            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            let store = crate::devstore::Store::default();
+            tasks.push(tokio::spawn(crate::devstore::serve(
+                listener,
+                store,
+                shutdown_rx.clone(),
+            )));
+            tracing::info!(%bound, "demo store listening (in-memory, for trying the proxy out)");
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let listener = bind(config.server.listen).await?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin = config.admin;
+    let state = Arc::new(AppState {
+        config,
+        keys,
+        upstream,
+        audit,
+        metrics,
+    });
+
+    let admin_addr = match admin {
+        Some(a) => {
+            let l = bind(a).await?;
+            let bound = l.local_addr().map_err(|e| e.to_string())?;
+            let st = state.clone();
+            tasks.push(tokio::spawn(serve_admin(l, st, shutdown_rx.clone())));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let st = state.clone();
+    tasks.push(tokio::spawn(accept_loop(listener, st, tls, shutdown_rx)));
+    tracing::info!(%addr, "envelope-proxy listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        demo_store_addr,
+        state,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// Run until SIGINT/SIGTERM, then shut down gracefully.
+pub async fn run(config: Config) -> Result<(), String> {
+    let running = start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    running.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let client = ClientInfo {
+            addr: peer,
+            tls: tls.is_some(),
+        };
+        let st = state.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(pipeline::handle(st, req, client).await) }
+        });
+        let builder = auto::Builder::new(TokioExecutor::new());
+        match &tls {
+            None => {
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        _ => return,
+                    };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            _ = shutdown.changed() => break,
+        };
+        let st = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let st = st.clone();
+                async move { Ok::<_, Infallible>(admin(&st, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn admin(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/healthz" => (
+            StatusCode::OK,
+            "application/json",
+            r#"{"status":"ok"}"#.to_string(),
+        ),
+        "/readyz" => {
+            let mut problems = Vec::new();
+            for route in &state.config.routes {
+                if let RouteKind::JsonFields(jr) = &route.kind {
+                    for k in &jr.keys {
+                        if let Err(e) = state.keys.describe(k).await {
+                            problems.push(format!("{k}: {e}"));
+                        }
+                    }
+                }
+            }
+            let ready = problems.is_empty();
+            (
+                if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
+                "application/json",
+                serde_json::json!({ "ready": ready, "problems": problems }).to_string(),
+            )
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "application/json",
+            r#"{"error":"not found"}"#.to_string(),
+        ),
+    };
+    let mut resp = Response::new(full_body(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
+    resp
+}

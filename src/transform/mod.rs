@@ -1,0 +1,6 @@
+//! Body transforms. The set is closed (JSON fields today; S3 object bodies next), so each is a
+//! module with the same verbs rather than a trait: `seal_*` on the way to storage, `open_*` on
+//! the way back.
+
+pub mod json_fields;
+pub mod strict_json;
