@@ -57,16 +57,23 @@ async fn setup(extra_route: &str) -> (JsonServer, Proxy, Http) {
 async fn every_json_type_round_trips_and_storage_holds_only_tokens() {
     let (js, proxy, http) = setup("").await;
     let doc = sample("u1");
-    let w = http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &doc).await;
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[REGION], &doc)
+        .await;
     assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
     assert_eq!(w.json(), doc, "the write response is decrypted too");
 
-    let r = http.get(&proxy.url("/tenants/acme/users/u1"), &[REGION]).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/u1"), &[REGION])
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json(), doc);
 
     // Straight from the store: every configured value is a token, the rest untouched.
-    let raw = http.get(&format!("{}/users/u1", js.url()), &[]).await.json();
+    let raw = http
+        .get(&format!("{}/users/u1", js.url()), &[])
+        .await
+        .json();
     for v in [
         &raw["ssn"],
         &raw["card"]["number"],
@@ -83,7 +90,13 @@ async fn every_json_type_round_trips_and_storage_holds_only_tokens() {
     assert_eq!(raw["card"]["brand"], "visa");
     assert_eq!(raw["notes"][0]["at"], 1);
     let file = js.db_file();
-    for secret in ["123-45-6789", "4111111111111111", "ada@example.com", "likes tea", "allergic"] {
+    for secret in [
+        "123-45-6789",
+        "4111111111111111",
+        "ada@example.com",
+        "likes tea",
+        "allergic",
+    ] {
         assert!(!file.contains(secret), "{secret} reached storage in clear");
     }
 
@@ -92,10 +105,17 @@ async fn every_json_type_round_trips_and_storage_holds_only_tokens() {
     let audit = proxy.audit_text();
     assert!(!audit.contains("123-45-6789"));
     let lines = proxy.audit_lines();
-    let seal = lines.iter().find(|l| l["action"] == "seal").expect("seal event");
+    let seal = lines
+        .iter()
+        .find(|l| l["action"] == "seal")
+        .expect("seal event");
     assert_eq!(seal["keys"][0], "local:users");
-    assert_eq!(seal["values"].as_u64().unwrap() >= 8, true);
-    assert!(lines.iter().any(|l| l["action"] == "open" && l["outcome"] == "ok"));
+    assert!(seal["values"].as_u64().unwrap() >= 8, "{seal}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["action"] == "open" && l["outcome"] == "ok")
+    );
     envelope_proxy::audit::verify(&proxy.dir.path().join("audit.log")).unwrap();
 }
 
@@ -121,7 +141,12 @@ message_context = {{ id = "{{json.id}}" }}
     let mut docs = Vec::new();
     for i in 0..3 {
         let d = sample(&format!("l{i}"));
-        assert_eq!(http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &d).await.status, 201);
+        assert_eq!(
+            http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &d)
+                .await
+                .status,
+            201
+        );
         docs.push(d);
     }
     let list = http.get(&proxy.url("/tenants/acme/users"), &[REGION]).await;
@@ -131,7 +156,12 @@ message_context = {{ id = "{{json.id}}" }}
     // A wrapped list, as an API that pages would return it.
     let raw: Value = http.get(&format!("{}/users", js.url()), &[]).await.json();
     let page = json!({ "items": raw, "total": 3 });
-    assert_eq!(http.put_json(&format!("{}/page", js.url()), &page).await.status, 200);
+    assert_eq!(
+        http.put_json(&format!("{}/page", js.url()), &page)
+            .await
+            .status,
+        200
+    );
     let got = http.get(&proxy.url("/tenants/acme/page"), &[REGION]).await;
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(got.json(), json!({ "items": docs, "total": 3 }));
@@ -140,21 +170,28 @@ message_context = {{ id = "{{json.id}}" }}
 #[tokio::test]
 async fn another_tenant_cannot_read() {
     let (_js, proxy, http) = setup("").await;
-    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("t1")).await;
-    let r = http.get(&proxy.url("/tenants/globex/users/t1"), &[REGION]).await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("t1"))
+        .await;
+    let r = http
+        .get(&proxy.url("/tenants/globex/users/t1"), &[REGION])
+        .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.error_code(), "decrypt_failed");
     assert!(!r.text().contains("123-45-6789") && !r.text().contains("enc:v1:"));
     // Another region header is another key context too.
-    let r = http.get(&proxy.url("/tenants/acme/users/t1"), &[("x-region", "us")]).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/t1"), &[("x-region", "us")])
+        .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let lines = proxy.audit_lines();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["outcome"] == "error" && l["reason"].as_str().unwrap_or("").starts_with("decrypt_failed"))
-    );
+    assert!(lines.iter().any(|l| {
+        l["outcome"] == "error"
+            && l["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("decrypt_failed")
+    }));
 }
 
 /// Tamper with what json-server holds, straight through its own API.
@@ -175,21 +212,34 @@ fn flip_byte(token: &str, at: usize) -> String {
 #[tokio::test]
 async fn tampered_tokens_are_detected_anywhere_in_the_token() {
     let (js, proxy, http) = setup("").await;
-    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("x1")).await;
-    let raw = http.get(&format!("{}/users/x1", js.url()), &[]).await.json();
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("x1"))
+        .await;
+    let raw = http
+        .get(&format!("{}/users/x1", js.url()), &[])
+        .await
+        .json();
     let token = raw["ssn"].as_str().unwrap().to_string();
     let body_len = token.len() - "enc:v1:".len();
     // Header (EDK), salt, commitment, ciphertext and tag.
     for at in [3, 20, 90, 110, body_len - 30, body_len - 2] {
         let bad = flip_byte(&token, at);
         tamper(&js, &http, "x1", |d| d["ssn"] = Value::String(bad.clone())).await;
-        let r = http.get(&proxy.url("/tenants/acme/users/x1"), &[REGION]).await;
-        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "flip at {at}: {}", r.text());
+        let r = http
+            .get(&proxy.url("/tenants/acme/users/x1"), &[REGION])
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::BAD_GATEWAY,
+            "flip at {at}: {}",
+            r.text()
+        );
         assert_eq!(r.error_code(), "decrypt_failed");
     }
     // A plaintext value at a configured path is an error too, never passed through.
     tamper(&js, &http, "x1", |d| d["ssn"] = json!("123-45-6789")).await;
-    let r = http.get(&proxy.url("/tenants/acme/users/x1"), &[REGION]).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/x1"), &[REGION])
+        .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert!(!r.text().contains("123-45-6789"));
 }
@@ -197,35 +247,53 @@ async fn tampered_tokens_are_detected_anywhere_in_the_token() {
 #[tokio::test]
 async fn redact_mode_nulls_what_does_not_decrypt() {
     let (js, proxy, http) = setup(r#"on_decrypt_error = "redact""#).await;
-    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("r1")).await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("r1"))
+        .await;
     tamper(&js, &http, "r1", |d| {
         let t = d["ssn"].as_str().unwrap().to_string();
         d["ssn"] = Value::String(flip_byte(&t, 100));
     })
     .await;
-    let r = http.get(&proxy.url("/tenants/acme/users/r1"), &[REGION]).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/r1"), &[REGION])
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.headers["x-envelope-redacted"], "1");
     let doc = r.json();
     assert_eq!(doc["ssn"], Value::Null);
-    assert_eq!(doc["profile"]["email"], "ada@example.com", "the rest still decrypts");
+    assert_eq!(
+        doc["profile"]["email"], "ada@example.com",
+        "the rest still decrypts"
+    );
 }
 
 #[tokio::test]
 async fn tokens_moved_to_another_field_or_record_are_rejected() {
     let (js, proxy, http) = setup("").await;
-    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("m1")).await;
-    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("m2")).await;
-    let m1 = http.get(&format!("{}/users/m1", js.url()), &[]).await.json();
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("m1"))
+        .await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("m2"))
+        .await;
+    let m1 = http
+        .get(&format!("{}/users/m1", js.url()), &[])
+        .await
+        .json();
 
     // Same record, another field.
-    tamper(&js, &http, "m1", |d| d["card"]["number"] = m1["ssn"].clone()).await;
-    let r = http.get(&proxy.url("/tenants/acme/users/m1"), &[REGION]).await;
+    tamper(&js, &http, "m1", |d| {
+        d["card"]["number"] = m1["ssn"].clone()
+    })
+    .await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/m1"), &[REGION])
+        .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
 
     // Same field, another record.
     tamper(&js, &http, "m2", |d| d["ssn"] = m1["ssn"].clone()).await;
-    let r = http.get(&proxy.url("/tenants/acme/users/m2"), &[REGION]).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/m2"), &[REGION])
+        .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
 
     // Reordering an array keeps values readable: the index is not bound, the path is.
@@ -234,7 +302,9 @@ async fn tokens_moved_to_another_field_or_record_are_rejected() {
         d["notes"].as_array_mut().unwrap().swap(0, 1);
     })
     .await;
-    let r = http.get(&proxy.url("/tenants/acme/users/m1"), &[REGION]).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/m1"), &[REGION])
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["notes"][0]["text"], "allergic to nuts");
     assert_eq!(r.json()["ssn"], "123-45-6789");
@@ -243,7 +313,8 @@ async fn tokens_moved_to_another_field_or_record_are_rejected() {
 #[tokio::test]
 async fn rotation_keeps_old_records_readable() {
     let (js, proxy, http) = setup("").await;
-    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("v1")).await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("v1"))
+        .await;
 
     // Rotate through the keyring file, as `envelope-proxy keys rotate users` does.
     let kr = envelope_proxy::keys::keyring::Keyring::open(
@@ -256,9 +327,18 @@ async fn rotation_keeps_old_records_readable() {
     // The running proxy polls the file every second and drops cached data keys.
     let mut version = 0;
     for i in 0..50 {
-        http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample(&format!("v2-{i}"))).await;
-        let raw = http.get(&format!("{}/users/v2-{i}", js.url()), &[]).await.json();
-        let t = envelope_proxy::envelope::token::ParsedToken::parse(raw["ssn"].as_str().unwrap()).unwrap();
+        http.post_json(
+            &proxy.url("/tenants/acme/users"),
+            &[REGION],
+            &sample(&format!("v2-{i}")),
+        )
+        .await;
+        let raw = http
+            .get(&format!("{}/users/v2-{i}", js.url()), &[])
+            .await
+            .json();
+        let t = envelope_proxy::envelope::token::ParsedToken::parse(raw["ssn"].as_str().unwrap())
+            .unwrap();
         version = t.header.edks[0].key_version;
         if version == 2 {
             break;
@@ -267,7 +347,9 @@ async fn rotation_keeps_old_records_readable() {
     }
     assert_eq!(version, 2, "new writes use the new version");
     for id in ["v1", "v2-0"] {
-        let r = http.get(&proxy.url(&format!("/tenants/acme/users/{id}")), &[REGION]).await;
+        let r = http
+            .get(&proxy.url(&format!("/tenants/acme/users/{id}")), &[REGION])
+            .await;
         assert_eq!(r.status, 200, "{id}: {}", r.text());
         assert_eq!(r.json()["ssn"], "123-45-6789");
     }
@@ -301,8 +383,21 @@ async fn two_hundred_concurrent_writers_and_readers() {
     }
     // Two key contexts (acme, globex): the cache made one data key for each.
     let m = proxy.state().metrics.encode();
-    assert!(m.contains(r#"envelope_proxy_backend_calls_total{backend="local",operation="generate"} 2"#), "{m}");
+    assert!(
+        m.contains(r#"envelope_proxy_backend_calls_total{backend="local",operation="generate"} 2"#),
+        "{m}"
+    );
 }
+
+/// method, url, headers, body, expected status, expected error code
+type Case<'a> = (
+    Method,
+    String,
+    Vec<(&'a str, &'a str)>,
+    String,
+    u16,
+    &'a str,
+);
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_nothing_is_forwarded() {
@@ -315,30 +410,122 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_forwarded() {
     let http = Http::default();
     let url = proxy.url("/tenants/acme/users");
     let json_ct = ("content-type", "application/json");
-    let cases: Vec<(Method, String, Vec<(&str, &str)>, String, u16, &str)> = vec![
-        (Method::POST, url.clone(), vec![REGION, ("content-type", "text/plain")], sample("b1").to_string(), 415, "unsupported_media_type"),
-        (Method::POST, url.clone(), vec![REGION], sample("b1").to_string(), 415, "unsupported_media_type"),
-        (Method::POST, url.clone(), vec![REGION, json_ct, ("content-encoding", "gzip")], sample("b1").to_string(), 415, "unsupported_media_type"),
-        (Method::POST, url.clone(), vec![REGION, json_ct], r#"{"id":"b1","ssn": 123-45-6789}"#.into(), 400, "malformed_json"),
-        (Method::POST, url.clone(), vec![REGION, json_ct], r#"{"id":"b1","ssn":"enc:v1:x","ssn":"123-45-6789"}"#.into(), 400, "duplicate_key"),
-        (Method::POST, url.clone(), vec![REGION, json_ct], format!(r#"{{"id":"b1","ssn":"{}"}}"#, "9".repeat(5000)), 413, "body_too_large"),
-        (Method::POST, url.clone(), vec![json_ct], sample("b1").to_string(), 400, "missing_context"),
-        (Method::POST, url.clone(), vec![REGION, json_ct], r#"{"ssn":"123-45-6789"}"#.into(), 400, "missing_context"),
-        (Method::POST, url.clone(), vec![REGION, json_ct], r#"{"id":"b1","a":[[[[[[[[[["deep"]]]]]]]]]]}"#.into(), 400, "too_deep"),
-        (Method::POST, proxy.url("/elsewhere"), vec![REGION, json_ct], sample("b1").to_string(), 404, "no_route"),
-        (Method::POST, proxy.url("/tenants/acme/users/../../users"), vec![REGION, json_ct], sample("b1").to_string(), 400, "bad_path"),
-        (Method::POST, proxy.url("/tenants/acme/users%2F..%2Fx"), vec![REGION, json_ct], sample("b1").to_string(), 400, "bad_path"),
+    let cases: Vec<Case> = vec![
+        (
+            Method::POST,
+            url.clone(),
+            vec![REGION, ("content-type", "text/plain")],
+            sample("b1").to_string(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            url.clone(),
+            vec![REGION],
+            sample("b1").to_string(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            url.clone(),
+            vec![REGION, json_ct, ("content-encoding", "gzip")],
+            sample("b1").to_string(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            url.clone(),
+            vec![REGION, json_ct],
+            r#"{"id":"b1","ssn": 123-45-6789}"#.into(),
+            400,
+            "malformed_json",
+        ),
+        (
+            Method::POST,
+            url.clone(),
+            vec![REGION, json_ct],
+            r#"{"id":"b1","ssn":"enc:v1:x","ssn":"123-45-6789"}"#.into(),
+            400,
+            "duplicate_key",
+        ),
+        (
+            Method::POST,
+            url.clone(),
+            vec![REGION, json_ct],
+            format!(r#"{{"id":"b1","ssn":"{}"}}"#, "9".repeat(5000)),
+            413,
+            "body_too_large",
+        ),
+        (
+            Method::POST,
+            url.clone(),
+            vec![json_ct],
+            sample("b1").to_string(),
+            400,
+            "missing_context",
+        ),
+        (
+            Method::POST,
+            url.clone(),
+            vec![REGION, json_ct],
+            r#"{"ssn":"123-45-6789"}"#.into(),
+            400,
+            "missing_context",
+        ),
+        (
+            Method::POST,
+            url.clone(),
+            vec![REGION, json_ct],
+            r#"{"id":"b1","a":[[[[[[[[[["deep"]]]]]]]]]]}"#.into(),
+            400,
+            "too_deep",
+        ),
+        (
+            Method::POST,
+            proxy.url("/elsewhere"),
+            vec![REGION, json_ct],
+            sample("b1").to_string(),
+            404,
+            "no_route",
+        ),
+        (
+            Method::POST,
+            proxy.url("/tenants/acme/users/../../users"),
+            vec![REGION, json_ct],
+            sample("b1").to_string(),
+            400,
+            "bad_path",
+        ),
+        (
+            Method::POST,
+            proxy.url("/tenants/acme/users%2F..%2Fx"),
+            vec![REGION, json_ct],
+            sample("b1").to_string(),
+            400,
+            "bad_path",
+        ),
     ];
     for (method, u, headers, body, status, code) in cases {
         let r = http.send(method, &u, &headers, body.clone()).await;
         assert_eq!(r.status.as_u16(), status, "{u} {headers:?}: {}", r.text());
         assert_eq!(r.error_code(), code, "{}", r.text());
-        assert!(!r.text().contains("6789"), "the error echoes the body: {}", r.text());
+        assert!(
+            !r.text().contains("6789"),
+            "the error echoes the body: {}",
+            r.text()
+        );
         assert_eq!(r.headers["content-type"], "application/json");
     }
     assert!(!js.db_file().contains("b1"), "nothing may reach the store");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let rejects = proxy.audit_lines().iter().filter(|l| l["outcome"] == "error").count();
+    let rejects = proxy
+        .audit_lines()
+        .iter()
+        .filter(|l| l["outcome"] == "error")
+        .count();
     assert!(rejects >= 12, "every refusal is audited ({rejects})");
 }
 
@@ -358,11 +545,15 @@ async fn upstream_down_or_slow() {
     let routes = format!(
         "{}\n{}",
         users_route(&dead, ""),
-        users_route(&slow_url, "").replace("name = \"users\"", "name = \"slow\"").replace("/tenants/", "/slow/")
+        users_route(&slow_url, "")
+            .replace("name = \"users\"", "name = \"slow\"")
+            .replace("/tenants/", "/slow/")
     );
     let proxy = Proxy::start(&routes, "upstream_timeout_ms = 300").await;
     let http = Http::default();
-    let r = http.get(&proxy.url("/tenants/acme/users/1"), &[REGION]).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/1"), &[REGION])
+        .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.error_code(), "upstream_unavailable");
     let r = http.get(&proxy.url("/slow/acme/users/1"), &[REGION]).await;
@@ -380,7 +571,8 @@ async fn passthrough_routes_stream_unchanged_and_show_ciphertext() {
     );
     let proxy = Proxy::start(&routes, "").await;
     let http = Http::default();
-    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("p1")).await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("p1"))
+        .await;
     let r = http.get(&proxy.url("/db"), &[]).await;
     assert_eq!(r.status, 200);
     let db = r.json();
@@ -391,8 +583,12 @@ async fn passthrough_routes_stream_unchanged_and_show_ciphertext() {
 async fn the_offline_cli_decrypts_what_the_proxy_stored() {
     let (js, proxy, http) = setup("").await;
     let doc = sample("o1");
-    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &doc).await;
-    let raw = http.get(&format!("{}/users/o1", js.url()), &[]).await.json();
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &doc)
+        .await;
+    let raw = http
+        .get(&format!("{}/users/o1", js.url()), &[])
+        .await
+        .json();
     let run = |args: &[&str], stdin: String| {
         use std::io::Write;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
@@ -403,22 +599,53 @@ async fn the_offline_cli_decrypts_what_the_proxy_stored() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     };
-    let out = run(&["--context", "tenant=acme", "--context", "region=eu"], raw.to_string());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &["--context", "tenant=acme", "--context", "region=eu"],
+        raw.to_string(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got, doc);
 
     let out = run(
-        &["--context", "tenant=acme", "--context", "region=eu", "--context", "id=o1", "--field", "$.ssn"],
+        &[
+            "--context",
+            "tenant=acme",
+            "--context",
+            "region=eu",
+            "--context",
+            "id=o1",
+            "--field",
+            "$.ssn",
+        ],
         raw["ssn"].as_str().unwrap().to_string(),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "\"123-45-6789\"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "\"123-45-6789\""
+    );
 
-    let out = run(&["--context", "tenant=globex", "--context", "region=eu"], raw.to_string());
+    let out = run(
+        &["--context", "tenant=globex", "--context", "region=eu"],
+        raw.to_string(),
+    );
     assert!(!out.status.success(), "wrong tenant must not decrypt");
     let out = run(&["--context", "tenant=acme"], raw.to_string());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--context region="));
@@ -434,12 +661,18 @@ async fn a_thousand_concurrent_cold_writes_make_one_backend_call() {
     for _ in 0..1000 {
         let keys = keys.clone();
         tasks.push(tokio::spawn(async move {
-            let ctx: envelope_proxy::envelope::Context = [("tenant", "acme"), ("region", "eu"), ("table", "users")]
-                .into_iter()
-                .collect();
-            keys.sealing_key(&[envelope_proxy::keys::KeyRef::parse("users").unwrap()], &ctx, 1, 10)
-                .await
-                .unwrap();
+            let ctx: envelope_proxy::envelope::Context =
+                [("tenant", "acme"), ("region", "eu"), ("table", "users")]
+                    .into_iter()
+                    .collect();
+            keys.sealing_key(
+                &[envelope_proxy::keys::KeyRef::parse("users").unwrap()],
+                &ctx,
+                1,
+                10,
+            )
+            .await
+            .unwrap();
         }));
     }
     for t in tasks {
