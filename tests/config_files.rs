@@ -7,11 +7,15 @@ fn every_example_config_parses() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            envelope_proxy::config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            envelope_proxy::config::load(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             checked += 1;
         }
     }
-    assert!(checked >= 2, "expected the quickstart and reference configs, found {checked}");
+    assert!(
+        checked >= 2,
+        "expected the quickstart and reference configs, found {checked}"
+    );
 }
 
 #[test]
@@ -39,7 +43,11 @@ fields = ["$.x"]
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    for needle in ["server.listen", "master_key_file or master_key_env", "route[0] (\"a\"): needs key"] {
+    for needle in [
+        "server.listen",
+        "master_key_file or master_key_env",
+        "route[0] (\"a\"): needs key",
+    ] {
         assert!(err.contains(needle), "missing {needle:?} in {err}");
     }
 }

@@ -16,7 +16,11 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// json-server 0.17 on a temp db, with `/tenants/:tenant/<resource>` rewritten to `/<resource>`.
@@ -28,7 +32,8 @@ pub struct JsonServer {
 
 impl JsonServer {
     pub fn binary() -> PathBuf {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/node_modules/.bin/json-server");
+        let bin =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/node_modules/.bin/json-server");
         assert!(
             bin.exists(),
             "json-server is not installed at {}: run scripts/test.sh (it runs `npm ci` in tests/peers)",
@@ -49,7 +54,13 @@ impl JsonServer {
         let child = Command::new(Self::binary())
             .arg(dir.path().join("db.json"))
             .args(["--routes", dir.path().join("routes.json").to_str().unwrap()])
-            .args(["--port", &port.to_string(), "--host", "127.0.0.1", "--quiet"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--host",
+                "127.0.0.1",
+                "--quiet",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -57,7 +68,10 @@ impl JsonServer {
         let server = JsonServer { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "json-server did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "json-server did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         server
@@ -131,7 +145,9 @@ path = "{d}/audit.log"
 
     pub fn audit_lines(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     pub fn audit_text(&self) -> String {
@@ -151,14 +167,22 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON ({}): {}", self.status, String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!(
+                "not JSON ({}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn error_code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -176,7 +200,13 @@ impl Default for Http {
 }
 
 impl Http {
-    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
         let mut req = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -203,7 +233,12 @@ impl Http {
     }
 
     pub async fn put_json(&self, url: &str, doc: &Value) -> Reply {
-        self.send(Method::PUT, url, &[("content-type", "application/json")], doc.to_string())
-            .await
+        self.send(
+            Method::PUT,
+            url,
+            &[("content-type", "application/json")],
+            doc.to_string(),
+        )
+        .await
     }
 }
