@@ -16,12 +16,12 @@ fn users_route(upstream: &str, extra: &str) -> String {
         r#"
 [[route]]
 name = "users"
-path = "/tenants/{{tenant}}/users/**"
+path = "/tenants/{{tenant}}/users/{{id?}}"
 upstream = "{upstream}"
 key = "users"
 fields = {FIELDS}
 context = {{ tenant = "{{path.tenant}}", region = "{{header.x-region}}", table = "users" }}
-message_context = {{ id = "{{json.id}}" }}
+message_context = {{ id = "{{path.id|json.id}}" }}
 {extra}
 "#
     )
@@ -117,6 +117,41 @@ async fn every_json_type_round_trips_and_storage_holds_only_tokens() {
             .any(|l| l["action"] == "open" && l["outcome"] == "ok")
     );
     envelope_proxy::audit::verify(&proxy.dir.path().join("audit.log")).unwrap();
+}
+
+#[tokio::test]
+async fn put_and_patch_by_id_bind_the_record_from_the_path() {
+    let (js, proxy, http) = setup("").await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("e1"))
+        .await;
+    let url = proxy.url("/tenants/acme/users/e1");
+    let ct = ("content-type", "application/json");
+    let r = http
+        .send(
+            Method::PATCH,
+            &url,
+            &[REGION, ct],
+            json!({"ssn": "987-65-4321"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["ssn"], "987-65-4321");
+    assert_eq!(r.json()["profile"]["email"], "ada@example.com");
+    let mut replaced = sample("e1");
+    replaced["notes"] = json!([]);
+    let r = http
+        .send(Method::PUT, &url, &[REGION, ct], replaced.to_string())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = http.get(&url, &[REGION]).await;
+    assert_eq!(got.json(), replaced);
+    assert!(!js.db_file().contains("987-65-4321"));
+    assert!(is_token(
+        &http
+            .get(&format!("{}/users/e1", js.url()), &[])
+            .await
+            .json()["ssn"]
+    ));
 }
 
 #[tokio::test]

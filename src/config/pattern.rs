@@ -1,7 +1,8 @@
 //! Route path patterns: `/tenants/{tenant}/users/**`.
 //!
 //! Segments are matched literally, `{name}` captures one segment, `*` matches one segment,
-//! and a final `**` matches any number of trailing segments (including none).
+//! a final `{name?}` captures one segment if there is one (`/users/{id?}` serves the collection
+//! and its records), and a final `**` matches any number of trailing segments (including none).
 
 use std::collections::HashMap;
 
@@ -9,6 +10,7 @@ use std::collections::HashMap;
 enum Segment {
     Literal(String),
     Capture(String),
+    OptionalCapture(String),
     Any,
     Rest,
 }
@@ -41,7 +43,16 @@ impl PathPattern {
                 "*" => Segment::Any,
                 "" => return Err(format!("path pattern {source:?} has an empty segment")),
                 p if p.starts_with('{') && p.ends_with('}') => {
-                    let name = &p[1..p.len() - 1];
+                    let mut name = &p[1..p.len() - 1];
+                    let optional = name.ends_with('?');
+                    if optional {
+                        if i + 1 != parts.len() {
+                            return Err(format!(
+                                "path pattern {source:?}: an optional capture must be the last segment"
+                            ));
+                        }
+                        name = &name[..name.len() - 1];
+                    }
                     if name.is_empty()
                         || !name
                             .bytes()
@@ -53,13 +64,17 @@ impl PathPattern {
                     }
                     if segments
                         .iter()
-                        .any(|s| matches!(s, Segment::Capture(n) if n == name))
+                        .any(|s| matches!(s, Segment::Capture(n) | Segment::OptionalCapture(n) if n == name))
                     {
                         return Err(format!(
                             "path pattern {source:?}: capture {name:?} appears twice"
                         ));
                     }
-                    Segment::Capture(name.to_string())
+                    if optional {
+                        Segment::OptionalCapture(name.to_string())
+                    } else {
+                        Segment::Capture(name.to_string())
+                    }
                 }
                 p if p.contains(['{', '}', '*']) => {
                     return Err(format!(
@@ -83,7 +98,7 @@ impl PathPattern {
     pub fn has_capture(&self, name: &str) -> bool {
         self.segments
             .iter()
-            .any(|s| matches!(s, Segment::Capture(n) if n == name))
+            .any(|s| matches!(s, Segment::Capture(n) | Segment::OptionalCapture(n) if n == name))
     }
 
     /// Match a request path (already checked to have no dot segments); returns the captures,
@@ -111,6 +126,16 @@ impl PathPattern {
                 Segment::Capture(name) => {
                     let raw = parts.get(i).filter(|p| !p.is_empty())?;
                     captures.insert(name.clone(), percent_decode(raw)?);
+                }
+                Segment::OptionalCapture(name) => {
+                    match parts.get(i) {
+                        // `/users` and `/users/` are the collection.
+                        None => return Some(captures),
+                        Some(&"") => {}
+                        Some(raw) => {
+                            captures.insert(name.clone(), percent_decode(raw)?);
+                        }
+                    }
                 }
             }
             i += 1;
@@ -156,5 +181,12 @@ mod tests {
         assert!(PathPattern::parse("/a/**/b").is_err());
         assert!(PathPattern::parse("a").is_err());
         assert!(PathPattern::parse("/x{y}").is_err());
+        let opt = PathPattern::parse("/t/{tenant}/users/{id?}").unwrap();
+        assert!(!opt.matches("/t/a/users").unwrap().contains_key("id"));
+        assert!(!opt.matches("/t/a/users/").unwrap().contains_key("id"));
+        assert_eq!(opt.matches("/t/a/users/7").unwrap()["id"], "7");
+        assert!(opt.matches("/t/a/users/7/x").is_none());
+        assert!(opt.has_capture("id"));
+        assert!(PathPattern::parse("/a/{id?}/b").is_err());
     }
 }
