@@ -22,6 +22,8 @@ pub enum JsonError {
     TooDeep(usize),
 }
 
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
 #[derive(Clone, Copy)]
 enum Failure {
     Duplicate,
@@ -97,8 +99,24 @@ impl<'de> Visitor<'de> for Seed<'_> {
         Ok(Value::Array(out))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let inner = self.enter()?;
         let mut out = Map::new();
+        let Some(first) = map.next_key::<String>()? else {
+            self.enter::<A::Error>()?;
+            return Ok(Value::Object(out));
+        };
+        // With serde_json's `arbitrary_precision` (enabled so numbers pass through exactly, even
+        // beyond 64 bits), a number arrives as a one-entry map under this marker key holding the
+        // number's original text. `big_numbers_pass_through_exactly` pins this behaviour.
+        if first == NUMBER_TOKEN {
+            let text: String = map.next_value()?;
+            return text
+                .parse::<serde_json::Number>()
+                .map(Value::Number)
+                .map_err(|_| A::Error::custom("bad number"));
+        }
+        let inner = self.enter()?;
+        let value = map.next_value_seed(inner)?;
+        out.insert(first, value);
         while let Some(key) = map.next_key::<String>()? {
             if out.contains_key(&key) {
                 self.state.failure.set(Some(Failure::Duplicate));
@@ -148,6 +166,15 @@ mod tests {
             serde_json::to_string(&v).unwrap(),
             r#"{"b":1,"a":[true,null,"x",1.5,-3]}"#
         );
+    }
+
+    #[test]
+    fn big_numbers_pass_through_exactly() {
+        let text = r#"{"big":123456789012345678901234567890,"f":-4.8015304084389446e+234,"x":1.10,"e":1e+2}"#;
+        let v = parse(text.as_bytes(), 8).unwrap();
+        assert_eq!(serde_json::to_string(&v).unwrap(), text);
+        let again: Value = serde_json::from_slice(&serde_json::to_vec(&v["big"]).unwrap()).unwrap();
+        assert_eq!(again, v["big"]);
     }
 
     #[test]
