@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
 # Set up every test peer and run the whole suite. CI (.ci/run) calls exactly this.
-# Peers: json-server 0.17 (npm, pinned in tests/peers/package-lock.json).
+# Peers (all on loopback, started by the tests themselves):
+#   json-server 0.17   npm, pinned in tests/peers/package-lock.json
+#   moto server        pip, pinned in tests/peers/requirements.txt (virtualenv tests/peers/venv)
+#   SoftHSM2           Debian package softhsm2 (scripts/softhsm-setup.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null 2>&1; }
 apt_install() {
-  if need apt-get; then
-    if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@";
-    else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; fi
-  else
+  if ! need apt-get; then
     echo "error: cannot install $* (no apt-get); install it and re-run" >&2; exit 1
   fi
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-need node && need npm || apt_install nodejs npm
 need cargo || { echo "error: cargo (Rust toolchain) is required" >&2; exit 1; }
+{ need node && need npm; } || apt_install nodejs npm
+need python3 || apt_install python3 python3-venv
 
 echo "==> test peers: json-server (tests/peers)"
 (cd tests/peers && npm ci --no-audit --no-fund --loglevel=error)
 tests/peers/node_modules/.bin/json-server --version >/dev/null
+
+echo "==> test peers: moto server (tests/peers/venv)"
+if [ ! -x tests/peers/venv/bin/python ]; then
+  python3 -m venv tests/peers/venv 2>/dev/null || { apt_install python3-venv; python3 -m venv tests/peers/venv; }
+fi
+tests/peers/venv/bin/pip install -q --disable-pip-version-check -r tests/peers/requirements.txt
+tests/peers/venv/bin/moto_server --help >/dev/null
+
+if [ -f scripts/softhsm-setup.sh ]; then
+  echo "==> test peers: SoftHSM2"
+  bash scripts/softhsm-setup.sh
+fi
 
 echo "==> cargo test"
 cargo test --all-targets "$@"

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, RouteKind};
 use crate::keys::keyring::Keyring;
-use crate::keys::{KeyRef, KeyService, RootKeyProvider};
+use crate::keys::{KeyRef, KeyService};
 use crate::metrics::Metrics;
 use crate::transform::json_fields::{self, RequestMeta};
 
@@ -75,6 +75,10 @@ enum KeysAction {
     Create { name: String },
     /// Add a new version to a root key; new writes use it, old data still decrypts.
     Rotate { name: String },
+    /// Disable a root key: nothing under it encrypts or decrypts until it is enabled again.
+    Disable { name: String },
+    /// Enable a disabled root key.
+    Enable { name: String },
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -157,6 +161,21 @@ async fn run(cli: Cli) -> Result<(), String> {
                     let k = keyring.create_key(&name).map_err(|e| e.to_string())?;
                     println!("created {} (version {})", k.name, k.current_version);
                 }
+                KeysAction::Disable { name } => {
+                    let k = keyring
+                        .set_enabled(&name, false)
+                        .map_err(|e| e.to_string())?;
+                    println!(
+                        "disabled {}: data under it cannot be read until `keys enable {}`",
+                        k.name, k.name
+                    );
+                }
+                KeysAction::Enable { name } => {
+                    let k = keyring
+                        .set_enabled(&name, true)
+                        .map_err(|e| e.to_string())?;
+                    println!("enabled {}", k.name);
+                }
                 KeysAction::Rotate { name } => {
                     let k = keyring.rotate_key(&name).map_err(|e| e.to_string())?;
                     println!(
@@ -220,8 +239,7 @@ pub async fn decrypt_offline(
         None if encrypting.len() == 1 => &encrypting[0],
         None => return Err("several encrypting routes: choose one with --route".into()),
     };
-    let keyring = open_keyring(cfg)?;
-    let backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring];
+    let (_, backends) = crate::keys::connect_backends(cfg).await?;
     let keys = KeyService::new(backends, cfg.cache.clone(), Arc::new(Metrics::new()));
     let captures = HashMap::new();
     let headers = http::HeaderMap::new();

@@ -138,21 +138,19 @@ impl Metrics {
             .inc();
     }
 
-    /// Total backend calls so far (all backends and operations).
-    pub fn backend_calls_total(&self) -> u64 {
-        let mut total = 0;
-        for backend in ["local"] {
-            for op in ["generate", "wrap", "unwrap"] {
-                total += self
-                    .backend_calls
+    /// Calls made to one backend so far (generate, wrap and unwrap).
+    pub fn backend_calls_for(&self, backend: &str) -> u64 {
+        ["generate", "wrap", "unwrap"]
+            .iter()
+            .map(|op| {
+                self.backend_calls
                     .get_or_create(&BackendLabels {
                         backend: backend.into(),
-                        operation: op.into(),
+                        operation: (*op).into(),
                     })
-                    .get();
-            }
-        }
-        total
+                    .get()
+            })
+            .sum()
     }
 
     pub fn fields(&self, route: &str, sealed: usize, opened: usize) {

@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 
 use crate::envelope::context::RESERVED_PREFIX;
 use crate::keys::keyring::MasterKeySource;
+use crate::keys::resilience::ResilienceSettings;
 use crate::keys::{CacheLimits, KeyRef};
 use crate::transform::json_fields::FieldPath;
 pub use pattern::PathPattern;
@@ -81,6 +82,56 @@ struct FileAudit {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileKmsBackend {
+    #[allow(dead_code)]
+    kind: String,
+    region: Option<String>,
+    endpoint: Option<String>,
+    profile: Option<String>,
+    credentials_file: Option<PathBuf>,
+    call_timeout_ms: Option<u64>,
+    retries: Option<u32>,
+    failure_threshold: Option<u32>,
+    open_for_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePkcs11Backend {
+    #[allow(dead_code)]
+    kind: String,
+    module: PathBuf,
+    token_label: String,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    sessions: Option<usize>,
+    call_timeout_ms: Option<u64>,
+    retries: Option<u32>,
+    failure_threshold: Option<u32>,
+    open_for_secs: Option<u64>,
+}
+
+/// The outage settings shared by every remote backend kind.
+struct FileResilience {
+    call_timeout_ms: Option<u64>,
+    retries: Option<u32>,
+    failure_threshold: Option<u32>,
+    open_for_secs: Option<u64>,
+}
+
+macro_rules! resilience_of {
+    ($b:expr) => {
+        FileResilience {
+            call_timeout_ms: $b.call_timeout_ms,
+            retries: $b.retries,
+            failure_threshold: $b.failure_threshold,
+            open_for_secs: $b.open_for_secs,
+        }
+    };
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileDemoStore {
     listen: String,
 }
@@ -114,6 +165,8 @@ pub struct Config {
     pub server: ServerSettings,
     pub admin: Option<SocketAddr>,
     pub keyring: KeyringSettings,
+    /// Remote root-key backends by name (the keyring is always there as `local`).
+    pub backends: Vec<BackendConfig>,
     pub cache: CacheLimits,
     pub audit_path: Option<PathBuf>,
     pub demo_store: Option<SocketAddr>,
@@ -143,6 +196,47 @@ pub struct KeyringSettings {
     pub path: PathBuf,
     pub master_key: MasterKeySource,
     pub create_missing_keys: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub name: String,
+    pub kind: BackendKind,
+    pub resilience: ResilienceSettings,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendKind {
+    AwsKms(KmsSettings),
+    Pkcs11(Pkcs11Settings),
+}
+
+#[derive(Debug, Clone)]
+pub struct KmsSettings {
+    /// Default: the SDK's region chain (AWS_REGION, profile).
+    pub region: Option<String>,
+    /// VPC endpoints and test peers; plain http:// only for loopback addresses.
+    pub endpoint: Option<String>,
+    /// A profile in the shared config/credentials files (default: the SDK's chain:
+    /// environment, profile, web identity, container and instance metadata).
+    pub profile: Option<String>,
+    /// A credentials file to read `profile` from instead of ~/.aws/credentials.
+    pub credentials_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Pkcs11Settings {
+    pub module: PathBuf,
+    pub token_label: String,
+    pub pin: SecretSource,
+    /// Sessions kept open (default 4).
+    pub sessions: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +328,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             "server",
             "admin",
             "keyring",
+            "backend",
             "cache",
             "audit",
             "demo_store",
@@ -258,6 +353,9 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
     let keyring = keyring.and_then(|k| resolve_keyring(k, &mut errors));
     let cache = resolve_cache(cache.unwrap_or_default(), &mut errors);
 
+    let backends = resolve_backends(table.get("backend"), &mut errors);
+    let backend_names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+
     let mut routes = Vec::new();
     match table.get("route") {
         None => errors.push("no [[route]] defined: the proxy would refuse every request".into()),
@@ -266,7 +364,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
                 let place = format!("route[{i}]");
                 match item.clone().try_into::<FileRoute>() {
                     Ok(r) => {
-                        if let Some(route) = resolve_route(&place, r, &mut errors) {
+                        if let Some(route) = resolve_route(&place, r, &backend_names, &mut errors) {
                             routes.push(route);
                         }
                     }
@@ -291,6 +389,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             server,
             admin,
             keyring,
+            backends,
             cache,
             audit_path: audit.map(|a| a.path),
             demo_store,
@@ -454,7 +553,155 @@ fn resolve_upstream(place: &str, s: &str, errors: &mut Vec<String>) -> Option<Up
     }
 }
 
-fn resolve_route(place: &str, r: FileRoute, errors: &mut Vec<String>) -> Option<Route> {
+fn resolve_backends(value: Option<&toml::Value>, errors: &mut Vec<String>) -> Vec<BackendConfig> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let Some(table) = value.as_table() else {
+        errors.push("backend: use [backend.NAME] tables".into());
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (name, v) in table {
+        let place = format!("backend.{name}");
+        if name == KeyRef::DEFAULT_BACKEND {
+            errors.push(format!(
+                "{place}: \"local\" is the embedded keyring ([keyring]); choose another name"
+            ));
+            continue;
+        }
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            errors.push(format!("{place}: names use A-Z a-z 0-9 - _"));
+            continue;
+        }
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let resolved = match kind {
+            "aws-kms" => match v.clone().try_into::<FileKmsBackend>() {
+                Ok(k) => {
+                    if let Some(ep) = &k.endpoint {
+                        check_kms_endpoint(&place, ep, errors);
+                    }
+                    if k.credentials_file.is_some() && k.profile.is_none() {
+                        errors.push(format!("{place}.credentials_file: also set profile"));
+                    }
+                    Some((
+                        BackendKind::AwsKms(KmsSettings {
+                            region: k.region,
+                            endpoint: k.endpoint,
+                            profile: k.profile,
+                            credentials_file: k.credentials_file,
+                        }),
+                        resilience_of!(k),
+                    ))
+                }
+                Err(e) => {
+                    errors.push(format!("{place}: {}", e.message()));
+                    None
+                }
+            },
+            "pkcs11" => match v.clone().try_into::<FilePkcs11Backend>() {
+                Ok(p) => {
+                    let resilience = resilience_of!(p);
+                    let pin = match (p.pin_file, p.pin_env) {
+                        (Some(f), None) => Some(SecretSource::File(f)),
+                        (None, Some(e)) => Some(SecretSource::Env(e)),
+                        _ => {
+                            errors.push(format!("{place}: set exactly one of pin_file, pin_env (the PIN never goes in the config)"));
+                            None
+                        }
+                    };
+                    let sessions = p.sessions.unwrap_or(4);
+                    if sessions == 0 || sessions > 256 {
+                        errors.push(format!("{place}.sessions: must be between 1 and 256"));
+                    }
+                    pin.map(|pin| {
+                        (
+                            BackendKind::Pkcs11(Pkcs11Settings {
+                                module: p.module,
+                                token_label: p.token_label,
+                                pin,
+                                sessions,
+                            }),
+                            resilience,
+                        )
+                    })
+                }
+                Err(e) => {
+                    errors.push(format!("{place}: {}", e.message()));
+                    None
+                }
+            },
+            "" => {
+                errors.push(format!("{place}.kind: missing (\"aws-kms\" or \"pkcs11\")"));
+                None
+            }
+            other => {
+                errors.push(format!(
+                    "{place}.kind: {other:?} is not one of \"aws-kms\", \"pkcs11\""
+                ));
+                None
+            }
+        };
+        if let Some((kind, r)) = resolved {
+            let d = ResilienceSettings::default();
+            out.push(BackendConfig {
+                name: name.clone(),
+                kind,
+                resilience: ResilienceSettings {
+                    call_timeout: r
+                        .call_timeout_ms
+                        .map(Duration::from_millis)
+                        .unwrap_or(d.call_timeout),
+                    retries: r.retries.unwrap_or(d.retries).min(10),
+                    backoff: d.backoff,
+                    failure_threshold: r.failure_threshold.unwrap_or(d.failure_threshold).max(1),
+                    open_for: r
+                        .open_for_secs
+                        .map(Duration::from_secs)
+                        .unwrap_or(d.open_for),
+                },
+            });
+        }
+    }
+    out
+}
+
+/// A KMS endpoint must be https, except on loopback (the test peer, a local tunnel).
+fn check_kms_endpoint(place: &str, endpoint: &str, errors: &mut Vec<String>) {
+    let Ok(uri) = endpoint.parse::<http::Uri>() else {
+        errors.push(format!("{place}.endpoint: {endpoint:?} is not a URL"));
+        return;
+    };
+    let host = uri
+        .host()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if loopback => {}
+        Some("http") => errors.push(format!(
+            "{place}.endpoint: plain http:// is only accepted for loopback addresses; use https://"
+        )),
+        _ => errors.push(format!("{place}.endpoint: must be an https:// URL")),
+    }
+}
+
+fn resolve_route(
+    place: &str,
+    r: FileRoute,
+    backends: &[&str],
+    errors: &mut Vec<String>,
+) -> Option<Route> {
     let before = errors.len();
     let place = format!("{place} ({:?})", r.name);
     if r.name.is_empty() {
@@ -515,9 +762,14 @@ fn resolve_route(place: &str, r: FileRoute, errors: &mut Vec<String>) -> Option<
                     Err(e) => errors.push(format!("{place}.keys[{i}]: {e}")),
                 }
             }
+            Some(kr) if backends.contains(&kr.backend.as_str()) => keys.push(kr),
             Some(kr) => errors.push(format!(
-                "{place}.keys[{i}]: unknown backend {:?} (configured: local)",
-                kr.backend
+                "{place}.keys[{i}]: unknown backend {:?} (configured: local{})",
+                kr.backend,
+                backends
+                    .iter()
+                    .map(|b| format!(", {b}"))
+                    .collect::<String>()
             )),
             None => errors.push(format!(
                 "{place}.keys[{i}]: {k:?} is not a key reference like \"name\" or \"backend:key\""

@@ -258,6 +258,18 @@ impl Keyring {
         })
     }
 
+    /// Disable or enable `name`. A disabled key neither wraps nor unwraps (as in AWS KMS):
+    /// data under it is unreadable until it is enabled again. Cached data keys are dropped.
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<KeySummary, KeyringError> {
+        self.modify(name, |keys| {
+            let key = keys
+                .get_mut(name)
+                .ok_or_else(|| KeyringError::NotFound(name.to_string()))?;
+            key.enabled = enabled;
+            Ok(())
+        })
+    }
+
     fn modify(
         &self,
         name: &str,

@@ -7,8 +7,13 @@
 //! - [`KeyService`]: what the pipeline calls: "a data key for this route and key context" and
 //!   "the data key inside this header", over the configured backends and the cache.
 
+#[cfg(feature = "aws-kms")]
+pub mod aws_kms;
 pub mod cache;
 pub mod keyring;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+pub mod resilience;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -133,6 +138,50 @@ pub trait RootKeyProvider: Send + Sync + 'static {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+
+    /// Whether the backend is reachable, as far as the caller can tell (for `/readyz`).
+    fn health(&self) -> resilience::Health {
+        resilience::Health::Up
+    }
+}
+
+/// Open the local keyring and connect every configured backend, each remote one behind
+/// [`resilience::Resilient`]. Returns the keyring too (the server watches and fills it).
+pub async fn connect_backends(
+    config: &crate::config::Config,
+) -> Result<(Arc<keyring::Keyring>, Vec<Arc<dyn RootKeyProvider>>), String> {
+    use crate::config::BackendKind;
+    let keyring = keyring::Keyring::open(
+        KeyRef::DEFAULT_BACKEND,
+        &config.keyring.path,
+        &config.keyring.master_key,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring.clone()];
+    for b in &config.backends {
+        let settings = b.resilience.clone();
+        let provider: Arc<dyn RootKeyProvider> = match &b.kind {
+            #[cfg(feature = "aws-kms")]
+            BackendKind::AwsKms(s) => Arc::new(resilience::Resilient::new(
+                aws_kms::AwsKms::connect(&b.name, s).await?,
+                settings,
+            )),
+            #[cfg(feature = "pkcs11")]
+            BackendKind::Pkcs11(s) => Arc::new(resilience::Resilient::new(
+                pkcs11::Pkcs11::connect(&b.name, s)?,
+                settings,
+            )),
+            #[allow(unreachable_patterns)]
+            _ => {
+                return Err(format!(
+                    "backend {}: this build does not include that backend kind (cargo features aws-kms, pkcs11)",
+                    b.name
+                ));
+            }
+        };
+        backends.push(provider);
+    }
+    Ok((keyring, backends))
 }
 
 /// A reference to a root key: `backend:key_id` (a bare name means the local keyring).
@@ -308,6 +357,17 @@ impl KeyService {
             return Err(BackendError::KeyDisabled(key.key_id.clone()));
         }
         Ok(d)
+    }
+
+    /// Every backend's name and health, for `/readyz`.
+    pub fn backend_health(&self) -> Vec<(String, resilience::Health)> {
+        let mut out: Vec<_> = self
+            .backends
+            .iter()
+            .map(|(n, b)| (n.clone(), b.health()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     pub fn cache(&self) -> &DataKeyCache {

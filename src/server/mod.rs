@@ -21,6 +21,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, RouteKind};
 use crate::keys::keyring::Keyring;
 use crate::keys::{KeyService, RootKeyProvider};
+
 use crate::metrics::Metrics;
 use crate::pipeline::{self, AppState, ClientInfo, ProxyBody, UpstreamClient, full_body};
 
@@ -47,36 +48,9 @@ impl Running {
 /// Open the keyring, build the state and bind every listener.
 pub async fn start(config: Config) -> Result<Running, String> {
     let metrics = Arc::new(Metrics::new());
-    let keyring = Keyring::open(
-        crate::keys::KeyRef::DEFAULT_BACKEND,
-        &config.keyring.path,
-        &config.keyring.master_key,
-    )
-    .map_err(|e| e.to_string())?;
-    let known: std::collections::HashSet<String> =
-        keyring.list().into_iter().map(|k| k.name).collect();
-    for route in &config.routes {
-        if let RouteKind::JsonFields(jr) = &route.kind {
-            for k in &jr.keys {
-                if known.contains(&k.key_id) {
-                    continue;
-                }
-                if config.keyring.create_missing_keys {
-                    if keyring.list().iter().all(|s| s.name != k.key_id) {
-                        keyring.create_key(&k.key_id).map_err(|e| e.to_string())?;
-                        tracing::warn!(key = %k.key_id, "created missing root key (keyring.create_missing_keys = true)");
-                    }
-                } else {
-                    return Err(format!(
-                        "route {:?} uses root key {:?}, which is not in the keyring: run `envelope-proxy keys create {}`",
-                        route.name, k.key_id, k.key_id
-                    ));
-                }
-            }
-        }
-    }
+    let (keyring, backends) = crate::keys::connect_backends(&config).await?;
+    check_route_keys(&config, &keyring, &backends).await?;
     keyring.watch(Duration::from_secs(1));
-    let backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring];
     let keys = KeyService::new(backends, config.cache.clone(), metrics.clone());
     let audit = match &config.audit_path {
         Some(p) => AuditLog::to_file(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
@@ -139,6 +113,52 @@ pub async fn start(config: Config) -> Result<Running, String> {
         shutdown,
         tasks,
     })
+}
+
+/// Every key a route names must exist before the proxy takes traffic: missing local keys are
+/// created only with `create_missing_keys`; remote keys are looked up (a backend that is down
+/// at start is a warning, not a failure: it may come back, and `/readyz` says so meanwhile).
+async fn check_route_keys(
+    config: &Config,
+    keyring: &Keyring,
+    backends: &[Arc<dyn RootKeyProvider>],
+) -> Result<(), String> {
+    for route in &config.routes {
+        let RouteKind::JsonFields(jr) = &route.kind else {
+            continue;
+        };
+        for k in &jr.keys {
+            if k.backend == crate::keys::KeyRef::DEFAULT_BACKEND {
+                if keyring.list().iter().any(|s| s.name == k.key_id) {
+                    continue;
+                }
+                if !config.keyring.create_missing_keys {
+                    return Err(format!(
+                        "route {:?} uses root key {:?}, which is not in the keyring: run `envelope-proxy keys create {}`",
+                        route.name, k.key_id, k.key_id
+                    ));
+                }
+                keyring.create_key(&k.key_id).map_err(|e| e.to_string())?;
+                tracing::warn!(key = %k.key_id, "created missing root key (keyring.create_missing_keys = true)");
+                continue;
+            }
+            let Some(backend) = backends.iter().find(|b| b.name() == k.backend) else {
+                return Err(format!(
+                    "route {:?}: no backend {:?}",
+                    route.name, k.backend
+                ));
+            };
+            match backend.describe_key(&k.key_id).await {
+                Ok(d) if d.enabled => {}
+                Ok(_) => return Err(format!("route {:?}: root key {k} is disabled", route.name)),
+                Err(e) if e.retryable() => {
+                    tracing::warn!(key = %k, error = %e, "key backend unreachable at start; requests needing it get 503 until it is back")
+                }
+                Err(e) => return Err(format!("route {:?}: root key {k}: {e}", route.name)),
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
@@ -276,6 +296,18 @@ async fn admin(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> 
         ),
         "/readyz" => {
             let mut problems = Vec::new();
+            let mut backends = serde_json::Map::new();
+            for (name, health) in state.keys.backend_health() {
+                let h = match health {
+                    crate::keys::resilience::Health::Up => "up",
+                    crate::keys::resilience::Health::Down => "down",
+                    crate::keys::resilience::Health::Recovering => "recovering",
+                };
+                if h == "down" {
+                    problems.push(format!("backend {name} is down"));
+                }
+                backends.insert(name, h.into());
+            }
             for route in &state.config.routes {
                 if let RouteKind::JsonFields(jr) = &route.kind {
                     for k in &jr.keys {
@@ -293,7 +325,8 @@ async fn admin(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> 
                     StatusCode::SERVICE_UNAVAILABLE
                 },
                 "application/json",
-                serde_json::json!({ "ready": ready, "problems": problems }).to_string(),
+                serde_json::json!({ "ready": ready, "backends": backends, "problems": problems })
+                    .to_string(),
             )
         }
         "/metrics" => (

@@ -1,0 +1,203 @@
+//! Microbenchmarks of the encrypting data path, without the network:
+//!
+//! - `json_fields/*`: seal and open of one ~1 KiB JSON document (`benches/load/doc.json`, the
+//!   same body the load run posts) with 3 configured fields, warm data-key cache. `seal`/`open`
+//!   work on a parsed `serde_json::Value`; `seal_bytes`/`open_bytes` include what the pipeline
+//!   adds per request (strict parse and serialization), and `parse_serialize` is that overhead
+//!   alone, for comparison.
+//! - `aead_core/*`: the C2SP chunked AES-256-GCM layer (`envelope::chunked`) on 1 MiB.
+//!
+//! Run: `cargo bench --bench json_fields` (about a minute).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use envelope_proxy::config::{self, JsonRoute, RouteKind};
+use envelope_proxy::envelope::chunked;
+use envelope_proxy::keys::keyring::Keyring;
+use envelope_proxy::keys::{KeyRef, KeyService, RootKeyProvider};
+use envelope_proxy::metrics::Metrics;
+use envelope_proxy::pipeline::route;
+use envelope_proxy::transform::json_fields::{self, RequestMeta};
+use envelope_proxy::transform::strict_json;
+use http::HeaderMap;
+use serde_json::Value;
+
+/// The load run's POST body: ~1 KiB, with `ssn`, `card.number` and `profile` (an object).
+const DOC: &str = include_str!("load/doc.json");
+const PATH: &str = "/tenants/acme/users/user-42";
+const MAX_DEPTH: usize = 64;
+
+fn route_config(dir: &std::path::Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[keyring]
+path = "{d}/keyring.json"
+master_key_file = "{d}/master.key"
+create_missing_keys = true
+
+# Keep one data key for the whole run: the benchmark measures the warm path.
+[cache]
+max_messages = 1000000000000
+
+[[route]]
+name = "users"
+path = "/tenants/{{tenant}}/users/{{id?}}"
+upstream = "http://127.0.0.1:3000"
+key = "users"
+fields = ["$.ssn", "$.card.number", "$.profile"]
+context = {{ tenant = "{{path.tenant}}", table = "users" }}
+message_context = {{ id = "{{path.id|json.id}}" }}
+"#
+    )
+}
+
+fn json_fields(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = config::parse(&route_config(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+    let (route, captures) = route::select(&cfg.routes, PATH).expect("route matches");
+    let RouteKind::JsonFields(jr) = &route.kind else {
+        panic!("expected an encrypting route");
+    };
+    let jr: &JsonRoute = jr;
+
+    let keyring = Keyring::open(
+        KeyRef::DEFAULT_BACKEND,
+        &cfg.keyring.path,
+        &cfg.keyring.master_key,
+    )
+    .expect("keyring");
+    keyring.create_key("users").expect("create root key");
+    let backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring];
+    // KeyService::new spawns its cache-invalidation task: it needs a runtime context.
+    let keys = {
+        let _guard = rt.enter();
+        KeyService::new(backends, cfg.cache.clone(), Arc::new(Metrics::new()))
+    };
+
+    let headers = HeaderMap::new();
+    let meta = RequestMeta {
+        captures: &captures,
+        headers: &headers,
+        given: None,
+    };
+    let doc: Value = strict_json::parse(DOC.as_bytes(), MAX_DEPTH).expect("doc parses");
+    let doc_len = serde_json::to_vec(&doc).expect("serialize").len();
+
+    // The request path: context → data key (cache) → seal.
+    let seal_one = |doc: &mut Value| -> usize {
+        let key_ctx = json_fields::key_context(jr, &meta).expect("key context");
+        let messages = json_fields::estimate_messages(jr, doc);
+        let key = rt
+            .block_on(keys.sealing_key(&jr.keys, &key_ctx, messages, doc_len as u64))
+            .expect("sealing key");
+        json_fields::seal_body(jr, &meta, &key_ctx, &key, doc).expect("seal")
+    };
+    // The response path: context → open (each token's data key from the cache).
+    let open_one = |doc: &mut Value| -> usize {
+        let key_ctx = json_fields::key_context(jr, &meta).expect("key context");
+        rt.block_on(json_fields::open_body(jr, &meta, &key_ctx, &keys, doc))
+            .expect("open")
+            .opened
+    };
+
+    // Warm both caches and check the round trip once.
+    let mut sealed = doc.clone();
+    assert_eq!(seal_one(&mut sealed), 3, "three fields sealed");
+    assert_ne!(sealed, doc);
+    let mut reopened = sealed.clone();
+    assert_eq!(open_one(&mut reopened), 3, "three fields opened");
+    assert_eq!(reopened, doc, "round trip");
+    let sealed_bytes = serde_json::to_vec(&sealed).expect("serialize");
+    eprintln!(
+        "document: {} bytes plaintext, {} bytes sealed, 3 fields",
+        doc_len,
+        sealed_bytes.len()
+    );
+
+    let mut g = c.benchmark_group("json_fields");
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(30)
+        .throughput(Throughput::Elements(1));
+
+    g.bench_function("seal", |b| {
+        b.iter_batched(
+            || doc.clone(),
+            |mut d| {
+                black_box(seal_one(&mut d));
+                d
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("open", |b| {
+        b.iter_batched(
+            || sealed.clone(),
+            |mut d| {
+                black_box(open_one(&mut d));
+                d
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("seal_bytes", |b| {
+        b.iter(|| {
+            let mut d = strict_json::parse(black_box(DOC.as_bytes()), MAX_DEPTH).expect("parse");
+            seal_one(&mut d);
+            serde_json::to_vec(&d).expect("serialize")
+        })
+    });
+    g.bench_function("open_bytes", |b| {
+        b.iter(|| {
+            let mut d = strict_json::parse(black_box(&sealed_bytes), MAX_DEPTH).expect("parse");
+            open_one(&mut d);
+            serde_json::to_vec(&d).expect("serialize")
+        })
+    });
+    g.bench_function("parse_serialize", |b| {
+        b.iter(|| {
+            let d = strict_json::parse(black_box(DOC.as_bytes()), MAX_DEPTH).expect("parse");
+            serde_json::to_vec(&d).expect("serialize")
+        })
+    });
+    g.finish();
+}
+
+fn aead_core(c: &mut Criterion) {
+    const LEN: usize = 1 << 20;
+    let key = [7u8; 32];
+    let context = b"envelope-proxy bench context";
+    let plaintext: Vec<u8> = (0..LEN).map(|i| (i * 31) as u8).collect();
+    let message = chunked::seal(&key, context, &plaintext);
+    assert_eq!(
+        chunked::open(&key, context, &message).expect("opens"),
+        plaintext
+    );
+
+    let mut g = c.benchmark_group("aead_core");
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(30)
+        .throughput(Throughput::Bytes(LEN as u64));
+    g.bench_function("seal_1MiB", |b| {
+        b.iter(|| chunked::seal(&key, context, black_box(&plaintext)))
+    });
+    g.bench_function("open_1MiB", |b| {
+        b.iter(|| chunked::open(&key, context, black_box(&message)).expect("opens"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, json_fields, aead_core);
+criterion_main!(benches);

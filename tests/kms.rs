@@ -1,0 +1,445 @@
+//! AWS KMS as the root-key backend, against moto server's KMS (it enforces EncryptionContext;
+//! it ignores key states, so the disabled-key check of the conformance suite is left out here
+//! and covered by the keyring and PKCS#11 backends).
+
+mod common;
+mod conformance;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
+use common::{Http, JsonServer, Proxy};
+use envelope_proxy::config::KmsSettings;
+use envelope_proxy::envelope::Context;
+use envelope_proxy::keys::aws_kms::AwsKms;
+use envelope_proxy::keys::{BackendError, KeyRef, RootKeyProvider};
+use http::StatusCode;
+use serde_json::json;
+
+/// moto server on a free port, from the test peers' virtualenv.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/peers/venv/bin/moto_server");
+        assert!(
+            bin.exists(),
+            "moto server is not installed at {}: run scripts/test.sh (it sets up tests/peers/venv)",
+            bin.display()
+        );
+        let port = common::free_port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, port }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Freeze or thaw the process: a backend that hangs, then comes back with its state.
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn admin(&self) -> aws_sdk_kms::Client {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let conf = aws_sdk_kms::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+            .http_client(http)
+            .build();
+        aws_sdk_kms::Client::from_conf(conf)
+    }
+
+    /// A symmetric key with an alias; returns its ARN.
+    async fn create_key(&self, alias: &str) -> String {
+        let kms = self.admin();
+        let key = kms.create_key().send().await.unwrap();
+        let meta = key.key_metadata().unwrap();
+        kms.create_alias()
+            .alias_name(alias)
+            .target_key_id(meta.key_id())
+            .send()
+            .await
+            .unwrap();
+        meta.arn().unwrap().to_string()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn credentials_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("credentials");
+    std::fs::write(
+        &path,
+        "[moto]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
+    )
+    .unwrap();
+    path
+}
+
+fn backend_toml(moto: &Moto, creds: &std::path::Path) -> String {
+    format!(
+        r#"
+[backend.kms]
+kind = "aws-kms"
+region = "us-east-1"
+endpoint = "{}"
+profile = "moto"
+credentials_file = "{}"
+call_timeout_ms = 500
+retries = 1
+failure_threshold = 2
+open_for_secs = 1
+"#,
+        moto.endpoint(),
+        creds.display()
+    )
+}
+
+fn route(upstream: &str, keys: &str) -> String {
+    format!(
+        r#"
+[[route]]
+name = "users"
+path = "/tenants/{{tenant}}/users/{{id?}}"
+upstream = "{upstream}"
+keys = {keys}
+fields = ["$.ssn"]
+context = {{ tenant = "{{path.tenant}}" }}
+message_context = {{ id = "{{path.id|json.id}}" }}
+"#
+    )
+}
+
+async fn provider(moto: &Moto, dir: &std::path::Path) -> AwsKms {
+    AwsKms::connect(
+        "kms",
+        &KmsSettings {
+            region: Some("us-east-1".into()),
+            endpoint: Some(moto.endpoint()),
+            profile: Some("moto".into()),
+            credentials_file: Some(credentials_file(dir)),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn aws_kms_conforms() {
+    let moto = Moto::start();
+    let arn = moto.create_key("alias/conformance").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kms = Arc::new(provider(&moto, dir.path()).await);
+    conformance::run(
+        kms.clone(),
+        conformance::Keys {
+            key: "alias/conformance",
+            disabled: None,
+        },
+    )
+    .await;
+    // Key ids, ARNs and aliases all work, and the EDK names the ARN KMS used.
+    for id in [
+        arn.as_str(),
+        arn.rsplit('/').next().unwrap(),
+        "alias/conformance",
+    ] {
+        let g = kms.generate_data_key(id, &Context::new()).await.unwrap();
+        assert_eq!(g.wrapped.key_id, arn);
+    }
+}
+
+#[tokio::test]
+async fn kms_enforces_the_key_context() {
+    let moto = Moto::start();
+    moto.create_key("alias/users").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kms = provider(&moto, dir.path()).await;
+    let acme: Context = [("tenant", "acme")].into_iter().collect();
+    let globex: Context = [("tenant", "globex")].into_iter().collect();
+    let g = kms.generate_data_key("alias/users", &acme).await.unwrap();
+    let e = kms
+        .unwrap_data_key(&g.wrapped, &globex)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, BackendError::InvalidCiphertext), "{e:?}");
+}
+
+#[tokio::test]
+async fn round_trip_through_the_proxy_with_kms() {
+    let moto = Moto::start();
+    let arn = moto.create_key("alias/users").await;
+    let js = JsonServer::start();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "{}{}",
+        backend_toml(&moto, &credentials_file(creds_dir.path())),
+        route(&js.url(), r#"["kms:alias/users"]"#)
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    let doc = json!({"id": "k1", "name": "Ada", "ssn": "123-45-6789"});
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[], &doc)
+        .await;
+    assert_eq!(w.status, 201, "{}", w.text());
+    assert_eq!(
+        http.get(&proxy.url("/tenants/acme/users/k1"), &[])
+            .await
+            .json(),
+        doc
+    );
+    let raw = http
+        .get(&format!("{}/users/k1", js.url()), &[])
+        .await
+        .json();
+    let token =
+        envelope_proxy::envelope::token::ParsedToken::parse(raw["ssn"].as_str().unwrap()).unwrap();
+    assert_eq!(token.header.edks.len(), 1);
+    assert_eq!(token.header.edks[0].backend, "kms");
+    assert_eq!(token.header.edks[0].key_id, arn);
+    assert!(!js.db_file().contains("123-45-6789"));
+    // Another tenant: KMS refuses the EncryptionContext.
+    let r = http.get(&proxy.url("/tenants/globex/users/k1"), &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_hung_kms_keeps_cached_work_going_and_recovers() {
+    let moto = Moto::start();
+    moto.create_key("alias/users").await;
+    let js = JsonServer::start();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        backend_toml(&moto, &credentials_file(creds_dir.path())),
+        route(&js.url(), r#"["kms:alias/users"]"#)
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let admin = format!(
+        "http://{}",
+        proxy.running.as_ref().unwrap().admin_addr.unwrap()
+    );
+    let http = Http::default();
+    let doc = |id: &str| json!({"id": id, "ssn": format!("ssn-{id}")});
+    assert_eq!(
+        http.post_json(&proxy.url("/tenants/acme/users"), &[], &doc("a1"))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        http.get(&proxy.url("/tenants/acme/users/a1"), &[])
+            .await
+            .status,
+        200
+    );
+
+    moto.signal("-STOP");
+    // Cached: reads of a1 and new writes under tenant acme.
+    let r = http.get(&proxy.url("/tenants/acme/users/a1"), &[]).await;
+    assert_eq!(r.status, 200, "cached read while KMS hangs: {}", r.text());
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[], &doc("a2"))
+        .await;
+    assert_eq!(w.status, 201, "cached write while KMS hangs: {}", w.text());
+    // Not cached: another key context needs KMS → 503 with Retry-After, never plaintext.
+    let w = http
+        .post_json(&proxy.url("/tenants/globex/users"), &[], &doc("g1"))
+        .await;
+    assert_eq!(w.status, StatusCode::SERVICE_UNAVAILABLE, "{}", w.text());
+    assert_eq!(w.error_code(), "key_backend_unavailable");
+    assert!(w.headers.contains_key("retry-after"));
+    let stored = http.get(&format!("{}/users", js.url()), &[]).await.json();
+    assert!(
+        stored.as_array().unwrap().iter().all(|u| u["id"] != "g1"),
+        "nothing written while the key backend is down"
+    );
+    // A second failed request opens the circuit (failure_threshold = 2) …
+    let w = http
+        .post_json(&proxy.url("/tenants/globex/users"), &[], &doc("g1"))
+        .await;
+    assert_eq!(w.status, StatusCode::SERVICE_UNAVAILABLE);
+    // … after which requests fail fast without waiting on KMS, and /readyz says so.
+    let t = Instant::now();
+    let w = http
+        .post_json(&proxy.url("/tenants/globex/users"), &[], &doc("g1"))
+        .await;
+    assert_eq!(w.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "open circuit should fail fast: {:?}",
+        t.elapsed()
+    );
+    let ready = http.get(&format!("{admin}/readyz"), &[]).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.text()
+    );
+    assert_eq!(ready.json()["backends"]["kms"], "down");
+
+    moto.signal("-CONT");
+    // Recovery is automatic once the cool-down (1 s) has passed.
+    let mut status = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = http
+            .post_json(&proxy.url("/tenants/globex/users"), &[], &doc("g1"))
+            .await
+            .status
+            .as_u16();
+        if status == 201 {
+            break;
+        }
+    }
+    assert_eq!(status, 201, "recovered after KMS came back");
+    assert_eq!(http.get(&format!("{admin}/readyz"), &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn multi_key_routes_read_through_the_escrow_key_when_kms_is_gone() {
+    let moto = Moto::start();
+    moto.create_key("alias/users").await;
+    let js = JsonServer::start();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "{}{}",
+        backend_toml(&moto, &credentials_file(creds_dir.path())),
+        route(&js.url(), r#"["kms:alias/users", "local:users-escrow"]"#)
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    let doc = json!({"id": "m1", "ssn": "123-45-6789"});
+    assert_eq!(
+        http.post_json(&proxy.url("/tenants/acme/users"), &[], &doc)
+            .await
+            .status,
+        201
+    );
+    let raw = http
+        .get(&format!("{}/users/m1", js.url()), &[])
+        .await
+        .json();
+    let token =
+        envelope_proxy::envelope::token::ParsedToken::parse(raw["ssn"].as_str().unwrap()).unwrap();
+    let backends: Vec<_> = token
+        .header
+        .edks
+        .iter()
+        .map(|e| e.backend.as_str())
+        .collect();
+    assert_eq!(backends, ["kms", "local"], "one EDK per listed key");
+
+    moto.signal("-STOP");
+    proxy.state().keys.cache().invalidate_all(); // a cold cache: every read must unwrap
+    let r = http.get(&proxy.url("/tenants/acme/users/m1"), &[]).await;
+    assert_eq!(
+        r.status,
+        200,
+        "escrow key reads while KMS is gone: {}",
+        r.text()
+    );
+    assert_eq!(r.json(), doc);
+}
+
+#[tokio::test]
+async fn kms_calls_per_ten_thousand_writes_and_single_flight() {
+    let moto = Moto::start();
+    moto.create_key("alias/users").await;
+    let js = JsonServer::start();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "{}{}",
+        backend_toml(&moto, &credentials_file(creds_dir.path())),
+        route(&js.url(), r#"["kms:alias/users"]"#)
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let keys = proxy.state().keys.clone();
+    let kr = [KeyRef::parse("kms:alias/users").unwrap()];
+    let ctx: Context = [("tenant", "acme")].into_iter().collect();
+
+    // 1000 concurrent cold requests → one GenerateDataKey.
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let keys = keys.clone();
+        let (kr, ctx) = (kr.clone(), ctx.clone());
+        tasks.push(tokio::spawn(async move {
+            keys.sealing_key(&kr, &ctx, 1, 100).await.is_ok()
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    assert_eq!(
+        proxy.state().metrics.backend_calls_for("kms"),
+        1,
+        "single-flight"
+    );
+
+    // 10,000 writes under default cache limits, two key contexts: one call per context.
+    let globex: Context = [("tenant", "globex")].into_iter().collect();
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for i in 0..10_000 {
+        let c = if i % 2 == 0 { &ctx } else { &globex };
+        let t = Instant::now();
+        keys.sealing_key(&kr, c, 1, 1024).await.unwrap();
+        let e = t.elapsed();
+        if i < 2 { cold.push(e) } else { warm.push(e) }
+    }
+    let calls = proxy.state().metrics.backend_calls_for("kms");
+    println!(
+        "KMS calls for 10,000 writes over 2 key contexts: {} (after the single-flight warm-up)",
+        calls - 1
+    );
+    assert_eq!(
+        calls, 2,
+        "one GenerateDataKey per key context per cache period"
+    );
+    warm.sort();
+    println!(
+        "data key for a write: cold {:?} (KMS call), warm p50 {:?} p99 {:?}",
+        cold[1],
+        warm[warm.len() / 2],
+        warm[warm.len() * 99 / 100]
+    );
+}
