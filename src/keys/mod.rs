@@ -150,7 +150,6 @@ pub trait RootKeyProvider: Send + Sync + 'static {
 pub async fn connect_backends(
     config: &crate::config::Config,
 ) -> Result<(Arc<keyring::Keyring>, Vec<Arc<dyn RootKeyProvider>>), String> {
-    use crate::config::BackendKind;
     let keyring = keyring::Keyring::open(
         KeyRef::DEFAULT_BACKEND,
         &config.keyring.path,
@@ -159,29 +158,46 @@ pub async fn connect_backends(
     .map_err(|e| e.to_string())?;
     let mut backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring.clone()];
     for b in &config.backends {
-        let settings = b.resilience.clone();
-        let provider: Arc<dyn RootKeyProvider> = match &b.kind {
-            #[cfg(feature = "aws-kms")]
-            BackendKind::AwsKms(s) => Arc::new(resilience::Resilient::new(
-                aws_kms::AwsKms::connect(&b.name, s).await?,
-                settings,
-            )),
-            #[cfg(feature = "pkcs11")]
-            BackendKind::Pkcs11(s) => Arc::new(resilience::Resilient::new(
-                pkcs11::Pkcs11::connect(&b.name, s)?,
-                settings,
-            )),
-            #[allow(unreachable_patterns)]
-            _ => {
-                return Err(format!(
-                    "backend {}: this build does not include that backend kind (cargo features aws-kms, pkcs11)",
-                    b.name
-                ));
-            }
-        };
-        backends.push(provider);
+        backends.push(connect_one(b).await?);
     }
     Ok((keyring, backends))
+}
+
+async fn connect_one(b: &crate::config::BackendConfig) -> Result<Arc<dyn RootKeyProvider>, String> {
+    use crate::config::BackendKind;
+    #[cfg_attr(all(feature = "aws-kms", feature = "pkcs11"), allow(unused_variables))]
+    let missing = |feature: &str| {
+        format!(
+            "backend {}: this build does not include it (cargo feature {feature})",
+            b.name
+        )
+    };
+    match &b.kind {
+        BackendKind::AwsKms(settings) => {
+            #[cfg(feature = "aws-kms")]
+            return Ok(Arc::new(resilience::Resilient::new(
+                aws_kms::AwsKms::connect(&b.name, settings).await?,
+                b.resilience.clone(),
+            )));
+            #[cfg(not(feature = "aws-kms"))]
+            {
+                let _ = settings;
+                Err(missing("aws-kms"))
+            }
+        }
+        BackendKind::Pkcs11(settings) => {
+            #[cfg(feature = "pkcs11")]
+            return Ok(Arc::new(resilience::Resilient::new(
+                pkcs11::Pkcs11::connect(&b.name, settings)?,
+                b.resilience.clone(),
+            )));
+            #[cfg(not(feature = "pkcs11"))]
+            {
+                let _ = settings;
+                Err(missing("pkcs11"))
+            }
+        }
+    }
 }
 
 /// A reference to a root key: `backend:key_id` (a bare name means the local keyring).

@@ -19,17 +19,23 @@
 //! `CKA_VALUE`, destroy the object, require 64 bytes and compare the trailing 32 with the binding
 //! recomputed for the claimed key id and context in constant time. Anything else is
 //! [`BackendError::InvalidCiphertext`]: a blob moved to another key, another key context or
-//! another label does not open.
+//! another label does not open. RFC 5649 is deterministic: the same data key under the same
+//! root key, key id and context gives the same blob (data keys are random, so this reveals
+//! nothing in practice).
 //!
 //! The root key is the one object with `CKA_CLASS` = `CKO_SECRET_KEY`, `CKA_KEY_TYPE` = `CKK_AES`
 //! and `CKA_LABEL` = key id, looked up in the session each call uses (object handles are per
 //! session in some HSMs, and a re-created key gets a new handle). It needs `CKA_WRAP` and
 //! `CKA_UNWRAP`; it should be `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`.
 //!
-//! Attacker model: `wrapped.blob` (and `key_id`, `key_version`) come from storage and are attacker
-//! controlled. Lengths are checked before the HSM sees anything, every PKCS#11 error on unwrap is
-//! an answer (`InvalidCiphertext`) unless the session or device is at fault, and nothing here
-//! panics on any input.
+//! Attacker model: `wrapped.blob` is attacker controlled, must be panic-proof (and so are
+//! `key_id` and `key_version`, which come from the same stored header). The blob must be exactly
+//! 72 bytes and the version 0 before the HSM sees anything; every PKCS#11 error on unwrap is an
+//! answer (`InvalidCiphertext`) unless the session or device is at fault. Some tokens (SoftHSM2)
+//! report a failed RFC 5649 integrity check as `CKR_GENERAL_ERROR`, so after a general error on
+//! unwrap the session is asked for its state: still logged in means the token answered and the
+//! blob is bad; anything else is an outage. `key_id` only selects which AES key the token tries,
+//! and is bound into the wrapped secret, so pointing an EDK at another key does not open it.
 //!
 //! Operation: the PIN comes from a file (refused when group- or world-accessible) or an
 //! environment variable, is kept in a zeroizing secret and never logged. `sessions` sessions are
@@ -37,9 +43,11 @@
 //! session taken from the pool; at most `sessions` calls run at once. A session that fails with a
 //! device or session error (token removed, device error, session closed, user logged out, ...)
 //! yields [`BackendError::Unavailable`] (retryable, counted by the circuit breaker) and is
-//! discarded; the next call opens and logs in a fresh one, so the backend recovers by itself
-//! after a device reset. A PIN the token rejects at such a re-login is never tried again (a
-//! retry loop would lock the token): the backend then answers `AccessDenied` until restarted.
+//! discarded (closed, or, when the token has already forgotten its handle, dropped without a
+//! call that could hit a reused handle); the next call opens and logs in a fresh one, so the
+//! backend recovers by itself after a device reset. A PIN the token rejects at such a re-login
+//! is never tried again (a retry loop would lock the token): the backend then answers
+//! `AccessDenied` until restarted.
 
 use std::fmt;
 use std::fs;
@@ -198,7 +206,7 @@ impl Pkcs11 {
                     OpenError::Pin(RvError::PinExpired) => "the PIN has expired".to_string(),
                     OpenError::Pin(rv) => format!("login failed: {rv:?}"),
                     OpenError::PinRejectedBefore => "the PIN was rejected".to_string(),
-                    OpenError::Other(e) => e.to_string(),
+                    OpenError::Other(e) => short(&e),
                 };
                 format!("backend {name}: token {wanted:?}: {what}")
             })?;
@@ -529,14 +537,21 @@ impl Inner {
             .map_err(|e| self.op_error(s, key_id, e, Op::Unwrap))?;
         let attrs = s.session.get_attributes(object, &[AttributeType::Value]);
         self.destroy(s, object);
-        let mut attrs = attrs.map_err(|e| self.op_error(s, key_id, e, Op::Unwrap))?;
-        let mut value = Zeroizing::new(Vec::new());
+        // The blob unwrapped: from here on, errors are the token's, not the blob's.
+        let mut attrs = attrs.map_err(|e| self.op_error(s, key_id, e, Op::Describe))?;
+        let mut value = None;
         for attr in &mut attrs {
             if let Attribute::Value(v) = attr {
-                std::mem::swap(&mut *value, v);
+                value = Some(Zeroizing::new(std::mem::take(v)));
             }
         }
         wipe(&mut attrs);
+        let Some(value) = value else {
+            // CKA_VALUE withheld although the template asked for CKA_SENSITIVE false: a token
+            // policy (forced sensitivity) this backend cannot work with.
+            tracing::error!(backend = %self.name, token = %self.token_label, "the token will not reveal unwrapped data keys (CKA_VALUE is sensitive); check its policy");
+            return Err(BackendError::AccessDenied(key_id.to_string()));
+        };
         if value.len() != SECRET_LEN {
             return Err(BackendError::InvalidCiphertext);
         }
