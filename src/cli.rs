@@ -228,7 +228,7 @@ pub async fn decrypt_offline(
         .iter()
         .filter_map(|r| match &r.kind {
             RouteKind::JsonFields(jr) => Some((r, jr)),
-            RouteKind::Passthrough => None,
+            RouteKind::Passthrough | RouteKind::S3(_) => None,
         })
         .collect();
     let (_, jr) = match route {

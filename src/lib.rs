@@ -27,5 +27,6 @@ pub mod error;
 pub mod keys;
 pub mod metrics;
 pub mod pipeline;
+pub mod s3;
 pub mod server;
 pub mod transform;

@@ -33,6 +33,7 @@ pub struct Metrics {
     fields_sealed: Family<RouteLabels, Counter>,
     fields_opened: Family<RouteLabels, Counter>,
     decrypt_failures: Family<RouteLabels, Counter>,
+    plaintext_reads: Family<RouteLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -54,6 +55,7 @@ impl Metrics {
         let fields_sealed = Family::<RouteLabels, Counter>::default();
         let fields_opened = Family::<RouteLabels, Counter>::default();
         let decrypt_failures = Family::<RouteLabels, Counter>::default();
+        let plaintext_reads = Family::<RouteLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests handled, by route and status",
@@ -94,6 +96,11 @@ impl Metrics {
             "Stored values that did not decrypt",
             decrypt_failures.clone(),
         );
+        registry.register(
+            "plaintext_reads",
+            "Unencrypted objects served (dangerous_allow_plaintext_reads)",
+            plaintext_reads.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -104,6 +111,7 @@ impl Metrics {
             fields_sealed,
             fields_opened,
             decrypt_failures,
+            plaintext_reads,
         }
     }
 
@@ -167,6 +175,14 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(opened as u64);
         }
+    }
+
+    pub fn plaintext_read(&self, route: &str) {
+        self.plaintext_reads
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .inc();
     }
 
     pub fn decrypt_failure(&self, route: &str) {

@@ -49,7 +49,7 @@ message_context = {{ id = "{{json.id}}" }}
     let cfg = config::parse(&text).unwrap();
     let route = match &cfg.routes[0].kind {
         RouteKind::JsonFields(jr) => jr.clone(),
-        RouteKind::Passthrough => unreachable!(),
+        _ => unreachable!("the fixture route encrypts JSON fields"),
     };
     let keys = rt.block_on(async {
         let kr = Keyring::open(

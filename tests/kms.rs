@@ -1,3 +1,4 @@
+#![cfg(feature = "aws-kms")]
 //! AWS KMS as the root-key backend, against moto server's KMS (it enforces EncryptionContext;
 //! it ignores key states, so the disabled-key check of the conformance suite is left out here
 //! and covered by the keyring and PKCS#11 backends).
@@ -5,102 +6,16 @@
 mod common;
 mod conformance;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
-use common::{Http, JsonServer, Proxy};
+use common::{Http, JsonServer, Moto, Proxy};
 use envelope_proxy::config::KmsSettings;
 use envelope_proxy::envelope::Context;
 use envelope_proxy::keys::aws_kms::AwsKms;
 use envelope_proxy::keys::{BackendError, KeyRef, RootKeyProvider};
 use http::StatusCode;
 use serde_json::json;
-
-/// moto server on a free port, from the test peers' virtualenv.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/peers/venv/bin/moto_server");
-        assert!(
-            bin.exists(),
-            "moto server is not installed at {}: run scripts/test.sh (it sets up tests/peers/venv)",
-            bin.display()
-        );
-        let port = common::free_port();
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Moto { child, port }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Freeze or thaw the process: a backend that hangs, then comes back with its state.
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    fn admin(&self) -> aws_sdk_kms::Client {
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let conf = aws_sdk_kms::config::Builder::new()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .endpoint_url(self.endpoint())
-            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
-            .http_client(http)
-            .build();
-        aws_sdk_kms::Client::from_conf(conf)
-    }
-
-    /// A symmetric key with an alias; returns its ARN.
-    async fn create_key(&self, alias: &str) -> String {
-        let kms = self.admin();
-        let key = kms.create_key().send().await.unwrap();
-        let meta = key.key_metadata().unwrap();
-        kms.create_alias()
-            .alias_name(alias)
-            .target_key_id(meta.key_id())
-            .send()
-            .await
-            .unwrap();
-        meta.arn().unwrap().to_string()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn credentials_file(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("credentials");

@@ -142,8 +142,13 @@ struct FileRoute {
     name: String,
     path: String,
     upstream: String,
+    /// "json" (default) or "s3".
+    kind: Option<String>,
     #[serde(default)]
     passthrough: bool,
+    s3: Option<FileS3>,
+    #[serde(default)]
+    dangerous_allow_plaintext_reads: bool,
     key: Option<String>,
     keys: Option<Vec<String>>,
     #[serde(default)]
@@ -155,6 +160,29 @@ struct FileRoute {
     #[serde(default)]
     message_context: BTreeMap<String, String>,
     on_decrypt_error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileS3 {
+    region: String,
+    #[serde(default)]
+    virtual_host_suffixes: Vec<String>,
+    upstream_access_key_id_env: Option<String>,
+    upstream_access_key_id_file: Option<PathBuf>,
+    upstream_secret_access_key_env: Option<String>,
+    upstream_secret_access_key_file: Option<PathBuf>,
+    #[serde(default)]
+    client: Vec<FileS3Client>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileS3Client {
+    access_key_id: String,
+    secret_access_key_env: Option<String>,
+    secret_access_key_file: Option<PathBuf>,
+    identity: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -253,6 +281,40 @@ pub enum RouteKind {
     Passthrough,
     /// Configured JSON fields are encrypted on write and decrypted on read.
     JsonFields(JsonRoute),
+    /// An S3 gateway: object bodies are stored encrypted.
+    S3(S3RouteConfig),
+}
+
+impl RouteKind {
+    /// The root keys the route encrypts with (none for pass-through routes).
+    pub fn keys(&self) -> &[KeyRef] {
+        match self {
+            RouteKind::JsonFields(jr) => &jr.keys,
+            RouteKind::S3(s3) => &s3.keys,
+            RouteKind::Passthrough => &[],
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct S3RouteConfig {
+    pub keys: Vec<KeyRef>,
+    pub key_context: Vec<(String, Template)>,
+    pub region: String,
+    pub virtual_host_suffixes: Vec<String>,
+    pub upstream_access_key_id: SecretSource,
+    pub upstream_secret_access_key: SecretSource,
+    pub clients: Vec<S3ClientConfig>,
+    /// Objects without the proxy's metadata (written before it) are served as they are
+    /// (migrations only; counted in metrics and audited).
+    pub dangerous_allow_plaintext_reads: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3ClientConfig {
+    pub access_key_id: String,
+    pub secret_access_key: SecretSource,
+    pub identity: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -696,46 +758,14 @@ fn check_kms_endpoint(place: &str, endpoint: &str, errors: &mut Vec<String>) {
     }
 }
 
-fn resolve_route(
+fn resolve_keys(
     place: &str,
-    r: FileRoute,
+    key: Option<String>,
+    keys: Option<Vec<String>>,
     backends: &[&str],
     errors: &mut Vec<String>,
-) -> Option<Route> {
-    let before = errors.len();
-    let place = format!("{place} ({:?})", r.name);
-    if r.name.is_empty() {
-        errors.push(format!("{place}.name: must not be empty"));
-    }
-    let pattern = PathPattern::parse(&r.path)
-        .map_err(|e| errors.push(format!("{place}.path: {e}")))
-        .ok();
-    let upstream = resolve_upstream(&place, &r.upstream, errors);
-
-    if r.passthrough {
-        for (set, what) in [
-            (r.key.is_some() || r.keys.is_some(), "key/keys"),
-            (!r.fields.is_empty(), "fields"),
-            (!r.response_documents.is_empty(), "response_documents"),
-            (!r.context.is_empty(), "context"),
-            (!r.message_context.is_empty(), "message_context"),
-            (r.on_decrypt_error.is_some(), "on_decrypt_error"),
-        ] {
-            if set {
-                errors.push(format!(
-                    "{place}: passthrough = true cannot be combined with {what}"
-                ));
-            }
-        }
-        return (errors.len() == before).then(|| Route {
-            name: r.name,
-            pattern: pattern.expect("checked"),
-            upstream: upstream.expect("checked"),
-            kind: RouteKind::Passthrough,
-        });
-    }
-
-    let key_strings = match (r.key, r.keys) {
+) -> Vec<KeyRef> {
+    let key_strings = match (key, keys) {
         (Some(k), None) => vec![k],
         (None, Some(ks)) if !ks.is_empty() => ks,
         (None, Some(_)) => {
@@ -776,6 +806,196 @@ fn resolve_route(
             )),
         }
     }
+    keys
+}
+
+fn secret_source(
+    place: &str,
+    what: &str,
+    env: Option<String>,
+    file: Option<PathBuf>,
+    errors: &mut Vec<String>,
+) -> Option<SecretSource> {
+    match (env, file) {
+        (Some(e), None) => Some(SecretSource::Env(e)),
+        (None, Some(f)) => Some(SecretSource::File(f)),
+        _ => {
+            errors.push(format!(
+                "{place}: set exactly one of {what}_env, {what}_file"
+            ));
+            None
+        }
+    }
+}
+
+type ResolvedS3 = (
+    String,
+    Vec<String>,
+    SecretSource,
+    SecretSource,
+    Vec<S3ClientConfig>,
+);
+
+fn resolve_s3(place: &str, s3: FileS3, errors: &mut Vec<String>) -> Option<ResolvedS3> {
+    let place = format!("{place}.s3");
+    let ak = secret_source(
+        &place,
+        "upstream_access_key_id",
+        s3.upstream_access_key_id_env,
+        s3.upstream_access_key_id_file,
+        errors,
+    );
+    let sk = secret_source(
+        &place,
+        "upstream_secret_access_key",
+        s3.upstream_secret_access_key_env,
+        s3.upstream_secret_access_key_file,
+        errors,
+    );
+    let mut clients = Vec::new();
+    for (i, c) in s3.client.into_iter().enumerate() {
+        let secret = secret_source(
+            &place,
+            &format!("client[{i}].secret_access_key"),
+            c.secret_access_key_env,
+            c.secret_access_key_file,
+            errors,
+        );
+        if c.access_key_id.is_empty() || c.identity.is_empty() {
+            errors.push(format!(
+                "{place}.client[{i}]: access_key_id and identity must not be empty"
+            ));
+        }
+        if let Some(secret_access_key) = secret {
+            clients.push(S3ClientConfig {
+                access_key_id: c.access_key_id,
+                secret_access_key,
+                identity: c.identity,
+            });
+        }
+    }
+    if clients.is_empty() {
+        errors.push(format!(
+            "{place}: list at least one [[route.s3.client]] allowed to call the proxy"
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in &clients {
+        if !seen.insert(c.access_key_id.clone()) {
+            errors.push(format!(
+                "{place}.client: access key {} is listed twice",
+                c.access_key_id
+            ));
+        }
+    }
+    Some((s3.region, s3.virtual_host_suffixes, ak?, sk?, clients))
+}
+
+fn resolve_route(
+    place: &str,
+    r: FileRoute,
+    backends: &[&str],
+    errors: &mut Vec<String>,
+) -> Option<Route> {
+    let before = errors.len();
+    let place = format!("{place} ({:?})", r.name);
+    if r.name.is_empty() {
+        errors.push(format!("{place}.name: must not be empty"));
+    }
+    let pattern = PathPattern::parse(&r.path)
+        .map_err(|e| errors.push(format!("{place}.path: {e}")))
+        .ok();
+    let upstream = resolve_upstream(&place, &r.upstream, errors);
+
+    match r.kind.as_deref() {
+        None | Some("json") => {
+            if r.s3.is_some() {
+                errors.push(format!("{place}.s3: only for kind = \"s3\" routes"));
+            }
+            if r.dangerous_allow_plaintext_reads {
+                errors.push(format!(
+                    "{place}.dangerous_allow_plaintext_reads: only for kind = \"s3\" routes"
+                ));
+            }
+        }
+        Some("s3") => {
+            let keys = resolve_keys(&place, r.key, r.keys, backends, errors);
+            let key_context = parse_templates(
+                &format!("{place}.context"),
+                &r.context,
+                pattern.as_ref(),
+                Kind::S3,
+                errors,
+            );
+            for (what, set) in [
+                ("fields", !r.fields.is_empty()),
+                ("response_documents", !r.response_documents.is_empty()),
+                ("message_context", !r.message_context.is_empty()),
+                ("on_decrypt_error", r.on_decrypt_error.is_some()),
+                ("passthrough", r.passthrough),
+            ] {
+                if set {
+                    errors.push(format!("{place}.{what}: not used on kind = \"s3\" routes (whole object bodies are encrypted)"));
+                }
+            }
+            let s3 = match r.s3 {
+                Some(s3) => resolve_s3(&place, s3, errors),
+                None => {
+                    errors.push(format!("{place}: kind = \"s3\" needs a [route.s3] table (region, credentials, clients)"));
+                    None
+                }
+            };
+            return match (errors.len() == before, s3) {
+                (true, Some((region, suffixes, ak, sk, clients))) => Some(Route {
+                    name: r.name,
+                    pattern: pattern.expect("checked"),
+                    upstream: upstream.expect("checked"),
+                    kind: RouteKind::S3(S3RouteConfig {
+                        keys,
+                        key_context,
+                        region,
+                        virtual_host_suffixes: suffixes,
+                        upstream_access_key_id: ak,
+                        upstream_secret_access_key: sk,
+                        clients,
+                        dangerous_allow_plaintext_reads: r.dangerous_allow_plaintext_reads,
+                    }),
+                }),
+                _ => None,
+            };
+        }
+        Some(other) => {
+            errors.push(format!(
+                "{place}.kind: {other:?} is not one of \"json\", \"s3\""
+            ));
+            return None;
+        }
+    }
+
+    if r.passthrough {
+        for (set, what) in [
+            (r.key.is_some() || r.keys.is_some(), "key/keys"),
+            (!r.fields.is_empty(), "fields"),
+            (!r.response_documents.is_empty(), "response_documents"),
+            (!r.context.is_empty(), "context"),
+            (!r.message_context.is_empty(), "message_context"),
+            (r.on_decrypt_error.is_some(), "on_decrypt_error"),
+        ] {
+            if set {
+                errors.push(format!(
+                    "{place}: passthrough = true cannot be combined with {what}"
+                ));
+            }
+        }
+        return (errors.len() == before).then(|| Route {
+            name: r.name,
+            pattern: pattern.expect("checked"),
+            upstream: upstream.expect("checked"),
+            kind: RouteKind::Passthrough,
+        });
+    }
+
+    let keys = resolve_keys(&place, r.key, r.keys, backends, errors);
     if r.fields.is_empty() {
         errors.push(format!(
             "{place}.fields: list at least one JSONPath to encrypt; for a route without encryption set passthrough = true"
@@ -792,14 +1012,14 @@ fn resolve_route(
         &format!("{place}.context"),
         &r.context,
         pattern.as_ref(),
-        false,
+        Kind::JsonKey,
         errors,
     );
     let message_context = parse_templates(
         &format!("{place}.message_context"),
         &r.message_context,
         pattern.as_ref(),
-        true,
+        Kind::JsonMessage,
         errors,
     );
     for name in r.context.keys() {
@@ -860,11 +1080,19 @@ fn parse_paths(place: &str, paths: &[String], errors: &mut Vec<String>) -> Vec<F
         .collect()
 }
 
+/// Which context a template belongs to: it decides the sources allowed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    JsonKey,
+    JsonMessage,
+    S3,
+}
+
 fn parse_templates(
     place: &str,
     map: &BTreeMap<String, String>,
     pattern: Option<&PathPattern>,
-    allow_json: bool,
+    kind: Kind,
     errors: &mut Vec<String>,
 ) -> Vec<(String, Template)> {
     let mut out = Vec::new();
@@ -892,10 +1120,14 @@ fn parse_templates(
                     ));
                     ok = false;
                 }
-                Source::Json(_) if !allow_json => {
+                Source::Json(_) if kind != Kind::JsonMessage => {
                     errors.push(format!(
-                        "{at}: json.* values belong in message_context (the key context must be known before the body is read)"
+                        "{at}: json.* values belong in message_context of JSON routes (the key context must be known before the body is read)"
                     ));
+                    ok = false;
+                }
+                Source::S3Bucket | Source::Identity if kind != Kind::S3 => {
+                    errors.push(format!("{at}: {s} is only known on kind = \"s3\" routes"));
                     ok = false;
                 }
                 _ => {}

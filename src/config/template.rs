@@ -9,6 +9,10 @@ pub enum Source {
     Path(String),
     Header(http::HeaderName),
     Json(String),
+    /// The S3 bucket of the request (S3 routes).
+    S3Bucket,
+    /// The authenticated client's configured identity (S3 routes).
+    Identity,
 }
 
 impl std::fmt::Display for Source {
@@ -17,6 +21,8 @@ impl std::fmt::Display for Source {
             Source::Path(n) => write!(f, "path.{n}"),
             Source::Header(n) => write!(f, "header.{n}"),
             Source::Json(n) => write!(f, "json.{n}"),
+            Source::S3Bucket => write!(f, "s3.bucket"),
+            Source::Identity => write!(f, "identity"),
         }
     }
 }
@@ -105,9 +111,14 @@ impl Template {
 }
 
 fn parse_source(s: &str) -> Result<Source, String> {
-    let (kind, name) = s
-        .split_once('.')
-        .ok_or_else(|| format!("{{{s}}}: expected path.NAME, header.NAME or json.NAME"))?;
+    match s {
+        "s3.bucket" => return Ok(Source::S3Bucket),
+        "identity" => return Ok(Source::Identity),
+        _ => {}
+    }
+    let (kind, name) = s.split_once('.').ok_or_else(|| {
+        format!("{{{s}}}: expected path.NAME, header.NAME, json.NAME, s3.bucket or identity")
+    })?;
     if name.is_empty() {
         return Err(format!("{{{s}}}: empty name"));
     }

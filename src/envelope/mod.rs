@@ -9,6 +9,7 @@
 pub mod chunked;
 pub mod context;
 pub mod header;
+pub mod stream;
 pub mod token;
 
 pub use context::Context;

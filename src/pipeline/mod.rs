@@ -41,6 +41,8 @@ pub fn full_body(bytes: Bytes) -> ProxyBody {
 /// Everything a request needs, shared by all connections.
 pub struct AppState {
     pub config: Config,
+    /// One s3s service per S3 route, by route name.
+    pub gateways: std::collections::HashMap<String, crate::s3::gateway::Gateway>,
     pub keys: Arc<KeyService>,
     pub upstream: UpstreamClient,
     pub audit: AuditLog,
@@ -86,6 +88,36 @@ where
     };
 
     match &route.kind {
+        // S3: s3s authenticates the client, then the gateway encrypts and forwards.
+        RouteKind::S3(s3) => {
+            let resp = s3_gateway(&state, route, req, client).await;
+            finish(&state, &route.name, &resp, started);
+            let status = resp.status();
+            state
+                .audit
+                .record(AuditEvent {
+                    action: match method.as_str() {
+                        "PUT" | "POST" => "seal",
+                        "GET" | "HEAD" => "open",
+                        _ => "pass",
+                    },
+                    outcome: if status.is_client_error() || status.is_server_error() {
+                        "error"
+                    } else {
+                        "ok"
+                    },
+                    route: route.name.clone(),
+                    method,
+                    path,
+                    status: status.as_u16(),
+                    client: client.addr.ip().to_string(),
+                    keys: s3.keys.iter().map(|k| k.to_string()).collect(),
+                    values: 0,
+                    reason: None,
+                })
+                .await;
+            resp
+        }
         // Explicit pass-through: stream both ways, nothing read or changed.
         RouteKind::Passthrough => {
             let (parts, body) = req.into_parts();
@@ -151,6 +183,45 @@ where
                 })
                 .await;
             resp
+        }
+    }
+}
+
+async fn s3_gateway<B>(
+    state: &Arc<AppState>,
+    route: &crate::config::Route,
+    req: Request<B>,
+    client: ClientInfo,
+) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Some(gateway) = state.gateways.get(&route.name) else {
+        return ProxyError::Internal("no gateway for route".into()).to_response();
+    };
+    let index = state
+        .config
+        .routes
+        .iter()
+        .position(|r| r.name == route.name)
+        .unwrap_or(0);
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(crate::s3::gateway::RequestInfo {
+        state: state.clone(),
+        route: index,
+        client,
+    });
+    let body = s3s::Body::http_body(body.map_err(|e| -> BoxError { e.into() }));
+    match gateway.service.call(Request::from_parts(parts, body)).await {
+        Ok(resp) => resp.map(|b| b.map_err(|e| -> BoxError { e }).boxed()),
+        Err(e) => {
+            tracing::error!(error = ?e, "S3 gateway failed");
+            let mut r = Response::new(full_body(Bytes::from_static(
+                b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InternalError</Code><Message>internal error</Message></Error>",
+            )));
+            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            r
         }
     }
 }

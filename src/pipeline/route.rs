@@ -32,15 +32,25 @@ pub fn check_path(path: &str) -> Result<(), ProxyError> {
 }
 
 /// The first route (in config order) whose pattern matches, with its captures.
+///
+/// Patterns match literally, so a path cannot match the wrong route here; the path checks
+/// then apply to every route whose upstream might normalize the path (JSON stores, pass-through
+/// routes). S3 keys are opaque to S3 servers: `a//b` and `a/../b` are keys like any other.
 pub fn select<'a>(
     routes: &'a [Route],
     path: &str,
 ) -> Result<(&'a Route, HashMap<String, String>), ProxyError> {
-    check_path(path)?;
-    routes
+    if !path.starts_with('/') {
+        return Err(ProxyError::BadPath("the path must start with '/'"));
+    }
+    let (route, captures) = routes
         .iter()
         .find_map(|r| r.pattern.matches(path).map(|c| (r, c)))
-        .ok_or(ProxyError::NoRoute)
+        .ok_or_else(|| check_path(path).err().unwrap_or(ProxyError::NoRoute))?;
+    if !matches!(route.kind, crate::config::RouteKind::S3(_)) {
+        check_path(path)?;
+    }
+    Ok((route, captures))
 }
 
 #[cfg(test)]

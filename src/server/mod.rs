@@ -83,7 +83,16 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let listener = bind(config.server.listen).await?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin = config.admin;
+    let mut gateways = std::collections::HashMap::new();
+    for route in &config.routes {
+        if let RouteKind::S3(cfg) = &route.kind {
+            let gw = crate::s3::gateway::Gateway::build(cfg)
+                .map_err(|e| format!("route {:?}: {e}", route.name))?;
+            gateways.insert(route.name.clone(), gw);
+        }
+    }
     let state = Arc::new(AppState {
+        gateways,
         config,
         keys,
         upstream,
@@ -124,10 +133,7 @@ async fn check_route_keys(
     backends: &[Arc<dyn RootKeyProvider>],
 ) -> Result<(), String> {
     for route in &config.routes {
-        let RouteKind::JsonFields(jr) = &route.kind else {
-            continue;
-        };
-        for k in &jr.keys {
+        for k in route.kind.keys() {
             if k.backend == crate::keys::KeyRef::DEFAULT_BACKEND {
                 if keyring.list().iter().any(|s| s.name == k.key_id) {
                     continue;
@@ -309,8 +315,8 @@ async fn admin(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> 
                 backends.insert(name, h.into());
             }
             for route in &state.config.routes {
-                if let RouteKind::JsonFields(jr) = &route.kind {
-                    for k in &jr.keys {
+                {
+                    for k in route.kind.keys() {
                         if let Err(e) = state.keys.describe(k).await {
                             problems.push(format!("{k}: {e}"));
                         }

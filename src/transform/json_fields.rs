@@ -216,6 +216,8 @@ impl Lookup for DocLookup<'_> {
                 }
                 first.to_str().ok().map(str::to_string)
             }
+            // Only S3 routes know these; config validation keeps them off JSON routes.
+            Source::S3Bucket | Source::Identity => None,
             Source::Json(member) => match self.doc?.get(member)? {
                 Value::String(s) => Some(s.clone()),
                 Value::Number(n) => Some(n.to_string()),

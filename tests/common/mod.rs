@@ -106,6 +106,13 @@ impl Proxy {
     /// Start with `routes` (TOML for the [[route]] tables) and extra top-level TOML.
     /// `{DIR}` in either is replaced with the proxy's temp directory.
     pub async fn start(routes: &str, extra: &str) -> Proxy {
+        // TEST_LOG=debug shows the proxy's logs (off by default).
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
         let text = format!(
@@ -240,5 +247,93 @@ impl Http {
             doc.to_string(),
         )
         .await
+    }
+}
+
+/// moto server on a free port, from the test peers' virtualenv.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/peers/venv/bin/moto_server");
+        assert!(
+            bin.exists(),
+            "moto server is not installed at {}: run scripts/test.sh (it sets up tests/peers/venv)",
+            bin.display()
+        );
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, port }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Freeze or thaw the process: a backend that hangs, then comes back with its state.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    #[cfg(feature = "aws-kms")]
+    pub fn admin(&self) -> aws_sdk_kms::Client {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let conf = aws_sdk_kms::config::Builder::new()
+            .behavior_version(aws_sdk_kms::config::BehaviorVersion::latest())
+            .region(aws_sdk_kms::config::Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(aws_sdk_kms::config::Credentials::new(
+                "testing", "testing", None, None, "tests",
+            ))
+            .http_client(http)
+            .build();
+        aws_sdk_kms::Client::from_conf(conf)
+    }
+
+    /// A symmetric key with an alias; returns its ARN.
+    #[cfg(feature = "aws-kms")]
+    pub async fn create_key(&self, alias: &str) -> String {
+        let kms = self.admin();
+        let key = kms.create_key().send().await.unwrap();
+        let meta = key.key_metadata().unwrap();
+        kms.create_alias()
+            .alias_name(alias)
+            .target_key_id(meta.key_id())
+            .send()
+            .await
+            .unwrap();
+        meta.arn().unwrap().to_string()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

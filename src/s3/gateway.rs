@@ -1,0 +1,1176 @@
+//! The S3 gateway: s3s authenticates, we route, encrypt and forward.
+//!
+//! s3s verifies each client's SigV4 (header and presigned, aws-chunked chunk signatures and
+//! trailers) and decodes aws-chunked bodies. Its custom-route hook then hands us every
+//! authenticated request ([`GatewayRoute::call`]); we never let s3s's own operation handlers
+//! run. From there:
+//!
+//! - object bodies (PutObject, UploadPart) are sealed as they stream, under a data key for the
+//!   key context (e.g. the bucket), with a random object id bound into the message;
+//! - GetObject streams the decryption, ranges fetch whole chunks only;
+//! - HeadObject, listings and ListParts report plaintext sizes by arithmetic;
+//! - everything else passes through, re-signed with the proxy's upstream credentials.
+//!
+//! The envelope header (EDKs) and the C2SP header (salt, commitment) live in reserved
+//! `x-amz-meta-ep-*` metadata; the stored body is the bare C2SP message.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use s3s::auth::{S3Auth, SecretKey};
+use s3s::route::S3Route;
+use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
+use zeroize::Zeroizing;
+
+use super::sign::{UpstreamCredentials, sign_request};
+use super::{checksum, etag, listing, range};
+use crate::config::template::{Lookup, Source};
+use crate::config::{Route, RouteKind, S3RouteConfig, SecretSource};
+use crate::envelope::chunked;
+use crate::envelope::stream::{Opener, Sealer};
+use crate::envelope::{Context, Header, binding};
+use crate::pipeline::{AppState, BoxError, ClientInfo, ProxyBody};
+
+/// Reserved metadata: the envelope header ‖ the C2SP header, base64url.
+pub const META_ENVELOPE: &str = "x-amz-meta-ep-envelope";
+/// Reserved metadata: the random object id bound into every message of the object.
+pub const META_OBJECT_ID: &str = "x-amz-meta-ep-object";
+const RESERVED_META_PREFIX: &str = "x-amz-meta-ep-";
+const OBJECT_ID_KEY: &str = "ep:object";
+
+/// Per-request data the pipeline hands through s3s (as a request extension).
+#[derive(Clone)]
+pub struct RequestInfo {
+    pub state: Arc<AppState>,
+    pub route: usize,
+    pub client: ClientInfo,
+}
+
+/// One S3 route's s3s service.
+pub struct Gateway {
+    pub service: s3s::service::S3Service,
+}
+
+impl Gateway {
+    pub fn build(cfg: &S3RouteConfig) -> Result<Gateway, String> {
+        let mut secrets = HashMap::new();
+        let mut identities = HashMap::new();
+        for c in &cfg.clients {
+            let secret = read_secret(&c.secret_access_key)?;
+            secrets.insert(c.access_key_id.clone(), SecretKey::from(secret.as_str()));
+            identities.insert(c.access_key_id.clone(), c.identity.clone());
+        }
+        let upstream = UpstreamCredentials::new(
+            read_secret(&cfg.upstream_access_key_id)?.to_string(),
+            read_secret(&cfg.upstream_secret_access_key)?,
+        );
+        let mut builder = s3s::service::S3ServiceBuilder::new(NoOperations);
+        builder.set_auth(ClientAuth { secrets });
+        if !cfg.virtual_host_suffixes.is_empty() {
+            let host =
+                s3s::host::MultiDomain::new(cfg.virtual_host_suffixes.iter().map(String::as_str))
+                    .map_err(|e| format!("virtual_host_suffixes: {e}"))?;
+            builder.set_host(host);
+        }
+        builder.set_route(GatewayRoute {
+            identities,
+            upstream: Arc::new(upstream),
+            suffixes: cfg.virtual_host_suffixes.clone(),
+        });
+        Ok(Gateway {
+            service: builder.build(),
+        })
+    }
+}
+
+fn read_secret(source: &SecretSource) -> Result<Zeroizing<String>, String> {
+    match source {
+        SecretSource::Env(var) => std::env::var(var)
+            .map(Zeroizing::new)
+            .map_err(|_| format!("environment variable {var} is not set")),
+        SecretSource::File(path) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(format!(
+                        "{}: is accessible by group or others; run `chmod 600 {}`",
+                        path.display(),
+                        path.display()
+                    ));
+                }
+            }
+            std::fs::read_to_string(path)
+                .map(|s| Zeroizing::new(s.trim().to_string()))
+                .map_err(|e| format!("{}: {e}", path.display()))
+        }
+    }
+}
+
+/// Client credentials the proxy accepts (from `[[route.s3.client]]`).
+struct ClientAuth {
+    secrets: HashMap<String, SecretKey>,
+}
+
+#[async_trait::async_trait]
+impl S3Auth for ClientAuth {
+    async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
+        self.secrets
+            .get(access_key)
+            .cloned()
+            .ok_or_else(|| s3_error!(InvalidAccessKeyId))
+    }
+}
+
+/// s3s's typed operations are never reached: every request goes to [`GatewayRoute`].
+struct NoOperations;
+
+#[async_trait::async_trait]
+impl s3s::S3 for NoOperations {}
+
+struct GatewayRoute {
+    identities: HashMap<String, String>,
+    upstream: Arc<UpstreamCredentials>,
+    suffixes: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl S3Route for GatewayRoute {
+    fn is_match(&self, _: &Method, _: &http::Uri, _: &HeaderMap, _: &mut http::Extensions) -> bool {
+        true
+    }
+
+    async fn call(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+        let info = req
+            .extensions
+            .get::<RequestInfo>()
+            .cloned()
+            .ok_or_else(|| s3_error!(InternalError, "request info missing"))?;
+        let route = &info.state.config.routes[info.route];
+        let RouteKind::S3(cfg) = &route.kind else {
+            return Err(s3_error!(InternalError, "not an S3 route"));
+        };
+        let identity = req
+            .credentials
+            .as_ref()
+            .and_then(|c| self.identities.get(&c.access_key))
+            .cloned()
+            .ok_or_else(|| s3_error!(AccessDenied))?;
+        let target = self.locate(&req)?;
+        let ctx = Ctx {
+            state: info.state.clone(),
+            route,
+            cfg,
+            identity,
+            target,
+            upstream: self.upstream.clone(),
+        };
+        let op = Op::classify(
+            &req.method,
+            &req.uri,
+            &req.headers,
+            ctx.target.key.is_some(),
+        );
+        match op {
+            Op::PutObject => ctx.put_object(req).await,
+            Op::GetObject => ctx.get_object(req, false).await,
+            Op::HeadObject => ctx.get_object(req, true).await,
+            Op::CopyObject => ctx.copy_object(req).await,
+            Op::ListObjects => ctx.listing(req).await,
+            Op::Multipart => Err(S3Error::with_message(
+                S3ErrorCode::NotImplemented,
+                "multipart uploads through the encrypting gateway are not available yet; \
+                 raise the client's multipart threshold",
+            )),
+            Op::Other => ctx.passthrough(req).await,
+        }
+    }
+}
+
+/// Bucket and key of a request, and the raw (still percent-encoded) path to send upstream.
+struct Target {
+    bucket: Option<String>,
+    key: Option<String>,
+    upstream_path: String,
+}
+
+impl GatewayRoute {
+    fn locate(&self, req: &S3Request<Body>) -> S3Result<Target> {
+        let raw_path = req.uri.path();
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.host())
+            .unwrap_or("");
+        let host = host.split(':').next().unwrap_or("");
+        let vh_bucket = self.suffixes.iter().find_map(|s| {
+            host.strip_suffix(s.as_str())
+                .and_then(|b| b.strip_suffix('.'))
+                .filter(|b| !b.is_empty())
+        });
+        let decode = |s: &str| {
+            crate::config::pattern::percent_decode(s).ok_or_else(|| s3_error!(InvalidURI))
+        };
+        if let Some(bucket) = vh_bucket {
+            let key = raw_path.strip_prefix('/').filter(|k| !k.is_empty());
+            return Ok(Target {
+                bucket: Some(bucket.to_string()),
+                key: key.map(decode).transpose()?,
+                upstream_path: format!("/{bucket}{raw_path}"),
+            });
+        }
+        let rest = raw_path.strip_prefix('/').unwrap_or(raw_path);
+        let (bucket, key) = match rest.split_once('/') {
+            Some((b, k)) => (b, Some(k).filter(|k| !k.is_empty())),
+            None => (rest, None),
+        };
+        Ok(Target {
+            bucket: Some(bucket)
+                .filter(|b| !b.is_empty())
+                .map(decode)
+                .transpose()?,
+            key: key.map(decode).transpose()?,
+            upstream_path: raw_path.to_string(),
+        })
+    }
+}
+
+/// The operations the gateway treats specially; everything else passes through re-signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    PutObject,
+    GetObject,
+    HeadObject,
+    CopyObject,
+    ListObjects,
+    Multipart,
+    Other,
+}
+
+/// Object subresources that carry no object body (`?acl`, `?tagging`, ...): pass through.
+const OBJECT_SUBRESOURCES: [&str; 8] = [
+    "acl",
+    "tagging",
+    "legal-hold",
+    "retention",
+    "torrent",
+    "attributes",
+    "restore",
+    "select",
+];
+
+impl Op {
+    fn classify(method: &Method, uri: &http::Uri, headers: &HeaderMap, has_key: bool) -> Op {
+        let query: Vec<(String, String)> = uri
+            .query()
+            .map(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let has = |name: &str| query.iter().any(|(k, _)| k == name);
+        if has_key {
+            if has("uploads") || has("uploadId") {
+                return Op::Multipart;
+            }
+            if OBJECT_SUBRESOURCES.iter().any(|s| has(s)) {
+                return Op::Other;
+            }
+            return match *method {
+                Method::PUT if headers.contains_key("x-amz-copy-source") => Op::CopyObject,
+                Method::PUT => Op::PutObject,
+                Method::GET => Op::GetObject,
+                Method::HEAD => Op::HeadObject,
+                _ => Op::Other,
+            };
+        }
+        if *method == Method::GET {
+            let listing = query.is_empty()
+                || has("list-type")
+                || has("versions")
+                || (!has("uploads")
+                    && query.iter().all(|(k, _)| {
+                        [
+                            "prefix",
+                            "delimiter",
+                            "marker",
+                            "max-keys",
+                            "encoding-type",
+                            "continuation-token",
+                            "start-after",
+                            "fetch-owner",
+                        ]
+                        .contains(&k.as_str())
+                    }));
+            if listing && !has("uploads") {
+                return Op::ListObjects;
+            }
+        }
+        Op::Other
+    }
+}
+
+struct Ctx<'a> {
+    state: Arc<AppState>,
+    route: &'a Route,
+    cfg: &'a S3RouteConfig,
+    identity: String,
+    target: Target,
+    upstream: Arc<UpstreamCredentials>,
+}
+
+struct S3Lookup<'a> {
+    bucket: Option<&'a str>,
+    identity: &'a str,
+    headers: &'a HeaderMap,
+}
+
+impl Lookup for S3Lookup<'_> {
+    fn lookup(&self, source: &Source) -> Option<String> {
+        match source {
+            Source::S3Bucket => self.bucket.map(str::to_string),
+            Source::Identity => Some(self.identity.to_string()),
+            Source::Header(name) => self.headers.get(name)?.to_str().ok().map(str::to_string),
+            Source::Path(_) | Source::Json(_) => None,
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> S3Error {
+    tracing::warn!(error = %e, "S3 gateway error");
+    s3_error!(InternalError)
+}
+
+/// Client headers that must never reach the upstream: authentication, and anything that
+/// describes the plaintext body (checksums, aws-chunked framing) or forges our metadata.
+fn strip_request_headers(headers: &mut HeaderMap) {
+    crate::pipeline::upstream::strip_hop_by_hop(headers);
+    checksum::strip_checksum_headers(headers);
+    for h in [
+        header::AUTHORIZATION.as_str(),
+        "x-amz-date",
+        "x-amz-content-sha256",
+        "x-amz-security-token",
+        "x-amz-decoded-content-length",
+        "host",
+        "content-length",
+        "expect",
+    ] {
+        headers.remove(h);
+    }
+    if let Some(ce) = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+    {
+        let kept: Vec<&str> = ce
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.eq_ignore_ascii_case("aws-chunked") && !e.is_empty())
+            .collect();
+        if kept.is_empty() {
+            headers.remove(header::CONTENT_ENCODING);
+        } else if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+            headers.insert(header::CONTENT_ENCODING, v);
+        }
+    }
+    let reserved: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(RESERVED_META_PREFIX))
+        .cloned()
+        .collect();
+    for k in reserved {
+        headers.remove(k);
+    }
+}
+
+/// Upstream response headers the client must not see: checksums of ciphertext, our metadata.
+fn clean_response_headers(headers: &mut HeaderMap) {
+    crate::pipeline::upstream::strip_hop_by_hop(headers);
+    checksum::strip_checksum_headers(headers);
+    let reserved: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(RESERVED_META_PREFIX))
+        .cloned()
+        .collect();
+    for k in reserved {
+        headers.remove(k);
+    }
+    if let Some(v) = headers.get(header::ETAG).and_then(|v| v.to_str().ok())
+        && let Ok(marked) = HeaderValue::from_str(&etag::mark(v))
+    {
+        headers.insert(header::ETAG, marked);
+    }
+}
+
+fn unmark_conditionals(headers: &mut HeaderMap) {
+    for h in [
+        "if-match",
+        "if-none-match",
+        "x-amz-copy-source-if-match",
+        "x-amz-copy-source-if-none-match",
+    ] {
+        if let Some(v) = headers.get(h).and_then(|v| v.to_str().ok())
+            && let Ok(u) = HeaderValue::from_str(&etag::unmark_list(v))
+        {
+            headers.insert(h, u);
+        }
+    }
+}
+
+fn boxed_stream<S>(s: S) -> ProxyBody
+where
+    S: futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + Sync + 'static,
+{
+    BodyExt::boxed(StreamBody::new(s.map_ok(Frame::data)))
+}
+
+/// The plaintext size of a stored object from its stored size and ETag (multipart: `-N`).
+fn plaintext_size(stored: u64, etag_value: Option<&str>) -> Option<u64> {
+    match etag_value.and_then(etag::multipart_parts) {
+        Some(parts) => listing::multipart_plaintext_len(stored, parts),
+        None => chunked::plaintext_len(stored),
+    }
+}
+
+impl Ctx<'_> {
+    fn key_context(&self, headers: &HeaderMap) -> S3Result<Context> {
+        let lookup = S3Lookup {
+            bucket: self.target.bucket.as_deref(),
+            identity: &self.identity,
+            headers,
+        };
+        let mut ctx = Context::new();
+        for (name, t) in &self.cfg.key_context {
+            let v = t.render(&lookup).map_err(|missing| {
+                S3Error::with_message(
+                    S3ErrorCode::InvalidRequest,
+                    format!("missing {missing}, needed for the encryption context"),
+                )
+            })?;
+            ctx.insert(name.clone(), v);
+        }
+        Ok(ctx)
+    }
+
+    fn upstream_uri(&self, uri: &http::Uri) -> S3Result<http::Uri> {
+        let mut pq = format!(
+            "{}{}",
+            self.route.upstream.base_path, self.target.upstream_path
+        );
+        if let Some(q) = uri.query() {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        http::Uri::builder()
+            .scheme(self.route.upstream.scheme.clone())
+            .authority(self.route.upstream.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| s3_error!(InvalidURI))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        uri: http::Uri,
+        headers: HeaderMap,
+        body: ProxyBody,
+    ) -> S3Result<http::Response<hyper::body::Incoming>> {
+        let mut up = http::Request::new(body);
+        *up.method_mut() = method;
+        *up.uri_mut() = uri;
+        *up.headers_mut() = headers;
+        sign_request(&mut up, &self.upstream, &self.cfg.region).map_err(internal)?;
+        let (method, uri) = (up.method().clone(), up.uri().clone());
+        let resp = self.state.upstream.send(up).await.map_err(|e| {
+            S3Error::with_message(S3ErrorCode::ServiceUnavailable, format!("upstream: {e}"))
+        })?;
+        tracing::debug!(%method, %uri, status = %resp.status(), "upstream S3 call");
+        Ok(resp)
+    }
+
+    /// Forward an upstream response as it is (errors included), minus ciphertext details.
+    fn forward(resp: http::Response<hyper::body::Incoming>) -> S3Response<Body> {
+        let (mut parts, body) = resp.into_parts();
+        clean_response_headers(&mut parts.headers);
+        let mut out = S3Response::new(Body::http_body(body.map_err(|e| Box::new(e) as BoxError)));
+        out.status = Some(parts.status);
+        out.headers = parts.headers;
+        out
+    }
+
+    async fn passthrough(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+        let mut headers = req.headers.clone();
+        // The body is forwarded unchanged: its Content-MD5 still describes it.
+        let md5 = headers.get("content-md5").cloned();
+        let len = headers.get(header::CONTENT_LENGTH).cloned();
+        strip_request_headers(&mut headers);
+        unmark_conditionals(&mut headers);
+        if let Some(v) = md5 {
+            headers.insert("content-md5", v);
+        }
+        if let Some(v) = len {
+            headers.insert(header::CONTENT_LENGTH, v);
+        }
+        let uri = self.upstream_uri(&req.uri)?;
+        let body = TryStreamExt::map_err(req.input, |e| e as BoxError);
+        let resp = self
+            .send(req.method.clone(), uri, headers, boxed_stream(body))
+            .await?;
+        Ok(Self::forward(resp))
+    }
+
+    async fn put_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+        // s3s has decoded aws-chunked bodies and set Content-Length to the decoded length.
+        let plain_len: u64 = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| s3_error!(MissingContentLength))?;
+        let verifier = checksum::Verifier::from_headers(&req.headers).map_err(|e| {
+            S3Error::with_message(
+                e.s3_code().parse().unwrap_or(S3ErrorCode::InvalidDigest),
+                e.to_string(),
+            )
+        })?;
+        let key_ctx = self.key_context(&req.headers)?;
+        let sealing = self
+            .state
+            .keys
+            .sealing_key(&self.cfg.keys, &key_ctx, 1, plain_len)
+            .await
+            .map_err(backend_error)?;
+        let mut object_id = [0u8; 16];
+        crate::envelope::fill_random(&mut object_id);
+        let object_id = hex::encode(object_id);
+        let mut msg_ctx = key_ctx.clone();
+        msg_ctx.insert(OBJECT_ID_KEY, object_id.clone());
+        let env_header = sealing.header.encode().map_err(internal)?;
+        let sealer = Sealer::new(sealing.data_key.expose(), &binding(&env_header, &msg_ctx));
+        let mut meta = env_header.clone();
+        meta.extend_from_slice(&sealer.header());
+
+        let mut headers = req.headers.clone();
+        strip_request_headers(&mut headers);
+        unmark_conditionals(&mut headers);
+        headers.insert(
+            HeaderName::from_static(META_ENVELOPE),
+            HeaderValue::from_str(&URL_SAFE_NO_PAD.encode(&meta)).map_err(internal)?,
+        );
+        headers.insert(
+            HeaderName::from_static(META_OBJECT_ID),
+            HeaderValue::from_str(&object_id).map_err(internal)?,
+        );
+        headers.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from(chunked::ciphertext_len(plain_len)),
+        );
+
+        let failure = Arc::new(Mutex::new(None::<S3Error>));
+        let body = seal_stream(
+            req.input,
+            sealer,
+            verifier,
+            plain_len,
+            req.trailing_headers,
+            failure.clone(),
+        );
+        let uri = self.upstream_uri(&req.uri)?;
+        let result = self
+            .send(Method::PUT, uri, headers, boxed_stream(body))
+            .await;
+        if let Some(e) = failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // The body was refused before its last chunk: nothing was committed upstream.
+            return Err(e);
+        }
+        Ok(Self::forward(result?))
+    }
+
+    async fn get_object(&self, req: S3Request<Body>, head: bool) -> S3Result<S3Response<Body>> {
+        let mut headers = req.headers.clone();
+        strip_request_headers(&mut headers);
+        unmark_conditionals(&mut headers);
+        headers.remove(header::RANGE);
+        let range_value = req
+            .headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let requested = if head {
+            None
+        } else {
+            range_value.as_deref().and_then(range::parse)
+        };
+        if let Some(spec) = &requested {
+            headers.insert(
+                header::RANGE,
+                HeaderValue::from_str(&range::upstream_range_header(spec)).map_err(internal)?,
+            );
+        }
+        let uri = self.upstream_uri(&req.uri)?;
+        let method = if head { Method::HEAD } else { Method::GET };
+        let resp = self
+            .send(
+                method,
+                uri,
+                headers,
+                crate::pipeline::full_body(Bytes::new()),
+            )
+            .await?;
+        let status = resp.status();
+        let content_range = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(range::parse_content_range);
+        if status == StatusCode::RANGE_NOT_SATISFIABLE {
+            let plain = content_range.and_then(|c| plaintext_size(c.total, None));
+            return Err(invalid_range(plain));
+        }
+        if !(status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT) {
+            return Ok(Self::forward(resp));
+        }
+        let Some(meta) = resp
+            .headers()
+            .get(META_ENVELOPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+        else {
+            return self.plaintext_object(resp);
+        };
+        let object_id = resp
+            .headers()
+            .get(META_OBJECT_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let etag_value = resp
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let content_length: Option<u64> = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        // What the upstream sent: [fetched_start, fetched_end] of a stored object of `stored_total`.
+        let (fetched_start, stored_total) = match (status, content_range) {
+            (StatusCode::PARTIAL_CONTENT, Some(cr)) => {
+                (cr.range.map(|r| r.0).unwrap_or(0), cr.total)
+            }
+            (StatusCode::OK, _) => (
+                0,
+                content_length.ok_or_else(|| internal("upstream sent no length"))?,
+            ),
+            _ => return Err(internal("upstream 206 without Content-Range")),
+        };
+        let fetched_len = if head { 0 } else { content_length.unwrap_or(0) };
+        if etag_value
+            .as_deref()
+            .and_then(etag::multipart_parts)
+            .is_some()
+        {
+            return Err(S3Error::with_message(
+                S3ErrorCode::NotImplemented,
+                "objects uploaded in parts are not readable through the gateway yet",
+            ));
+        }
+        let plain_total = chunked::plaintext_len(stored_total)
+            .ok_or_else(|| decrypt_error("impossible stored size"))?;
+
+        // The key context comes from this request; the object id from the object.
+        let key_ctx = self.key_context(&req.headers)?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(meta.as_bytes())
+            .map_err(|_| decrypt_error("bad envelope metadata"))?;
+        let (header_parsed, used) =
+            Header::decode(&raw).map_err(|_| decrypt_error("bad envelope header"))?;
+        let c2sp: [u8; chunked::HEADER_LEN] = raw[used..]
+            .try_into()
+            .map_err(|_| decrypt_error("bad envelope metadata length"))?;
+        let data_key = self
+            .state
+            .keys
+            .opening_key(&header_parsed, &key_ctx)
+            .await
+            .map_err(|e| match e {
+                crate::keys::BackendError::InvalidCiphertext => {
+                    decrypt_error("data key does not unwrap for this context")
+                }
+                other => backend_error(other),
+            })?;
+        let mut msg_ctx = key_ctx.clone();
+        msg_ctx.insert(OBJECT_ID_KEY, object_id);
+        let bind = binding(&raw[..used], &msg_ctx);
+
+        let (mut parts, body) = resp.into_parts();
+        clean_response_headers(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        let resolved = match &requested {
+            Some(spec) => Some(
+                spec.resolve(plain_total, range_value.as_deref().unwrap_or(""))
+                    .map_err(|_| invalid_range(Some(plain_total)))?,
+            ),
+            None => None,
+        };
+        let (opener, len, skip, stored_front, stored_len) = match resolved {
+            Some(r) => {
+                let plan = r.chunk_plan();
+                let fetched_end = fetched_start + fetched_len.saturating_sub(1);
+                let (front, back) = plan
+                    .discard(fetched_start, fetched_end)
+                    .ok_or_else(|| internal("upstream returned another range than asked"))?;
+                let opener = Opener::range(
+                    data_key.expose(),
+                    &bind,
+                    &c2sp,
+                    plan.first_chunk,
+                    plan.last_chunk,
+                    plan.ends_at_final_chunk,
+                );
+                parts.headers.insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&r.content_range()).map_err(internal)?,
+                );
+                parts.status = StatusCode::PARTIAL_CONTENT;
+                (
+                    opener,
+                    r.len(),
+                    plan.skip,
+                    front,
+                    fetched_len - front - back,
+                )
+            }
+            None => {
+                parts.headers.remove(header::CONTENT_RANGE);
+                parts.status = StatusCode::OK;
+                let header_len = chunked::HEADER_LEN as u64;
+                let opener = Opener::new(data_key.expose(), &bind, &c2sp);
+                (
+                    opener,
+                    plain_total,
+                    0,
+                    header_len,
+                    fetched_len.saturating_sub(header_len),
+                )
+            }
+        };
+        let opener = opener.map_err(|_| decrypt_error("key commitment mismatch"))?;
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        let body = if head {
+            Body::empty()
+        } else {
+            Body::http_body(boxed_stream(open_stream(
+                body,
+                opener,
+                stored_front,
+                stored_len,
+                skip,
+                len,
+            )))
+        };
+        let mut out = S3Response::new(body);
+        out.status = Some(parts.status);
+        out.headers = parts.headers;
+        Ok(out)
+    }
+
+    /// An object without our metadata: written before the proxy, or around it.
+    fn plaintext_object(
+        &self,
+        resp: http::Response<hyper::body::Incoming>,
+    ) -> S3Result<S3Response<Body>> {
+        if self.cfg.dangerous_allow_plaintext_reads {
+            tracing::warn!(route = %self.route.name, "serving an unencrypted object (dangerous_allow_plaintext_reads)");
+            self.state.metrics.plaintext_read(&self.route.name);
+            return Ok(Self::forward(resp));
+        }
+        Err(S3Error::with_message(
+            S3ErrorCode::AccessDenied,
+            "this object was not written through the encrypting gateway (no envelope metadata); \
+             reading unencrypted objects requires dangerous_allow_plaintext_reads on the route",
+        ))
+    }
+
+    async fn copy_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+        // Same key context: a server-side copy keeps the ciphertext and our metadata (the object
+        // id travels with it). REPLACE would drop our metadata: read it from the source first.
+        let mut headers = req.headers.clone();
+        strip_request_headers(&mut headers);
+        unmark_conditionals(&mut headers);
+        let replace = headers
+            .get("x-amz-metadata-directive")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"REPLACE"));
+        let source = req
+            .headers
+            .get("x-amz-copy-source")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| s3_error!(InvalidArgument))?
+            .to_string();
+        let source_path = if source.starts_with('/') {
+            source.clone()
+        } else {
+            format!("/{source}")
+        };
+        let (source_path, source_query) = match source_path.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (source_path, None),
+        };
+        let source_bucket = source_path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .and_then(crate::config::pattern::percent_decode)
+            .unwrap_or_default();
+        // The source's key context must be the destination's: ciphertexts are bound to it.
+        let dest_ctx = self.key_context(&req.headers)?;
+        let src_lookup = S3Lookup {
+            bucket: Some(&source_bucket),
+            identity: &self.identity,
+            headers: &req.headers,
+        };
+        let mut src_ctx = Context::new();
+        for (name, t) in &self.cfg.key_context {
+            if let Ok(v) = t.render(&src_lookup) {
+                src_ctx.insert(name.clone(), v);
+            }
+        }
+        if src_ctx != dest_ctx {
+            return Err(S3Error::with_message(
+                S3ErrorCode::NotImplemented,
+                "copying between different encryption contexts (e.g. buckets) needs re-encryption, \
+                 which the gateway does not do server-side yet: download and upload instead",
+            ));
+        }
+        if replace {
+            let mut head_uri = format!(
+                "{}://{}{}{}",
+                self.route.upstream.scheme,
+                self.route.upstream.authority,
+                self.route.upstream.base_path,
+                source_path
+            );
+            if let Some(q) = &source_query {
+                head_uri.push('?');
+                head_uri.push_str(q);
+            }
+            let head_uri: http::Uri = head_uri.parse().map_err(|_| s3_error!(InvalidArgument))?;
+            let head = self
+                .send(
+                    Method::HEAD,
+                    head_uri,
+                    HeaderMap::new(),
+                    crate::pipeline::full_body(Bytes::new()),
+                )
+                .await?;
+            if !head.status().is_success() {
+                return Ok(Self::forward(head));
+            }
+            for name in [META_ENVELOPE, META_OBJECT_ID] {
+                if let Some(v) = head.headers().get(name) {
+                    headers.insert(HeaderName::from_static(name), v.clone());
+                }
+            }
+        }
+        headers.insert(
+            "x-amz-copy-source",
+            HeaderValue::from_str(&source).map_err(internal)?,
+        );
+        let uri = self.upstream_uri(&req.uri)?;
+        let resp = self
+            .send(
+                Method::PUT,
+                uri,
+                headers,
+                crate::pipeline::full_body(Bytes::new()),
+            )
+            .await?;
+        self.rewrite_xml(resp, |body| etag::mark_in_xml(body).map_err(internal))
+            .await
+    }
+
+    async fn listing(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+        let mut headers = req.headers.clone();
+        strip_request_headers(&mut headers);
+        let uri = self.upstream_uri(&req.uri)?;
+        let resp = self
+            .send(
+                Method::GET,
+                uri,
+                headers,
+                crate::pipeline::full_body(Bytes::new()),
+            )
+            .await?;
+        self.rewrite_xml(resp, |body| {
+            listing::rewrite(body, plaintext_size)
+                .map(|r| r.body)
+                .map_err(internal)
+        })
+        .await
+    }
+
+    /// Read a (bounded) XML response, rewrite it, and answer; errors pass through as they are.
+    async fn rewrite_xml(
+        &self,
+        resp: http::Response<hyper::body::Incoming>,
+        rewrite: impl FnOnce(&[u8]) -> S3Result<Vec<u8>>,
+    ) -> S3Result<S3Response<Body>> {
+        if !resp.status().is_success() {
+            return Ok(Self::forward(resp));
+        }
+        let (mut parts, body) = resp.into_parts();
+        let bytes = http_body_util::Limited::new(body, 64 << 20)
+            .collect()
+            .await
+            .map_err(internal)?
+            .to_bytes();
+        if let Some(err) = super::xml_error::parse_error(&bytes) {
+            // 200 with <Error> inside (CopyObject, CompleteMultipartUpload): an error.
+            return Err(S3Error::with_message(
+                err.code.parse().unwrap_or(S3ErrorCode::InternalError),
+                err.message.clone(),
+            ));
+        }
+        let out = rewrite(&bytes)?;
+        clean_response_headers(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+        let mut r = S3Response::new(Body::from(out));
+        r.status = Some(parts.status);
+        r.headers = parts.headers;
+        Ok(r)
+    }
+}
+
+fn backend_error(e: crate::keys::BackendError) -> S3Error {
+    if e.retryable() {
+        S3Error::with_message(
+            S3ErrorCode::ServiceUnavailable,
+            "the key backend is unavailable; retry later",
+        )
+    } else {
+        tracing::warn!(error = %e, "key backend refused");
+        S3Error::with_message(S3ErrorCode::AccessDenied, "the root key cannot be used")
+    }
+}
+
+fn decrypt_error(reason: &str) -> S3Error {
+    tracing::warn!(reason, "stored object did not decrypt");
+    S3Error::with_message(
+        S3ErrorCode::InternalError,
+        "the stored object could not be decrypted for this request",
+    )
+}
+
+fn invalid_range(plain_total: Option<u64>) -> S3Error {
+    let mut e = S3Error::with_message(
+        S3ErrorCode::InvalidRange,
+        "The requested range is not satisfiable",
+    );
+    if let Some(total) = plain_total
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}"))
+    {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_RANGE, v);
+        e.set_headers(h);
+    }
+    e
+}
+
+/// The sealed upload body. It never emits the final chunk before the client's body ended with
+/// the announced length and every checksum and trailer verified: on any failure the stream
+/// errors instead, the upstream request is aborted, and nothing is committed.
+fn seal_stream(
+    input: Body,
+    sealer: Sealer,
+    verifier: checksum::Verifier,
+    expected: u64,
+    trailers: Option<s3s::TrailingHeaders>,
+    failure: Arc<Mutex<Option<S3Error>>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static {
+    struct State {
+        input: Body,
+        sealer: Option<Sealer>,
+        verifier: Option<checksum::Verifier>,
+        expected: u64,
+        seen: u64,
+        trailers: Option<s3s::TrailingHeaders>,
+        failure: Arc<Mutex<Option<S3Error>>>,
+        started: bool,
+    }
+    impl State {
+        /// Record why, stop sealing, and error the stream (which aborts the upstream request).
+        fn fail(mut self, e: S3Error) -> Option<(Result<Bytes, BoxError>, State)> {
+            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            self.sealer = None;
+            Some((Err("upload refused before its final chunk".into()), self))
+        }
+    }
+    let state = State {
+        input,
+        sealer: Some(sealer),
+        verifier: Some(verifier),
+        expected,
+        seen: 0,
+        trailers,
+        failure,
+        started: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if !st.started {
+            st.started = true;
+            let header = st.sealer.as_ref()?.header();
+            return Some((Ok(Bytes::copy_from_slice(&header)), st));
+        }
+        st.sealer.as_ref()?;
+        loop {
+            match st.input.next().await {
+                Some(Ok(bytes)) => {
+                    st.seen += bytes.len() as u64;
+                    if st.seen > st.expected {
+                        return st
+                            .fail(s3_error!(IncompleteBody, "body longer than Content-Length"));
+                    }
+                    if let Some(v) = st.verifier.as_mut() {
+                        v.update(&bytes);
+                    }
+                    let mut out = Vec::new();
+                    if let Some(sealer) = st.sealer.as_mut() {
+                        sealer.push(&bytes, &mut out);
+                    }
+                    if !out.is_empty() {
+                        return Some((Ok(Bytes::from(out)), st));
+                    }
+                }
+                Some(Err(_)) => {
+                    return st.fail(S3Error::with_message(
+                        S3ErrorCode::IncompleteBody,
+                        "the request body failed (chunk signature or connection)",
+                    ));
+                }
+                None => {
+                    if st.seen != st.expected {
+                        return st.fail(s3_error!(IncompleteBody));
+                    }
+                    let trailers = st.trailers.take().and_then(|t| t.take());
+                    if let Some(v) = st.verifier.take()
+                        && let Err(e) = v.finish(trailers.as_ref())
+                    {
+                        return st.fail(S3Error::with_message(
+                            e.s3_code().parse().unwrap_or(S3ErrorCode::BadDigest),
+                            e.to_string(),
+                        ));
+                    }
+                    let sealer = st.sealer.take()?;
+                    let mut out = Vec::new();
+                    sealer.finish(&mut out);
+                    return Some((Ok(Bytes::from(out)), st));
+                }
+            }
+        }
+    })
+}
+
+/// The decrypted download body: whole chunks are authenticated before any of their bytes are
+/// sent; a failure ends the stream with an error (the client sees an aborted body), never a
+/// clean short or garbled response.
+fn open_stream(
+    body: hyper::body::Incoming,
+    opener: Opener,
+    stored_front: u64,
+    stored_len: u64,
+    skip: u64,
+    len: u64,
+) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static {
+    struct State {
+        body: http_body_util::BodyDataStream<hyper::body::Incoming>,
+        opener: Option<Opener>,
+        /// Stored bytes to drop before the first chunk, then stored bytes to feed.
+        stored_front: u64,
+        stored_left: u64,
+        skip: u64,
+        left: u64,
+    }
+    impl State {
+        /// Drop the bytes before the range and after its end.
+        fn trim(&mut self, mut plain: Vec<u8>) -> Option<Bytes> {
+            let drop = self.skip.min(plain.len() as u64) as usize;
+            self.skip -= drop as u64;
+            plain.drain(..drop);
+            let keep = self.left.min(plain.len() as u64) as usize;
+            plain.truncate(keep);
+            self.left -= keep as u64;
+            (!plain.is_empty()).then(|| Bytes::from(plain))
+        }
+        fn abort(mut self, why: BoxError) -> Option<(Result<Bytes, BoxError>, State)> {
+            tracing::warn!(error = %why, "stored object failed authentication or ended early; aborting the body");
+            self.opener = None;
+            Some((Err(why), self))
+        }
+    }
+    let state = State {
+        body: BodyExt::into_data_stream(body),
+        opener: Some(opener),
+        stored_front,
+        stored_left: stored_len,
+        skip,
+        left: len,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            st.opener.as_ref()?;
+            match st.body.next().await {
+                Some(Ok(mut bytes)) => {
+                    let front = st.stored_front.min(bytes.len() as u64) as usize;
+                    st.stored_front -= front as u64;
+                    let _ = bytes.split_to(front);
+                    let take = st.stored_left.min(bytes.len() as u64) as usize;
+                    bytes.truncate(take);
+                    st.stored_left -= take as u64;
+                    let mut out = Vec::new();
+                    if let Some(Err(e)) = st.opener.as_mut().map(|o| o.push(&bytes, &mut out)) {
+                        return st.abort(Box::new(e));
+                    }
+                    if let Some(b) = st.trim(out) {
+                        return Some((Ok(b), st));
+                    }
+                }
+                Some(Err(e)) => return st.abort(Box::new(e)),
+                None => {
+                    let opener = st.opener.take()?;
+                    let mut out = Vec::new();
+                    if let Err(e) = opener.finish(&mut out) {
+                        st.opener = None;
+                        return st.abort(Box::new(e));
+                    }
+                    let last = st.trim(out);
+                    if st.left > 0 {
+                        return st.abort("stored object shorter than its size".into());
+                    }
+                    return last.map(|b| (Ok(b), st));
+                }
+            }
+        }
+    })
+}

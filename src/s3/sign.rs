@@ -1,0 +1,95 @@
+//! Signing requests to the upstream S3 endpoint with the proxy's own credentials (aws-sigv4).
+//!
+//! The client's signature ends at the proxy (s3s verified it); every upstream request is signed
+//! anew. Settings that matter for S3: the path is signed as sent (single percent-encoding, no
+//! normalization: keys with `//`, `%` or `+` survive), and the payload is `UNSIGNED-PAYLOAD`
+//! (bodies are streamed encrypted; hashing them first would mean buffering).
+
+use std::time::SystemTime;
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{
+    PercentEncodingMode, SignableBody, SignableRequest, SigningSettings, UriPathNormalizationMode,
+    sign,
+};
+use aws_sigv4::sign::v4;
+use zeroize::Zeroizing;
+
+/// The proxy's credentials for one upstream.
+pub struct UpstreamCredentials {
+    access_key_id: String,
+    secret_access_key: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for UpstreamCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "UpstreamCredentials({}, [SENSITIVE])",
+            self.access_key_id
+        )
+    }
+}
+
+impl UpstreamCredentials {
+    pub fn new(access_key_id: String, secret_access_key: Zeroizing<String>) -> Self {
+        UpstreamCredentials {
+            access_key_id,
+            secret_access_key,
+        }
+    }
+}
+
+/// Sign `req` in place for service `s3` in `region`.
+pub fn sign_request<B>(
+    req: &mut http::Request<B>,
+    creds: &UpstreamCredentials,
+    region: &str,
+) -> Result<(), String> {
+    req.headers_mut().insert(
+        "x-amz-content-sha256",
+        http::HeaderValue::from_static("UNSIGNED-PAYLOAD"),
+    );
+    let identity = Credentials::new(
+        creds.access_key_id.clone(),
+        creds.secret_access_key.to_string(),
+        None,
+        None,
+        "envelope-proxy",
+    )
+    .into();
+    let mut settings = SigningSettings::default();
+    settings.percent_encoding_mode = PercentEncodingMode::Single;
+    settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("s3")
+        .time(SystemTime::now())
+        .settings(settings)
+        .build()
+        .map_err(|e| e.to_string())?
+        .into();
+    let uri = req.uri().to_string();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
+        .collect();
+    let signable = SignableRequest::new(
+        req.method().as_str(),
+        uri,
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        SignableBody::UnsignedPayload,
+    )
+    .map_err(|e| e.to_string())?;
+    let (instructions, _) = sign(signable, &params)
+        .map_err(|e| e.to_string())?
+        .into_parts();
+    instructions.apply_to_request_http1x(req);
+    Ok(())
+}

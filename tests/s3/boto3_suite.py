@@ -1,0 +1,185 @@
+"""boto3 against the encrypting S3 gateway, with moto as the upstream.
+
+Run by tests/s3_gateway.rs with:
+  PROXY_URL, MOTO_URL, CLIENT_KEY, CLIENT_SECRET, BUCKET
+Every check raises on failure; the last line printed is 'N passed, 0 failed'.
+"""
+import hashlib
+import os
+import sys
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+PROXY = os.environ["PROXY_URL"]
+MOTO = os.environ["MOTO_URL"]
+BUCKET = os.environ["BUCKET"]
+
+cfg = Config(
+    signature_version="s3v4",
+    s3={"addressing_style": "path"},
+    retries={"max_attempts": 1},
+    request_checksum_calculation=os.environ.get("CHECKSUMS", "when_supported"),
+)
+proxy = boto3.client(
+    "s3",
+    endpoint_url=PROXY,
+    aws_access_key_id=os.environ["CLIENT_KEY"],
+    aws_secret_access_key=os.environ["CLIENT_SECRET"],
+    region_name="us-east-1",
+    config=cfg,
+)
+# Straight to storage, as an attacker or auditor would look at it.
+raw = boto3.client(
+    "s3",
+    endpoint_url=MOTO,
+    aws_access_key_id="testing",
+    aws_secret_access_key="testing",
+    region_name="us-east-1",
+    config=Config(s3={"addressing_style": "path"}),
+)
+
+passed = 0
+
+
+def check(name, cond, detail=""):
+    global passed
+    if not cond:
+        print(f"FAILED: {name} {detail}", file=sys.stderr)
+        print(f"{passed} passed, 1 failed")
+        sys.exit(1)
+    passed += 1
+
+
+def expect_error(name, fn, codes):
+    try:
+        fn()
+    except ClientError as e:
+        code = e.response["Error"]["Code"]
+        check(name, code in codes, f"got {code}")
+        return
+    except Exception as e:  # an aborted body, for example
+        check(name, "*" in codes, f"got {e!r}")
+        return
+    check(name, False, "no error")
+
+
+proxy.create_bucket(Bucket=BUCKET)
+
+keys = ["plain.txt", "with space.txt", "plus+sign", "per%cent", "unicodé/ключ", "double//slash", "a/b/c.bin"]
+sizes = [0, 1, 16383, 16384, 16385, 100_000, 1_000_003]
+bodies = {}
+for i, key in enumerate(keys):
+    body = os.urandom(sizes[i % len(sizes)])
+    bodies[key] = body
+    r = proxy.put_object(Bucket=BUCKET, Key=key, Body=body, Metadata={"owner": "ada"})
+    check(f"put {key!r} ETag is not a bare MD5", r["ETag"].strip('"').endswith("-0"), r["ETag"])
+
+for key, body in bodies.items():
+    got = proxy.get_object(Bucket=BUCKET, Key=key)
+    data = got["Body"].read()
+    check(f"get {key!r} round trip", data == body, f"{len(data)} vs {len(body)}")
+    check(f"get {key!r} content-length", got["ContentLength"] == len(body))
+    check(f"get {key!r} user metadata", got["Metadata"].get("owner") == "ada", str(got["Metadata"]))
+    check(f"get {key!r} no envelope metadata shown", not any(k.startswith("ep-") for k in got["Metadata"]))
+    head = proxy.head_object(Bucket=BUCKET, Key=key)
+    check(f"head {key!r} plaintext size", head["ContentLength"] == len(body), str(head["ContentLength"]))
+
+    # What storage holds: ciphertext of the predicted size, never the plaintext.
+    stored = raw.get_object(Bucket=BUCKET, Key=key)
+    sdata = stored["Body"].read()
+    p = len(body)
+    check(f"stored {key!r} size", len(sdata) == p + 16 * (p // 16384) + 72, str(len(sdata)))
+    if p >= 16:
+        check(f"stored {key!r} is not plaintext", body[:16] not in sdata)
+    check(f"stored {key!r} carries the envelope", "ep-envelope" in stored["Metadata"])
+
+# Listings report plaintext sizes by arithmetic.
+listed = {o["Key"]: o for o in proxy.list_objects_v2(Bucket=BUCKET)["Contents"]}
+for key, body in bodies.items():
+    check(f"list v2 {key!r} size", listed[key]["Size"] == len(body), str(listed[key]["Size"]))
+    check(f"list v2 {key!r} etag marked", listed[key]["ETag"].strip('"').endswith("-0"))
+v1 = {o["Key"]: o["Size"] for o in proxy.list_objects(Bucket=BUCKET)["Contents"]}
+check("list v1 sizes", all(v1[k] == len(b) for k, b in bodies.items()))
+
+# Ranges: a-b, a-, -n, across chunk boundaries, and unsatisfiable.
+big = bodies["a/b/c.bin"] if len(bodies["a/b/c.bin"]) > 50_000 else None
+key = max(bodies, key=lambda k: len(bodies[k]))
+body = bodies[key]
+n = len(body)
+for rng, want in [
+    ("bytes=0-0", body[0:1]),
+    ("bytes=16380-16390", body[16380:16391]),
+    ("bytes=100-", body[100:]),
+    (f"bytes={n - 10}-{n + 100}", body[n - 10 :]),
+    ("bytes=-5", body[-5:]),
+    ("bytes=-40000", body[-40000:]),
+    ("bytes=32768-49151", body[32768:49152]),
+]:
+    r = proxy.get_object(Bucket=BUCKET, Key=key, Range=rng)
+    data = r["Body"].read()
+    check(f"range {rng}", data == want, f"{len(data)} vs {len(want)}")
+    check(f"range {rng} content-range", r["ContentRange"].endswith(f"/{n}"), r["ContentRange"])
+expect_error("range past the end", lambda: proxy.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={n + 5}-"), {"InvalidRange"})
+
+# Conditional requests use the marked ETag.
+etag = proxy.head_object(Bucket=BUCKET, Key=key)["ETag"]
+r = proxy.get_object(Bucket=BUCKET, Key=key, IfMatch=etag)
+check("If-Match with the marked ETag", r["Body"].read() == body)
+expect_error("If-None-Match with the marked ETag", lambda: proxy.get_object(Bucket=BUCKET, Key=key, IfNoneMatch=etag), {"304", "NotModified"})
+
+# Copy within the bucket (same key context), both metadata directives.
+proxy.copy_object(Bucket=BUCKET, Key="copy-1", CopySource={"Bucket": BUCKET, "Key": key})
+check("copy (COPY) reads back", proxy.get_object(Bucket=BUCKET, Key="copy-1")["Body"].read() == body)
+proxy.copy_object(
+    Bucket=BUCKET, Key="copy-2", CopySource={"Bucket": BUCKET, "Key": key},
+    MetadataDirective="REPLACE", Metadata={"owner": "grace"},
+)
+c2 = proxy.get_object(Bucket=BUCKET, Key="copy-2")
+check("copy (REPLACE) reads back", c2["Body"].read() == body)
+check("copy (REPLACE) new metadata", c2["Metadata"].get("owner") == "grace")
+
+# Tampering with what storage holds is detected.
+stored = raw.get_object(Bucket=BUCKET, Key=key)
+meta = stored["Metadata"]
+sdata = bytearray(stored["Body"].read())
+sdata[len(sdata) // 2] ^= 1
+raw.put_object(Bucket=BUCKET, Key="tampered", Body=bytes(sdata), Metadata=meta)
+expect_error("flipped byte fails", lambda: proxy.get_object(Bucket=BUCKET, Key="tampered")["Body"].read(), {"*", "InternalError"})
+raw.put_object(Bucket=BUCKET, Key="truncated", Body=bytes(sdata[: 56 + 16400]), Metadata=meta)
+expect_error("dropped last chunk fails", lambda: proxy.get_object(Bucket=BUCKET, Key="truncated")["Body"].read(), {"*", "InternalError"})
+# Swap two objects' bodies (same size, own metadata): both fail.
+a, b = "swap-a", "swap-b"
+proxy.put_object(Bucket=BUCKET, Key=a, Body=b"A" * 5000)
+proxy.put_object(Bucket=BUCKET, Key=b, Body=b"B" * 5000)
+sa, sb = raw.get_object(Bucket=BUCKET, Key=a), raw.get_object(Bucket=BUCKET, Key=b)
+raw.put_object(Bucket=BUCKET, Key=a, Body=sb["Body"].read(), Metadata=sa["Metadata"])
+raw.put_object(Bucket=BUCKET, Key=b, Body=sa["Body"].read(), Metadata=sb["Metadata"])
+expect_error("swapped body a fails", lambda: proxy.get_object(Bucket=BUCKET, Key=a)["Body"].read(), {"*", "InternalError"})
+expect_error("swapped body b fails", lambda: proxy.get_object(Bucket=BUCKET, Key=b)["Body"].read(), {"*", "InternalError"})
+
+# An object written around the proxy is refused, not served as if it were decrypted.
+raw.put_object(Bucket=BUCKET, Key="legacy.txt", Body=b"written before the proxy")
+expect_error("plaintext object refused", lambda: proxy.get_object(Bucket=BUCKET, Key="legacy.txt"), {"AccessDenied"})
+
+# Wrong credentials and bad checksums.
+bad = boto3.client("s3", endpoint_url=PROXY, aws_access_key_id=os.environ["CLIENT_KEY"], aws_secret_access_key="wrong",
+                   region_name="us-east-1", config=cfg)
+expect_error("wrong secret", lambda: bad.list_objects_v2(Bucket=BUCKET), {"SignatureDoesNotMatch"})
+unknown = boto3.client("s3", endpoint_url=PROXY, aws_access_key_id="AKIANOBODY", aws_secret_access_key="x",
+                       region_name="us-east-1", config=cfg)
+expect_error("unknown key", lambda: unknown.list_objects_v2(Bucket=BUCKET), {"InvalidAccessKeyId"})
+import base64
+wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+expect_error("bad Content-MD5", lambda: proxy.put_object(Bucket=BUCKET, Key="bad-md5", Body=b"hello", ContentMD5=wrong_md5), {"BadDigest", "InvalidDigest"})
+missing = [o["Key"] for o in raw.list_objects_v2(Bucket=BUCKET).get("Contents", []) if o["Key"] == "bad-md5"]
+check("nothing committed after a bad digest", not missing)
+
+# Deletes pass through.
+proxy.delete_object(Bucket=BUCKET, Key="copy-2")
+proxy.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": "copy-1"}, {"Key": "swap-a"}]})
+left = {o["Key"] for o in proxy.list_objects_v2(Bucket=BUCKET)["Contents"]}
+check("deletes", not ({"copy-1", "copy-2", "swap-a"} & left))
+
+print(f"{passed} passed, 0 failed")
