@@ -63,6 +63,22 @@ enum Command {
         #[arg(long)]
         field: Option<String>,
     },
+    /// Decrypt an S3 object fetched straight from storage (body on stdin, plaintext on stdout).
+    ///
+    /// The metadata comes from `aws s3api head-object` (JSON) or as NAME=VALUE lines with
+    /// x-amz-meta-ep-envelope and x-amz-meta-ep-object. Context values the route derives from
+    /// requests (e.g. the bucket) must be given with --context NAME=VALUE.
+    DecryptObject {
+        /// S3 route whose keys and context apply (default: the only S3 route).
+        #[arg(long)]
+        route: Option<String>,
+        /// A context value, by context key name (repeatable).
+        #[arg(long = "context", value_parser = parse_pair)]
+        context: Vec<(String, String)>,
+        /// File with the object's metadata.
+        #[arg(long)]
+        metadata: PathBuf,
+    },
     /// Check the hash chain of an audit log file.
     AuditVerify { file: PathBuf },
 }
@@ -205,6 +221,27 @@ async fn run(cli: Cli) -> Result<(), String> {
             )
             .await?;
             println!("{out}");
+            Ok(())
+        }
+        Command::DecryptObject {
+            route,
+            context,
+            metadata,
+        } => {
+            let cfg = load(&cli.config)?;
+            let meta = std::fs::read_to_string(&metadata)
+                .map_err(|e| format!("{}: {e}", metadata.display()))?;
+            let given: HashMap<String, String> = context.into_iter().collect();
+            let n = crate::s3::offline::decrypt_object(
+                &cfg,
+                route.as_deref(),
+                &given,
+                &meta,
+                std::io::stdin().lock(),
+                std::io::stdout().lock(),
+            )
+            .await?;
+            eprintln!("decrypted {n} bytes");
             Ok(())
         }
         Command::AuditVerify { file } => {

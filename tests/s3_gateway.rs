@@ -20,6 +20,10 @@ fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
 }
 
 async fn gateway(moto: &Moto, secrets: &Path, extra_route: &str) -> Proxy {
+    gateway_with(moto, secrets, extra_route, "").await
+}
+
+async fn gateway_with(moto: &Moto, secrets: &Path, extra_route: &str, server: &str) -> Proxy {
     let routes = format!(
         r#"
 [[route]]
@@ -44,7 +48,7 @@ identity = "app"
         sk = secret_file(secrets, "up-sk", "testing").display(),
         client = secret_file(secrets, "client-sk", CLIENT_SECRET).display(),
     );
-    Proxy::start(&routes, "").await
+    Proxy::start(&routes, server).await
 }
 
 fn python() -> PathBuf {
@@ -57,14 +61,31 @@ fn python() -> PathBuf {
 }
 
 async fn run_suite(proxy: &Proxy, moto: &Moto, bucket: &str, checksums: &str) {
+    run_suite_at(
+        &format!("http://{}", proxy.addr),
+        None,
+        moto,
+        bucket,
+        checksums,
+    )
+    .await
+}
+
+async fn run_suite_at(url: &str, ca: Option<&Path>, moto: &Moto, bucket: &str, checksums: &str) {
+    std::fs::create_dir_all(std::env::temp_dir().join(format!("ep-{bucket}"))).unwrap();
     let out = tokio::process::Command::new(python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3/boto3_suite.py"))
-        .env("PROXY_URL", format!("http://{}", proxy.addr))
+        .env("PROXY_URL", url)
+        .env(
+            "CA_BUNDLE",
+            ca.map(|p| p.display().to_string()).unwrap_or_default(),
+        )
         .env("MOTO_URL", moto.endpoint())
         .env("CLIENT_KEY", CLIENT_KEY)
         .env("CLIENT_SECRET", CLIENT_SECRET)
         .env("BUCKET", bucket)
         .env("CHECKSUMS", checksums)
+        .env("OUT_DIR", std::env::temp_dir().join(format!("ep-{bucket}")))
         .env_remove("AWS_CA_BUNDLE")
         .output()
         .await
@@ -85,6 +106,41 @@ async fn boto3_round_trips_ranges_listings_copies_and_tampering() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = gateway(&moto, dir.path(), "").await;
     run_suite(&proxy, &moto, "suite-checksums", "when_supported").await;
+
+    // No lock-in: the offline CLI decrypts what storage holds, with the same keys.
+    let out_dir = std::env::temp_dir().join("ep-suite-checksums");
+    let decrypt = |context: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+            .args([
+                "--config",
+                proxy.config_path.to_str().unwrap(),
+                "decrypt-object",
+            ])
+            .args([
+                "--context",
+                context,
+                "--metadata",
+                out_dir.join("meta.json").to_str().unwrap(),
+            ])
+            .stdin(std::fs::File::open(out_dir.join("stored.bin")).unwrap())
+            .output()
+            .unwrap()
+    };
+    let out = decrypt("bucket=suite-checksums");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.stdout,
+        std::fs::read(out_dir.join("plain.bin")).unwrap()
+    );
+    let out = decrypt("bucket=another-bucket");
+    assert!(
+        !out.status.success(),
+        "another bucket's context must not decrypt"
+    );
     // The audit log names the key for each object written and read, and never the data.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     envelope_proxy::audit::verify(&proxy.dir.path().join("audit.log")).unwrap();
@@ -96,4 +152,26 @@ async fn boto3_without_checksums() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = gateway(&moto, dir.path(), "").await;
     run_suite(&proxy, &moto, "suite-plain", "when_required").await;
+}
+
+/// Over TLS, boto3 uploads with `aws-chunked` encoding and a trailing CRC checksum: s3s checks
+/// the chunk framing and trailer, the gateway verifies the checksum over the plaintext.
+#[tokio::test(flavor = "multi_thread")]
+async fn boto3_over_tls_with_aws_chunked_trailers() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert_file = dir.path().join("cert.pem");
+    let key_file = secret_file(dir.path(), "key.pem", &cert.signing_key.serialize_pem());
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    let tls = format!(
+        "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+        cert_file.display(),
+        key_file.display()
+    );
+    let proxy = gateway_with(&moto, dir.path(), "", &tls).await;
+    let url = format!("https://localhost:{}", proxy.addr.port());
+    run_suite_at(&url, Some(&cert_file), &moto, "suite-tls", "when_supported").await;
 }

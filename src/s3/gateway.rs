@@ -536,9 +536,11 @@ impl Ctx<'_> {
 
     async fn put_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         // s3s has decoded aws-chunked bodies and set Content-Length to the decoded length.
-        let plain_len: u64 = req
-            .headers
-            .get(header::CONTENT_LENGTH)
+        // The plaintext length: aws-chunked uploads (boto3 and the aws cli over TLS) announce
+        // it in x-amz-decoded-content-length and may send no Content-Length at all.
+        let plain_len: u64 = ["x-amz-decoded-content-length", "content-length"]
+            .iter()
+            .find_map(|h| req.headers.get(*h))
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| s3_error!(MissingContentLength))?;

@@ -22,6 +22,7 @@ cfg = Config(
     retries={"max_attempts": 1},
     request_checksum_calculation=os.environ.get("CHECKSUMS", "when_supported"),
 )
+VERIFY = os.environ.get("CA_BUNDLE") or None  # the test CA when the proxy listens on TLS
 proxy = boto3.client(
     "s3",
     endpoint_url=PROXY,
@@ -29,6 +30,7 @@ proxy = boto3.client(
     aws_secret_access_key=os.environ["CLIENT_SECRET"],
     region_name="us-east-1",
     config=cfg,
+    verify=VERIFY,
 )
 # Straight to storage, as an attacker or auditor would look at it.
 raw = boto3.client(
@@ -165,10 +167,10 @@ expect_error("plaintext object refused", lambda: proxy.get_object(Bucket=BUCKET,
 
 # Wrong credentials and bad checksums.
 bad = boto3.client("s3", endpoint_url=PROXY, aws_access_key_id=os.environ["CLIENT_KEY"], aws_secret_access_key="wrong",
-                   region_name="us-east-1", config=cfg)
+                   region_name="us-east-1", config=cfg, verify=VERIFY)
 expect_error("wrong secret", lambda: bad.list_objects_v2(Bucket=BUCKET), {"SignatureDoesNotMatch"})
 unknown = boto3.client("s3", endpoint_url=PROXY, aws_access_key_id="AKIANOBODY", aws_secret_access_key="x",
-                       region_name="us-east-1", config=cfg)
+                       region_name="us-east-1", config=cfg, verify=VERIFY)
 expect_error("unknown key", lambda: unknown.list_objects_v2(Bucket=BUCKET), {"InvalidAccessKeyId"})
 import base64
 wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
@@ -181,5 +183,18 @@ proxy.delete_object(Bucket=BUCKET, Key="copy-2")
 proxy.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": "copy-1"}, {"Key": "swap-a"}]})
 left = {o["Key"] for o in proxy.list_objects_v2(Bucket=BUCKET)["Contents"]}
 check("deletes", not ({"copy-1", "copy-2", "swap-a"} & left))
+
+# Material for the offline decryption test: a stored body and its metadata, fetched straight
+# from storage, and the plaintext to compare with.
+out_dir = os.environ.get("OUT_DIR")
+if out_dir:
+    import json
+    okey = "a/b/c.bin"
+    with open(os.path.join(out_dir, "stored.bin"), "wb") as f:
+        f.write(raw.get_object(Bucket=BUCKET, Key=okey)["Body"].read())
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump({"Metadata": raw.head_object(Bucket=BUCKET, Key=okey)["Metadata"]}, f)
+    with open(os.path.join(out_dir, "plain.bin"), "wb") as f:
+        f.write(bodies[okey])
 
 print(f"{passed} passed, 0 failed")
