@@ -4,6 +4,7 @@
 #   json-server 0.17   npm, pinned in tests/peers/package-lock.json
 #   moto server        pip, pinned in tests/peers/requirements.txt (virtualenv tests/peers/venv)
 #   SoftHSM2           Debian package softhsm2 (scripts/softhsm-setup.sh)
+#   rclone, s3cmd      Debian packages: real S3 clients driven through the gateway
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +19,15 @@ apt_install() {
 }
 
 need cargo || { echo "error: cargo (Rust toolchain) is required" >&2; exit 1; }
-{ need node && need npm; } || apt_install nodejs npm
-need python3 || apt_install python3 python3-venv
+missing=()
+{ need node && need npm; } || missing+=(nodejs npm)
+need python3 || missing+=(python3 python3-venv)
+need rclone || missing+=(rclone)
+need s3cmd || missing+=(s3cmd)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
 
 echo "==> test peers: json-server (tests/peers)"
 (cd tests/peers && npm ci --no-audit --no-fund --loglevel=error)

@@ -337,3 +337,98 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// S3 gateway fixtures shared by the S3 client suites.
+pub mod s3 {
+    use std::path::{Path, PathBuf};
+
+    use super::{Moto, Proxy};
+
+    pub const CLIENT_KEY: &str = "AKIAAPPEXAMPLE";
+    pub const CLIENT_SECRET: &str = "app-secret-for-tests-only";
+
+    pub fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(name);
+        std::fs::write(&p, value).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    /// The proxy with one S3 route in front of `moto` (key context: the bucket).
+    pub async fn gateway(moto: &Moto, secrets: &Path, server: &str) -> Proxy {
+        let routes = format!(
+            r#"
+[[route]]
+name = "objects"
+kind = "s3"
+path = "/**"
+upstream = "{upstream}"
+key = "objects"
+context = {{ bucket = "{{s3.bucket}}" }}
+[route.s3]
+region = "us-east-1"
+upstream_access_key_id_file = "{ak}"
+upstream_secret_access_key_file = "{sk}"
+[[route.s3.client]]
+access_key_id = "{CLIENT_KEY}"
+secret_access_key_file = "{client}"
+identity = "app"
+"#,
+            upstream = moto.endpoint(),
+            ak = secret_file(secrets, "up-ak", "testing").display(),
+            sk = secret_file(secrets, "up-sk", "testing").display(),
+            client = secret_file(secrets, "client-sk", CLIENT_SECRET).display(),
+        );
+        Proxy::start(&routes, server).await
+    }
+
+    /// GET an object straight from storage (signed as moto's own user): what reached it.
+    pub async fn raw_get(
+        moto: &Moto,
+        bucket: &str,
+        encoded_key: &str,
+    ) -> (http::StatusCode, bytes::Bytes) {
+        use http_body_util::BodyExt;
+        let creds = envelope_proxy::s3::sign::UpstreamCredentials::new(
+            "testing".into(),
+            zeroize::Zeroizing::new("testing".to_string()),
+        );
+        let mut req = http::Request::get(format!("{}/{bucket}/{encoded_key}", moto.endpoint()))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        envelope_proxy::s3::sign::sign_request(&mut req, &creds, "us-east-1").unwrap();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let resp = client.request(req).await.unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    /// Run a client program to completion (off the runtime's threads); panics with its output
+    /// on failure, naming the install step when the program is missing.
+    pub async fn run(program: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .env_remove("AWS_CA_BUNDLE")
+            .env_remove("SSL_CERT_FILE");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = match cmd.output().await {
+            Ok(o) => o,
+            Err(e) => panic!("{program} is not available ({e}): scripts/test.sh installs it"),
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed:\n{stdout}\n{stderr}"
+        );
+        if envs.iter().any(|(k, _)| *k == "CAPTURE_STDERR") {
+            return format!("{stdout}{stderr}");
+        }
+        stdout
+    }
+}
