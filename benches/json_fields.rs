@@ -5,6 +5,8 @@
 //!   work on a parsed `serde_json::Value`; `seal_bytes`/`open_bytes` include what the pipeline
 //!   adds per request (strict parse and serialization), and `parse_serialize` is that overhead
 //!   alone, for comparison.
+//! - `json_fields_parts/*`: the pieces of one field (path lookup, cache hits, one token), to see
+//!   where the per-document time goes.
 //! - `aead_core/*`: the C2SP chunked AES-256-GCM layer (`envelope::chunked`) on 1 MiB.
 //!
 //! Run: `cargo bench --bench json_fields` (about a minute).
@@ -16,6 +18,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use envelope_proxy::config::{self, JsonRoute, RouteKind};
 use envelope_proxy::envelope::chunked;
+use envelope_proxy::envelope::token::{self, ParsedToken};
 use envelope_proxy::keys::keyring::Keyring;
 use envelope_proxy::keys::{KeyRef, KeyService, RootKeyProvider};
 use envelope_proxy::metrics::Metrics;
@@ -169,6 +172,63 @@ fn json_fields(c: &mut Criterion) {
         b.iter(|| {
             let d = strict_json::parse(black_box(DOC.as_bytes()), MAX_DEPTH).expect("parse");
             serde_json::to_vec(&d).expect("serialize")
+        })
+    });
+    g.finish();
+
+    // Where the time goes: one field's pieces, for reading the numbers above.
+    let key_ctx = json_fields::key_context(jr, &meta).expect("key context");
+    let key = rt
+        .block_on(keys.sealing_key(&jr.keys, &key_ctx, 3, doc_len as u64))
+        .expect("sealing key");
+    let mut msg_ctx = key_ctx.clone();
+    msg_ctx.insert("id", "user-42");
+    msg_ctx.insert(envelope_proxy::envelope::context::FIELD_KEY, "$.profile");
+    let profile = serde_json::to_vec(&doc["profile"]).expect("serialize");
+    let profile_token =
+        token::seal(&key.header, key.data_key.expose(), &msg_ctx, &profile).expect("seal");
+
+    let mut g = c.benchmark_group("json_fields_parts");
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(20);
+    g.bench_function("locate_3_paths", |b| {
+        b.iter(|| {
+            jr.fields
+                .iter()
+                .map(|f| f.locate(black_box(&doc)).len())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("sealing_key_cache_hit", |b| {
+        b.iter(|| {
+            rt.block_on(keys.sealing_key(&jr.keys, black_box(&key_ctx), 3, doc_len as u64))
+                .expect("sealing key")
+        })
+    });
+    let parsed = ParsedToken::parse(&profile_token).expect("token");
+    g.bench_function("opening_key_cache_hit", |b| {
+        b.iter(|| {
+            rt.block_on(keys.opening_key(black_box(&parsed.header), &key_ctx))
+                .expect("opening key")
+        })
+    });
+    g.bench_function("token_seal_profile", |b| {
+        b.iter(|| {
+            token::seal(
+                &key.header,
+                key.data_key.expose(),
+                &msg_ctx,
+                black_box(&profile),
+            )
+        })
+    });
+    g.bench_function("token_open_profile", |b| {
+        b.iter(|| {
+            ParsedToken::parse(black_box(&profile_token))
+                .expect("token")
+                .open(key.data_key.expose(), &msg_ctx)
+                .expect("opens")
         })
     });
     g.finish();

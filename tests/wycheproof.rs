@@ -1,8 +1,8 @@
 //! Wycheproof vectors for the primitives the on-storage format is built on, and for the C2SP
 //! chunked-encryption layer itself (see docs/FORMAT.md §1).
 //!
-//! - AES-256-GCM (96-bit nonce, 128-bit tag) against the `aes-gcm` crate, used for chunks and
-//!   for local-keyring EDKs.
+//! - AES-256-GCM (96-bit nonce, 128-bit tag) against the `aes-gcm` crate (local-keyring EDKs and
+//!   the keyring file) and against ring through the chunk layer (`MessageKeys`).
 //! - HKDF-SHA-512 built from `hmac` + `sha2`: the chunked layer uses its Expand half, keyed with
 //!   HMAC-SHA-512 exactly as here.
 //! - All C2SP chunked-encryption AES-256-GCM vectors against `envelope::chunked::open`.
