@@ -358,3 +358,67 @@ async fn kms_calls_per_ten_thousand_writes_and_single_flight() {
         warm[warm.len() * 99 / 100]
     );
 }
+
+/// Measurement (printed, not asserted): write latency through the proxy with KMS as the
+/// backend, warm cache (one tenant) versus cold (a new tenant, so a new key context and a
+/// GenerateDataKey call, each time). `cargo test --test kms write_latency -- --nocapture`.
+#[tokio::test]
+async fn write_latency_cold_versus_warm() {
+    let moto = Moto::start();
+    moto.create_key("alias/users").await;
+    let js = JsonServer::start();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "{}{}",
+        backend_toml(&moto, &credentials_file(creds_dir.path())),
+        route(&js.url(), r#"["kms:alias/users"]"#)
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    let mut measure = |samples: &mut Vec<Duration>, t: Instant| samples.push(t.elapsed());
+    let (mut warm, mut cold) = (Vec::new(), Vec::new());
+    http.post_json(
+        &proxy.url("/tenants/warm/users"),
+        &[],
+        &json!({"id": "w-first", "ssn": "1"}),
+    )
+    .await;
+    for i in 0..200 {
+        let t = Instant::now();
+        let r = http
+            .post_json(
+                &proxy.url("/tenants/warm/users"),
+                &[],
+                &json!({"id": format!("w{i}"), "ssn": "123"}),
+            )
+            .await;
+        measure(&mut warm, t);
+        assert_eq!(r.status, 201);
+        let t = Instant::now();
+        let r = http
+            .post_json(
+                &proxy.url(&format!("/tenants/cold{i}/users")),
+                &[],
+                &json!({"id": format!("c{i}"), "ssn": "123"}),
+            )
+            .await;
+        measure(&mut cold, t);
+        assert_eq!(r.status, 201);
+    }
+    warm.sort();
+    cold.sort();
+    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    println!(
+        "write latency through the proxy to json-server, KMS (moto) backend, 200 writes each:\n  \
+         warm cache: p50 {:?} p99 {:?}\n  cold cache (GenerateDataKey per write): p50 {:?} p99 {:?}",
+        pct(&warm, 50),
+        pct(&warm, 99),
+        pct(&cold, 50),
+        pct(&cold, 99)
+    );
+    assert_eq!(
+        proxy.state().metrics.backend_calls_for("kms"),
+        201,
+        "one KMS call per cold write"
+    );
+}

@@ -94,13 +94,20 @@ impl DataKeyCache {
                 .seal
                 .try_get_with(cache_key.clone(), async {
                     missed = true;
-                    make().await.map(|key| {
-                        Arc::new(SealEntry {
-                            key: Arc::new(key),
-                            messages: AtomicU64::new(0),
-                            bytes: AtomicU64::new(0),
-                        })
-                    })
+                    let key = make().await?;
+                    // What we seal now is often read back at once (a write's response, a
+                    // read-after-write): prime the opening side so that costs no unwrap call.
+                    for edk in &key.header.edks {
+                        let copy = Arc::new(DataKey::from_bytes(*key.data_key.expose()));
+                        self.open
+                            .insert(open_cache_key(edk, key_context), copy)
+                            .await;
+                    }
+                    Ok(Arc::new(SealEntry {
+                        key: Arc::new(key),
+                        messages: AtomicU64::new(0),
+                        bytes: AtomicU64::new(0),
+                    }))
                 })
                 .await
                 .map_err(|e: Arc<BackendError>| (*e).clone())?;
