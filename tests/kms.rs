@@ -375,7 +375,7 @@ async fn write_latency_cold_versus_warm() {
     );
     let proxy = Proxy::start(&routes, "").await;
     let http = Http::default();
-    let mut measure = |samples: &mut Vec<Duration>, t: Instant| samples.push(t.elapsed());
+    let measure = |samples: &mut Vec<Duration>, t: Instant| samples.push(t.elapsed());
     let (mut warm, mut cold) = (Vec::new(), Vec::new());
     http.post_json(
         &proxy.url("/tenants/warm/users"),

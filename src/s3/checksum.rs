@@ -56,6 +56,7 @@ use md5::Md5;
 use sha1::Sha1;
 use sha2::{Digest as _, Sha256};
 
+use crate::s3::listing::{Edit, Visit, XmlRewriteError, apply_edits, is_checksum_value, walk};
 use crate::s3::xml_error::S3Error;
 
 /// The `x-amz-checksum-*` algorithms S3 supports.
@@ -460,6 +461,41 @@ pub fn strip_checksum_headers(headers: &mut HeaderMap) -> usize {
     removed
 }
 
+/// Removes every checksum *value* element (`<ChecksumCRC32>`, `<ChecksumCRC32C>`,
+/// `<ChecksumCRC64NVME>`, `<ChecksumSHA1>`, `<ChecksumSHA256>`, any `<Checksum…>` except
+/// `<ChecksumAlgorithm>` / `<ChecksumType>`), at any depth, with the whitespace before it;
+/// every other byte is kept. Returns the body and the number of elements removed.
+///
+/// - CompleteMultipartUpload **request** body: the client's per-part checksums describe
+///   plaintext parts, and the parts went upstream without checksums; S3 rejects a Complete
+///   that names checksums the parts do not have. (Unmark the ETags too:
+///   [`crate::s3::etag::unmark_in_xml`].)
+/// - CompleteMultipartUploadResult, CopyObjectResult, CopyPartResult **responses**: upstream
+///   checksums of ciphertext.
+///
+/// Listings have this built in ([`crate::s3::listing::rewrite`]).
+pub fn strip_checksum_elements(body: &[u8]) -> Result<(Vec<u8>, usize), XmlRewriteError> {
+    let mut edits = Vec::new();
+    walk(body, |visit| {
+        if let Visit::Leaf(leaf) = visit
+            && leaf.path.len() > 1
+            && leaf.path.last().is_some_and(|n| is_checksum_value(n))
+        {
+            let mut start = leaf.outer.start;
+            while start > 0 && body[start - 1].is_ascii_whitespace() {
+                start -= 1;
+            }
+            edits.push(Edit {
+                range: start..leaf.outer.end,
+                replacement: Vec::new(),
+            });
+        }
+        Ok(())
+    })?;
+    let n = edits.len();
+    Ok((apply_edits(body, edits), n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,6 +784,46 @@ mod tests {
             ("x-amz-checksum-crc32c", "yZRlqg=="),
         ]);
         assert!(check(&pairs, HELLO, Some(&t)).is_ok());
+    }
+
+    #[test]
+    fn strips_checksum_elements_from_complete_bodies() {
+        let body = concat!(
+            r#"<?xml version="1.0" encoding="UTF-8"?>"#,
+            "\n",
+            r#"<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">"#,
+            "\n  <Part>\n    <ETag>&quot;0c78aef83f66abc1fa1e8477f296d394&quot;</ETag>",
+            "\n    <ChecksumCRC32>DUoRhQ==</ChecksumCRC32>",
+            "\n    <PartNumber>1</PartNumber>\n  </Part>",
+            "\n  <Part><ETag>&quot;acbd18db4cc2f85cedef654fccc4a4d8&quot;</ETag>",
+            "<ChecksumCRC64NVME>jSnVw/bqjr4=</ChecksumCRC64NVME><PartNumber>2</PartNumber></Part>",
+            "\n</CompleteMultipartUpload>"
+        );
+        let (out, n) = strip_checksum_elements(body.as_bytes()).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            body.replace("\n    <ChecksumCRC32>DUoRhQ==</ChecksumCRC32>", "")
+                .replace("<ChecksumCRC64NVME>jSnVw/bqjr4=</ChecksumCRC64NVME>", "")
+        );
+        // Copy result: checksum of ciphertext removed, type kept; nothing else changes.
+        let copy = "<CopyObjectResult><ETag>\"9b2cf535f27731c974343645a3985328\"</ETag>\
+                    <LastModified>2024-11-28T23:20:00.000Z</LastModified>\
+                    <ChecksumType>FULL_OBJECT</ChecksumType>\
+                    <ChecksumCRC64NVME>AAAAAAAAAAA=</ChecksumCRC64NVME></CopyObjectResult>";
+        let (out, n) = strip_checksum_elements(copy.as_bytes()).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            copy.replace("<ChecksumCRC64NVME>AAAAAAAAAAA=</ChecksumCRC64NVME>", "")
+        );
+        // A root element named like a checksum is not removed; malformed XML is an error.
+        let (out, n) = strip_checksum_elements(b"<ChecksumCRC32>x</ChecksumCRC32>").unwrap();
+        assert_eq!(
+            (out.as_slice(), n),
+            (&b"<ChecksumCRC32>x</ChecksumCRC32>"[..], 0)
+        );
+        assert!(strip_checksum_elements(b"<a><ChecksumCRC32>x</a>").is_err());
     }
 
     #[test]

@@ -43,8 +43,11 @@ use crate::pipeline::{AppState, BoxError, ClientInfo, ProxyBody};
 pub const META_ENVELOPE: &str = "x-amz-meta-ep-envelope";
 /// Reserved metadata: the random object id bound into every message of the object.
 pub const META_OBJECT_ID: &str = "x-amz-meta-ep-object";
+/// Reserved metadata: `1` on objects written by a multipart upload (one message per part; the
+/// envelope metadata then holds the envelope header only, each part carries its C2SP header).
+pub const META_MULTIPART: &str = "x-amz-meta-ep-multipart";
 const RESERVED_META_PREFIX: &str = "x-amz-meta-ep-";
-const OBJECT_ID_KEY: &str = "ep:object";
+pub(super) const OBJECT_ID_KEY: &str = "ep:object";
 
 /// Per-request data the pipeline hands through s3s (as a request extension).
 #[derive(Clone)]
@@ -189,21 +192,17 @@ impl S3Route for GatewayRoute {
             Op::HeadObject => ctx.get_object(req, true).await,
             Op::CopyObject => ctx.copy_object(req).await,
             Op::ListObjects => ctx.listing(req).await,
-            Op::Multipart => Err(S3Error::with_message(
-                S3ErrorCode::NotImplemented,
-                "multipart uploads through the encrypting gateway are not available yet; \
-                 raise the client's multipart threshold",
-            )),
+            Op::Multipart => ctx.multipart(req).await,
             Op::Other => ctx.passthrough(req).await,
         }
     }
 }
 
 /// Bucket and key of a request, and the raw (still percent-encoded) path to send upstream.
-struct Target {
-    bucket: Option<String>,
-    key: Option<String>,
-    upstream_path: String,
+pub(super) struct Target {
+    pub(super) bucket: Option<String>,
+    pub(super) key: Option<String>,
+    pub(super) upstream_path: String,
 }
 
 impl GatewayRoute {
@@ -324,13 +323,13 @@ impl Op {
     }
 }
 
-struct Ctx<'a> {
-    state: Arc<AppState>,
-    route: &'a Route,
-    cfg: &'a S3RouteConfig,
-    identity: String,
-    target: Target,
-    upstream: Arc<UpstreamCredentials>,
+pub(super) struct Ctx<'a> {
+    pub(super) state: Arc<AppState>,
+    pub(super) route: &'a Route,
+    pub(super) cfg: &'a S3RouteConfig,
+    pub(super) identity: String,
+    pub(super) target: Target,
+    pub(super) upstream: Arc<UpstreamCredentials>,
 }
 
 struct S3Lookup<'a> {
@@ -350,14 +349,14 @@ impl Lookup for S3Lookup<'_> {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> S3Error {
+pub(super) fn internal(e: impl std::fmt::Display) -> S3Error {
     tracing::warn!(error = %e, "S3 gateway error");
     s3_error!(InternalError)
 }
 
 /// Client headers that must never reach the upstream: authentication, and anything that
 /// describes the plaintext body (checksums, aws-chunked framing) or forges our metadata.
-fn strip_request_headers(headers: &mut HeaderMap) {
+pub(super) fn strip_request_headers(headers: &mut HeaderMap) {
     crate::pipeline::upstream::strip_hop_by_hop(headers);
     checksum::strip_checksum_headers(headers);
     for h in [
@@ -398,7 +397,7 @@ fn strip_request_headers(headers: &mut HeaderMap) {
 }
 
 /// Upstream response headers the client must not see: checksums of ciphertext, our metadata.
-fn clean_response_headers(headers: &mut HeaderMap) {
+pub(super) fn clean_response_headers(headers: &mut HeaderMap) {
     crate::pipeline::upstream::strip_hop_by_hop(headers);
     checksum::strip_checksum_headers(headers);
     let reserved: Vec<HeaderName> = headers
@@ -416,7 +415,7 @@ fn clean_response_headers(headers: &mut HeaderMap) {
     }
 }
 
-fn unmark_conditionals(headers: &mut HeaderMap) {
+pub(super) fn unmark_conditionals(headers: &mut HeaderMap) {
     for h in [
         "if-match",
         "if-none-match",
@@ -431,7 +430,7 @@ fn unmark_conditionals(headers: &mut HeaderMap) {
     }
 }
 
-fn boxed_stream<S>(s: S) -> ProxyBody
+pub(super) fn boxed_stream<S>(s: S) -> ProxyBody
 where
     S: futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + Sync + 'static,
 {
@@ -439,15 +438,43 @@ where
 }
 
 /// The plaintext size of a stored object from its stored size and ETag (multipart: `-N`).
-fn plaintext_size(stored: u64, etag_value: Option<&str>) -> Option<u64> {
+pub(super) fn plaintext_size(stored: u64, etag_value: Option<&str>) -> Option<u64> {
     match etag_value.and_then(etag::multipart_parts) {
         Some(parts) => listing::multipart_plaintext_len(stored, parts),
         None => chunked::plaintext_len(stored),
     }
 }
 
+/// The plaintext length of an upload body and the verifier of the client's checksums.
+/// aws-chunked uploads (boto3 and the aws cli over TLS) announce the plaintext length in
+/// x-amz-decoded-content-length and may send no Content-Length at all.
+pub(super) fn upload_prelude(headers: &HeaderMap) -> S3Result<(u64, checksum::Verifier)> {
+    let plain_len: u64 = ["x-amz-decoded-content-length", "content-length"]
+        .iter()
+        .find_map(|h| headers.get(*h))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| s3_error!(MissingContentLength))?;
+    let verifier = checksum::Verifier::from_headers(headers).map_err(|e| {
+        S3Error::with_message(
+            e.s3_code().parse().unwrap_or(S3ErrorCode::InvalidDigest),
+            e.to_string(),
+        )
+    })?;
+    Ok((plain_len, verifier))
+}
+
+/// Upstream headers for a sealed upload (PutObject, UploadPart): the client's, minus what
+/// describes the plaintext or authenticates the client, with ETag conditions unmarked.
+pub(super) fn upload_headers(client: &HeaderMap) -> HeaderMap {
+    let mut headers = client.clone();
+    strip_request_headers(&mut headers);
+    unmark_conditionals(&mut headers);
+    headers
+}
+
 impl Ctx<'_> {
-    fn key_context(&self, headers: &HeaderMap) -> S3Result<Context> {
+    pub(super) fn key_context(&self, headers: &HeaderMap) -> S3Result<Context> {
         let lookup = S3Lookup {
             bucket: self.target.bucket.as_deref(),
             identity: &self.identity,
@@ -466,12 +493,17 @@ impl Ctx<'_> {
         Ok(ctx)
     }
 
-    fn upstream_uri(&self, uri: &http::Uri) -> S3Result<http::Uri> {
+    pub(super) fn upstream_uri(&self, uri: &http::Uri) -> S3Result<http::Uri> {
+        self.upstream_uri_with_query(uri.query())
+    }
+
+    /// The upstream URI of this request's bucket and key with another (raw) query string.
+    pub(super) fn upstream_uri_with_query(&self, query: Option<&str>) -> S3Result<http::Uri> {
         let mut pq = format!(
             "{}{}",
             self.route.upstream.base_path, self.target.upstream_path
         );
-        if let Some(q) = uri.query() {
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
             pq.push('?');
             pq.push_str(q);
         }
@@ -483,7 +515,7 @@ impl Ctx<'_> {
             .map_err(|_| s3_error!(InvalidURI))
     }
 
-    async fn send(
+    pub(super) async fn send(
         &self,
         method: Method,
         uri: http::Uri,
@@ -504,7 +536,7 @@ impl Ctx<'_> {
     }
 
     /// Forward an upstream response as it is (errors included), minus ciphertext details.
-    fn forward(resp: http::Response<hyper::body::Incoming>) -> S3Response<Body> {
+    pub(super) fn forward(resp: http::Response<hyper::body::Incoming>) -> S3Response<Body> {
         let (mut parts, body) = resp.into_parts();
         clean_response_headers(&mut parts.headers);
         let mut out = S3Response::new(Body::http_body(body.map_err(|e| Box::new(e) as BoxError)));
@@ -513,7 +545,7 @@ impl Ctx<'_> {
         out
     }
 
-    async fn passthrough(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+    pub(super) async fn passthrough(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         let mut headers = req.headers.clone();
         // The body is forwarded unchanged: its Content-MD5 still describes it.
         let md5 = headers.get("content-md5").cloned();
@@ -535,21 +567,7 @@ impl Ctx<'_> {
     }
 
     async fn put_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
-        // s3s has decoded aws-chunked bodies and set Content-Length to the decoded length.
-        // The plaintext length: aws-chunked uploads (boto3 and the aws cli over TLS) announce
-        // it in x-amz-decoded-content-length and may send no Content-Length at all.
-        let plain_len: u64 = ["x-amz-decoded-content-length", "content-length"]
-            .iter()
-            .find_map(|h| req.headers.get(*h))
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| s3_error!(MissingContentLength))?;
-        let verifier = checksum::Verifier::from_headers(&req.headers).map_err(|e| {
-            S3Error::with_message(
-                e.s3_code().parse().unwrap_or(S3ErrorCode::InvalidDigest),
-                e.to_string(),
-            )
-        })?;
+        let (plain_len, verifier) = upload_prelude(&req.headers)?;
         let key_ctx = self.key_context(&req.headers)?;
         let sealing = self
             .state
@@ -567,9 +585,7 @@ impl Ctx<'_> {
         let mut meta = env_header.clone();
         meta.extend_from_slice(&sealer.header());
 
-        let mut headers = req.headers.clone();
-        strip_request_headers(&mut headers);
-        unmark_conditionals(&mut headers);
+        let mut headers = upload_headers(&req.headers);
         headers.insert(
             HeaderName::from_static(META_ENVELOPE),
             HeaderValue::from_str(&URL_SAFE_NO_PAD.encode(&meta)).map_err(internal)?,
@@ -578,11 +594,30 @@ impl Ctx<'_> {
             HeaderName::from_static(META_OBJECT_ID),
             HeaderValue::from_str(&object_id).map_err(internal)?,
         );
+        let uri = self.upstream_uri(&req.uri)?;
+        let resp = self
+            .send_sealed(uri, headers, req, sealer, verifier, plain_len)
+            .await?;
+        Ok(Self::forward(resp))
+    }
+
+    /// PUT the request's body upstream sealed by `sealer` (PutObject, UploadPart), with
+    /// `Content-Length` set to the sealed size. The final chunk only goes out once the client's
+    /// body ended with `plain_len` bytes and every checksum and trailer verified; otherwise the
+    /// upstream request is aborted (nothing is committed) and the reason is returned.
+    pub(super) async fn send_sealed(
+        &self,
+        uri: http::Uri,
+        mut headers: HeaderMap,
+        req: S3Request<Body>,
+        sealer: Sealer,
+        verifier: checksum::Verifier,
+        plain_len: u64,
+    ) -> S3Result<http::Response<hyper::body::Incoming>> {
         headers.insert(
             header::CONTENT_LENGTH,
             HeaderValue::from(chunked::ciphertext_len(plain_len)),
         );
-
         let failure = Arc::new(Mutex::new(None::<S3Error>));
         let body = seal_stream(
             req.input,
@@ -592,7 +627,6 @@ impl Ctx<'_> {
             req.trailing_headers,
             failure.clone(),
         );
-        let uri = self.upstream_uri(&req.uri)?;
         let result = self
             .send(Method::PUT, uri, headers, boxed_stream(body))
             .await;
@@ -600,10 +634,13 @@ impl Ctx<'_> {
             // The body was refused before its last chunk: nothing was committed upstream.
             return Err(e);
         }
-        Ok(Self::forward(result?))
+        result
     }
 
     async fn get_object(&self, req: S3Request<Body>, head: bool) -> S3Result<S3Response<Body>> {
+        // `?partNumber=N`: S3 serves one part of a multipart object. Upstream never sees it (it
+        // would count stored bytes); the part's plaintext range is computed from the layout.
+        let part = super::multipart::part_number_query(&req.uri)?;
         let mut headers = req.headers.clone();
         strip_request_headers(&mut headers);
         unmark_conditionals(&mut headers);
@@ -613,27 +650,63 @@ impl Ctx<'_> {
             .get(header::RANGE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        if part.is_some() && range_value.is_some() {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidRequest,
+                "Cannot specify both Range header and partNumber query parameter",
+            ));
+        }
         let requested = if head {
             None
         } else {
             range_value.as_deref().and_then(range::parse)
         };
+        let base_headers = headers.clone();
         if let Some(spec) = &requested {
             headers.insert(
                 header::RANGE,
                 HeaderValue::from_str(&range::upstream_range_header(spec)).map_err(internal)?,
             );
         }
-        let uri = self.upstream_uri(&req.uri)?;
-        let method = if head { Method::HEAD } else { Method::GET };
-        let resp = self
+        let uri = match part {
+            Some(_) => self.upstream_uri_with_query(
+                super::multipart::without_query_param(req.uri.query(), "partNumber").as_deref(),
+            )?,
+            None => self.upstream_uri(&req.uri)?,
+        };
+        // A part of an object is served from a HEAD first (the object may be multipart).
+        let method = if head || part.is_some() {
+            Method::HEAD
+        } else {
+            Method::GET
+        };
+        let mut resp = self
             .send(
-                method,
-                uri,
+                method.clone(),
+                uri.clone(),
                 headers,
                 crate::pipeline::full_body(Bytes::new()),
             )
             .await?;
+        if let Some(n) = part
+            && !super::multipart::is_multipart(resp.headers())
+        {
+            // Not a multipart object: part 1 is the whole object, as in S3.
+            if resp.status().is_success() && n != 1 {
+                return Err(super::multipart::invalid_part_number());
+            }
+            if !head {
+                // Read it with a GET (errors then come with their XML body).
+                resp = self
+                    .send(
+                        Method::GET,
+                        uri.clone(),
+                        base_headers.clone(),
+                        crate::pipeline::full_body(Bytes::new()),
+                    )
+                    .await?;
+            }
+        }
         let status = resp.status();
         let content_range = resp
             .headers()
@@ -641,7 +714,10 @@ impl Ctx<'_> {
             .and_then(|v| v.to_str().ok())
             .and_then(range::parse_content_range);
         if status == StatusCode::RANGE_NOT_SATISFIABLE {
-            let plain = content_range.and_then(|c| plaintext_size(c.total, None));
+            let plain = match content_range {
+                Some(c) => self.plaintext_total(&uri, &base_headers, c.total).await,
+                None => None,
+            };
             return Err(invalid_range(plain));
         }
         if !(status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT) {
@@ -682,17 +758,31 @@ impl Ctx<'_> {
             ),
             _ => return Err(internal("upstream 206 without Content-Range")),
         };
-        let fetched_len = if head { 0 } else { content_length.unwrap_or(0) };
-        if etag_value
-            .as_deref()
-            .and_then(etag::multipart_parts)
-            .is_some()
-        {
-            return Err(S3Error::with_message(
-                S3ErrorCode::NotImplemented,
-                "objects uploaded in parts are not readable through the gateway yet",
-            ));
+        if super::multipart::is_multipart(resp.headers()) {
+            // The whole stored object is in `resp` only for a plain full GET.
+            let whole_body = !head
+                && part.is_none()
+                && requested.is_none()
+                && status == StatusCode::OK
+                && method == Method::GET;
+            return self
+                .get_multipart(super::multipart::MultipartGet {
+                    client_headers: &req.headers,
+                    uri,
+                    base_headers,
+                    resp,
+                    whole_body,
+                    meta,
+                    object_id,
+                    etag: etag_value,
+                    stored_total,
+                    requested: requested.map(|spec| (spec, range_value.unwrap_or_default())),
+                    part,
+                    head,
+                })
+                .await;
         }
+        let fetched_len = if head { 0 } else { content_length.unwrap_or(0) };
         let plain_total = chunked::plaintext_len(stored_total)
             .ok_or_else(|| decrypt_error("impossible stored size"))?;
 
@@ -797,8 +887,33 @@ impl Ctx<'_> {
         Ok(out)
     }
 
+    /// The plaintext size of an object after an upstream 416, for `Content-Range: bytes */P`:
+    /// the 416 gives the stored size but not the ETag a multipart object's size needs.
+    async fn plaintext_total(
+        &self,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        stored_total: u64,
+    ) -> Option<u64> {
+        let head = self
+            .send(
+                Method::HEAD,
+                uri.clone(),
+                headers.clone(),
+                crate::pipeline::full_body(Bytes::new()),
+            )
+            .await
+            .ok()
+            .filter(|r| r.status().is_success());
+        let etag_value = head
+            .as_ref()
+            .and_then(|r| r.headers().get(header::ETAG))
+            .and_then(|v| v.to_str().ok());
+        plaintext_size(stored_total, etag_value)
+    }
+
     /// An object without our metadata: written before the proxy, or around it.
-    fn plaintext_object(
+    pub(super) fn plaintext_object(
         &self,
         resp: http::Response<hyper::body::Incoming>,
     ) -> S3Result<S3Response<Body>> {
@@ -864,7 +979,10 @@ impl Ctx<'_> {
                  which the gateway does not do server-side yet: download and upload instead",
             ));
         }
-        if replace {
+        // HEAD the source: a REPLACE copy needs its reserved metadata, and an object written
+        // in parts cannot be copied in one piece (the copy loses the `-N` ETag that its layout
+        // is read from).
+        {
             let mut head_uri = format!(
                 "{}://{}{}{}",
                 self.route.upstream.scheme,
@@ -885,14 +1003,26 @@ impl Ctx<'_> {
                     crate::pipeline::full_body(Bytes::new()),
                 )
                 .await?;
-            if !head.status().is_success() {
+            if head.status().is_success() {
+                if super::multipart::is_multipart(head.headers()) {
+                    return Err(S3Error::with_message(
+                        S3ErrorCode::NotImplemented,
+                        "objects uploaded in parts cannot be copied through the encrypting \
+                         gateway (the copy would lose the part layout): download and upload \
+                         instead",
+                    ));
+                }
+                if replace {
+                    for name in [META_ENVELOPE, META_OBJECT_ID] {
+                        if let Some(v) = head.headers().get(name) {
+                            headers.insert(HeaderName::from_static(name), v.clone());
+                        }
+                    }
+                }
+            } else if replace {
                 return Ok(Self::forward(head));
             }
-            for name in [META_ENVELOPE, META_OBJECT_ID] {
-                if let Some(v) = head.headers().get(name) {
-                    headers.insert(HeaderName::from_static(name), v.clone());
-                }
-            }
+            // (A COPY copy of a missing source: upstream answers the copy with its error.)
         }
         headers.insert(
             "x-amz-copy-source",
@@ -932,7 +1062,7 @@ impl Ctx<'_> {
     }
 
     /// Read a (bounded) XML response, rewrite it, and answer; errors pass through as they are.
-    async fn rewrite_xml(
+    pub(super) async fn rewrite_xml(
         &self,
         resp: http::Response<hyper::body::Incoming>,
         rewrite: impl FnOnce(&[u8]) -> S3Result<Vec<u8>>,
@@ -965,7 +1095,7 @@ impl Ctx<'_> {
     }
 }
 
-fn backend_error(e: crate::keys::BackendError) -> S3Error {
+pub(super) fn backend_error(e: crate::keys::BackendError) -> S3Error {
     if e.retryable() {
         S3Error::with_message(
             S3ErrorCode::ServiceUnavailable,
@@ -977,7 +1107,7 @@ fn backend_error(e: crate::keys::BackendError) -> S3Error {
     }
 }
 
-fn decrypt_error(reason: &str) -> S3Error {
+pub(super) fn decrypt_error(reason: &str) -> S3Error {
     tracing::warn!(reason, "stored object did not decrypt");
     S3Error::with_message(
         S3ErrorCode::InternalError,
@@ -985,7 +1115,7 @@ fn decrypt_error(reason: &str) -> S3Error {
     )
 }
 
-fn invalid_range(plain_total: Option<u64>) -> S3Error {
+pub(super) fn invalid_range(plain_total: Option<u64>) -> S3Error {
     let mut e = S3Error::with_message(
         S3ErrorCode::InvalidRange,
         "The requested range is not satisfiable",

@@ -220,7 +220,7 @@ fn is_record(name: &str) -> bool {
 }
 
 /// `Checksum…` elements that carry a checksum value (not `ChecksumAlgorithm`/`ChecksumType`).
-fn is_checksum_value(name: &str) -> bool {
+pub(crate) fn is_checksum_value(name: &str) -> bool {
     name.starts_with("Checksum") && name != "ChecksumAlgorithm" && name != "ChecksumType"
 }
 

@@ -2,6 +2,7 @@ pub mod checksum;
 pub mod etag;
 pub mod gateway;
 pub mod listing;
+pub mod multipart;
 pub mod offline;
 pub mod range;
 pub mod sign;
