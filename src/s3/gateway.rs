@@ -547,13 +547,23 @@ impl Ctx<'_> {
 
     pub(super) async fn passthrough(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         let mut headers = req.headers.clone();
-        // The body is forwarded unchanged: its Content-MD5 still describes it.
-        let md5 = headers.get("content-md5").cloned();
+        // The body is forwarded unchanged, so its Content-MD5 and x-amz-checksum-* headers still
+        // describe it, and S3 requires one on some operations (DeleteObjects, bucket
+        // lifecycle, object lock). Checksums announced as aws-chunked trailers are not kept:
+        // s3s consumed the trailer, and the body goes upstream decoded.
+        let trailer = headers.contains_key("x-amz-trailer");
+        let kept: Vec<(HeaderName, HeaderValue)> = headers
+            .iter()
+            .filter(|(k, _)| {
+                !trailer && checksum::is_checksum_header(k) && k.as_str() != "x-amz-trailer"
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let len = headers.get(header::CONTENT_LENGTH).cloned();
         strip_request_headers(&mut headers);
         unmark_conditionals(&mut headers);
-        if let Some(v) = md5 {
-            headers.insert("content-md5", v);
+        for (k, v) in kept {
+            headers.insert(k, v);
         }
         if let Some(v) = len {
             headers.insert(header::CONTENT_LENGTH, v);
