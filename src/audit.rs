@@ -94,8 +94,14 @@ impl AuditLog {
     }
 
     pub async fn record(&self, event: AuditEvent) {
-        tracing::info!(target: "audit", action = event.action, outcome = event.outcome, route = %event.route,
-            status = event.status, values = event.values, reason = event.reason.as_deref().unwrap_or(""));
+        // With a file, the file is the audit log: the tracing line is for debugging only.
+        if self.tx.is_some() {
+            tracing::debug!(target: "audit", action = event.action, outcome = event.outcome, route = %event.route,
+                status = event.status, values = event.values, reason = event.reason.as_deref().unwrap_or(""));
+        } else {
+            tracing::info!(target: "audit", action = event.action, outcome = event.outcome, route = %event.route,
+                status = event.status, values = event.values, reason = event.reason.as_deref().unwrap_or(""));
+        }
         if let Some(tx) = &self.tx
             && tx.send(event).await.is_err()
         {

@@ -17,11 +17,9 @@
 //! The whole message is a function of `(ikm, context, salt, plaintext)`; the stored size is
 //! `C = P + 16·⌊P/16384⌋ + 72`, which [`ciphertext_len`] and [`plaintext_len`] compute.
 
-use hmac::{Hmac, KeyInit, Mac};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
-use sha2::Sha512;
 use subtle::ConstantTimeEq;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// Plaintext bytes per chunk. DO NOT CHANGE: part of the on-storage format.
 pub const CHUNK_SIZE: usize = 16384;
@@ -83,11 +81,12 @@ impl MessageKeys {
     /// HKDF-Expand with SHA-512, keyed directly with the 32-byte input key (there is no
     /// Extract step in this construction, and the `hkdf` crate refuses a 32-byte PRK for SHA-512).
     pub fn derive(ikm: &[u8; 32], salt: &[u8; SALT_LEN], context: &[u8]) -> Self {
-        // OKM = T1 ‖ T2 (RFC 5869 §2.3); only the first 76 bytes are used.
+        // OKM = T1 ‖ T2 (RFC 5869 §2.3); only the first 76 bytes are used. ring's HMAC keys once
+        // (the inner and outer states are precomputed) and uses its assembly SHA-512.
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA512, ikm);
         let mut okm = Zeroizing::new([0u8; 128]);
         for i in 0..2 {
-            let mut mac = <Hmac<Sha512> as KeyInit>::new_from_slice(ikm)
-                .expect("HMAC accepts keys of any length");
+            let mut mac = ring::hmac::Context::with_key(&key);
             if i > 0 {
                 mac.update(&okm[(i - 1) * 64..i * 64]);
             }
@@ -95,9 +94,8 @@ impl MessageKeys {
             mac.update(salt);
             mac.update(context);
             mac.update(&[i as u8 + 1]);
-            let mut t = mac.finalize().into_bytes();
-            okm[i * 64..(i + 1) * 64].copy_from_slice(&t);
-            t.as_mut_slice().zeroize();
+            let t = mac.sign();
+            okm[i * 64..(i + 1) * 64].copy_from_slice(t.as_ref());
         }
         let mut base_nonce = [0u8; 12];
         base_nonce.copy_from_slice(&okm[32..44]);

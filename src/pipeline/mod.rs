@@ -59,13 +59,11 @@ where
     B::Error: Into<BoxError>,
 {
     let started = Instant::now();
-    let method = req.method().to_string();
-    let path = req.uri().path().to_string();
-
     // 1. Route match.
-    let (route, captures) = match route::select(&state.config.routes, &path) {
+    let (route, captures) = match route::select(&state.config.routes, req.uri().path()) {
         Ok(found) => found,
         Err(e) => {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
             let resp = e.to_response();
             finish(&state, "-", &resp, started);
             state
@@ -90,6 +88,7 @@ where
     match &route.kind {
         // S3: s3s authenticates the client, then the gateway encrypts and forwards.
         RouteKind::S3(s3) => {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
             let resp = s3_gateway(&state, route, req, client).await;
             finish(&state, &route.name, &resp, started);
             let status = resp.status();
@@ -136,6 +135,7 @@ where
         }
         // 2–6. Context, data key, transform, upstream, response transform.
         RouteKind::JsonFields(jr) => {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
             let mut outcome = json::Outcome::default();
             let result = json::handle(&state, route, jr, captures, req, client, &mut outcome).await;
             let (resp, error) = match result {
