@@ -78,10 +78,9 @@ impl Gateway {
         let mut builder = s3s::service::S3ServiceBuilder::new(NoOperations);
         builder.set_auth(ClientAuth { secrets });
         if !cfg.virtual_host_suffixes.is_empty() {
-            let host =
-                s3s::host::MultiDomain::new(cfg.virtual_host_suffixes.iter().map(String::as_str))
-                    .map_err(|e| format!("virtual_host_suffixes: {e}"))?;
-            builder.set_host(host);
+            builder.set_host(VirtualHosts {
+                suffixes: cfg.virtual_host_suffixes.clone(),
+            });
         }
         builder.set_route(GatewayRoute {
             identities,
@@ -119,6 +118,36 @@ fn read_secret(source: &SecretSource) -> Result<Zeroizing<String>, String> {
                 .map(|s| Zeroizing::new(s.trim().to_string()))
                 .map_err(|e| format!("{}: {e}", path.display()))
         }
+    }
+}
+
+/// Virtual-host addressing (`bucket.suffix[:port]`). s3s's `MultiDomain` matches the Host
+/// header with its port, so `bucket.s3.local:9000` would not match `s3.local`; the port is
+/// dropped here before matching (the Host header itself, which is signed, is untouched).
+struct VirtualHosts {
+    suffixes: Vec<String>,
+}
+
+impl s3s::host::S3Host for VirtualHosts {
+    fn parse_host_header<'a>(&'a self, host: &'a str) -> S3Result<s3s::host::VirtualHost<'a>> {
+        let name = match host.rsplit_once(':') {
+            Some((h, port)) if !h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        for suffix in &self.suffixes {
+            if name == suffix {
+                return Ok(s3s::host::VirtualHost::new(name));
+            }
+            if let Some(bucket) = name
+                .strip_suffix(suffix.as_str())
+                .and_then(|b| b.strip_suffix('.'))
+                && !bucket.is_empty()
+            {
+                return Ok(s3s::host::VirtualHost::new(suffix.as_str()).with_bucket(bucket));
+            }
+        }
+        // Any other name (an IP address, localhost): path-style.
+        Ok(s3s::host::VirtualHost::new(name))
     }
 }
 

@@ -357,6 +357,11 @@ pub mod s3 {
 
     /// The proxy with one S3 route in front of `moto` (key context: the bucket).
     pub async fn gateway(moto: &Moto, secrets: &Path, server: &str) -> Proxy {
+        gateway_with(moto, secrets, server, "").await
+    }
+
+    /// As [`gateway`], with extra `[route.s3]` settings.
+    pub async fn gateway_with(moto: &Moto, secrets: &Path, server: &str, s3_extra: &str) -> Proxy {
         let routes = format!(
             r#"
 [[route]]
@@ -368,6 +373,7 @@ key = "objects"
 context = {{ bucket = "{{s3.bucket}}" }}
 [route.s3]
 region = "us-east-1"
+{s3_extra}
 upstream_access_key_id_file = "{ak}"
 upstream_secret_access_key_file = "{sk}"
 [[route.s3.client]]
