@@ -6,50 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::s3::{CLIENT_KEY, CLIENT_SECRET, gateway, secret_file};
 use common::{Moto, Proxy};
-
-const CLIENT_KEY: &str = "AKIAAPPEXAMPLE";
-const CLIENT_SECRET: &str = "app-secret-for-tests-only";
-
-fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join(name);
-    std::fs::write(&p, value).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
-
-async fn gateway(moto: &Moto, secrets: &Path, extra_route: &str) -> Proxy {
-    gateway_with(moto, secrets, extra_route, "").await
-}
-
-async fn gateway_with(moto: &Moto, secrets: &Path, extra_route: &str, server: &str) -> Proxy {
-    let routes = format!(
-        r#"
-[[route]]
-name = "objects"
-kind = "s3"
-path = "/**"
-upstream = "{upstream}"
-key = "objects"
-context = {{ bucket = "{{s3.bucket}}" }}
-{extra_route}
-[route.s3]
-region = "us-east-1"
-upstream_access_key_id_file = "{ak}"
-upstream_secret_access_key_file = "{sk}"
-[[route.s3.client]]
-access_key_id = "{CLIENT_KEY}"
-secret_access_key_file = "{client}"
-identity = "app"
-"#,
-        upstream = moto.endpoint(),
-        ak = secret_file(secrets, "up-ak", "testing").display(),
-        sk = secret_file(secrets, "up-sk", "testing").display(),
-        client = secret_file(secrets, "client-sk", CLIENT_SECRET).display(),
-    );
-    Proxy::start(&routes, server).await
-}
 
 fn python() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/venv/bin/python");
@@ -64,14 +22,14 @@ async fn run_suite(proxy: &Proxy, moto: &Moto, bucket: &str, checksums: &str) {
     run_suite_at(
         &format!("http://{}", proxy.addr),
         None,
-        moto,
+        &moto.endpoint(),
         bucket,
         checksums,
     )
     .await
 }
 
-async fn run_suite_at(url: &str, ca: Option<&Path>, moto: &Moto, bucket: &str, checksums: &str) {
+async fn run_suite_at(url: &str, ca: Option<&Path>, upstream: &str, bucket: &str, checksums: &str) {
     std::fs::create_dir_all(std::env::temp_dir().join(format!("ep-{bucket}"))).unwrap();
     let out = tokio::process::Command::new(python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3/boto3_suite.py"))
@@ -80,7 +38,7 @@ async fn run_suite_at(url: &str, ca: Option<&Path>, moto: &Moto, bucket: &str, c
             "CA_BUNDLE",
             ca.map(|p| p.display().to_string()).unwrap_or_default(),
         )
-        .env("MOTO_URL", moto.endpoint())
+        .env("MOTO_URL", upstream)
         .env("CLIENT_KEY", CLIENT_KEY)
         .env("CLIENT_SECRET", CLIENT_SECRET)
         .env("BUCKET", bucket)
@@ -171,9 +129,16 @@ async fn boto3_over_tls_with_aws_chunked_trailers() {
         cert_file.display(),
         key_file.display()
     );
-    let proxy = gateway_with(&moto, dir.path(), "", &tls).await;
+    let proxy = gateway(&moto, dir.path(), &tls).await;
     let url = format!("https://localhost:{}", proxy.addr.port());
-    run_suite_at(&url, Some(&cert_file), &moto, "suite-tls", "when_supported").await;
+    run_suite_at(
+        &url,
+        Some(&cert_file),
+        &moto.endpoint(),
+        "suite-tls",
+        "when_supported",
+    )
+    .await;
 }
 
 async fn run_multipart_suite(
@@ -247,7 +212,7 @@ async fn boto3_multipart_over_tls_with_aws_chunked_trailers() {
         cert_file.display(),
         key_file.display()
     );
-    let proxy = gateway_with(&moto, dir.path(), "", &tls).await;
+    let proxy = gateway(&moto, dir.path(), &tls).await;
     let url = format!("https://localhost:{}", proxy.addr.port());
     run_multipart_suite(
         &url,

@@ -362,6 +362,11 @@ pub mod s3 {
 
     /// As [`gateway`], with extra `[route.s3]` settings.
     pub async fn gateway_with(moto: &Moto, secrets: &Path, server: &str, s3_extra: &str) -> Proxy {
+        gateway_at(&moto.endpoint(), secrets, server, s3_extra).await
+    }
+
+    /// The gateway in front of any S3 endpoint whose credentials are testing/testing.
+    pub async fn gateway_at(upstream: &str, secrets: &Path, server: &str, s3_extra: &str) -> Proxy {
         let routes = format!(
             r#"
 [[route]]
@@ -381,7 +386,6 @@ access_key_id = "{CLIENT_KEY}"
 secret_access_key_file = "{client}"
 identity = "app"
 "#,
-            upstream = moto.endpoint(),
             ak = secret_file(secrets, "up-ak", "testing").display(),
             sk = secret_file(secrets, "up-sk", "testing").display(),
             client = secret_file(secrets, "client-sk", CLIENT_SECRET).display(),
@@ -436,5 +440,60 @@ identity = "app"
             return format!("{stdout}{stderr}");
         }
         stdout
+    }
+}
+
+/// s3s-fs (cargo install s3s-fs --version 0.14.1 --features binary): an S3 server that checks
+/// SigV4 and checksums, unlike moto. Credentials testing/testing.
+pub struct S3sFs {
+    child: Child,
+    pub port: u16,
+    _root: tempfile::TempDir,
+}
+
+impl S3sFs {
+    pub fn start() -> S3sFs {
+        let home = std::env::var("CARGO_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+            });
+        let bin = home.join("bin/s3s-fs");
+        assert!(
+            bin.exists(),
+            "s3s-fs is not installed at {}: run scripts/test.sh (cargo install s3s-fs --version 0.14.1 --features binary)",
+            bin.display()
+        );
+        let root = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "testing", "--secret-key", "testing"])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        S3sFs {
+            child,
+            port,
+            _root: root,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for S3sFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

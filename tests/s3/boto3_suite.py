@@ -100,6 +100,7 @@ for key, body in bodies.items():
 # Listings report plaintext sizes by arithmetic.
 listed = {o["Key"]: o for o in proxy.list_objects_v2(Bucket=BUCKET)["Contents"]}
 for key, body in bodies.items():
+    check(f"list v2 has {key!r}", key in listed, str(sorted(listed)))
     check(f"list v2 {key!r} size", listed[key]["Size"] == len(body), str(listed[key]["Size"]))
     check(f"list v2 {key!r} etag marked", listed[key]["ETag"].strip('"').endswith("-0"))
 v1 = {o["Key"]: o["Size"] for o in proxy.list_objects(Bucket=BUCKET)["Contents"]}
