@@ -827,25 +827,10 @@ impl Ctx<'_> {
 
         // The key context comes from this request; the object id from the object.
         let key_ctx = self.key_context(&req.headers)?;
-        let raw = URL_SAFE_NO_PAD
-            .decode(meta.as_bytes())
-            .map_err(|_| decrypt_error("bad envelope metadata"))?;
-        let (header_parsed, used) =
-            Header::decode(&raw).map_err(|_| decrypt_error("bad envelope header"))?;
+        let (raw, used, data_key) = self.open_envelope(&meta, &key_ctx).await?;
         let c2sp: [u8; chunked::HEADER_LEN] = raw[used..]
             .try_into()
             .map_err(|_| decrypt_error("bad envelope metadata length"))?;
-        let data_key = self
-            .state
-            .keys
-            .opening_key(&header_parsed, &key_ctx)
-            .await
-            .map_err(|e| match e {
-                crate::keys::BackendError::InvalidCiphertext => {
-                    decrypt_error("data key does not unwrap for this context")
-                }
-                other => backend_error(other),
-            })?;
         let mut msg_ctx = key_ctx.clone();
         msg_ctx.insert(OBJECT_ID_KEY, object_id);
         let bind = binding(&raw[..used], &msg_ctx);
@@ -949,6 +934,33 @@ impl Ctx<'_> {
             .and_then(|r| r.headers().get(header::ETAG))
             .and_then(|v| v.to_str().ok());
         plaintext_size(stored_total, etag_value)
+    }
+
+    /// Decode an object's envelope metadata (base64url: envelope header, then whatever the
+    /// object kind stores after it) and unwrap its data key under this request's key context.
+    /// Returns the raw metadata, the header's length in it, and the data key.
+    pub(super) async fn open_envelope(
+        &self,
+        meta: &str,
+        key_ctx: &Context,
+    ) -> S3Result<(Vec<u8>, usize, Arc<crate::keys::DataKey>)> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(meta.as_bytes())
+            .map_err(|_| decrypt_error("bad envelope metadata"))?;
+        let (header, used) =
+            Header::decode(&raw).map_err(|_| decrypt_error("bad envelope header"))?;
+        let data_key = self
+            .state
+            .keys
+            .opening_key(&header, key_ctx)
+            .await
+            .map_err(|e| match e {
+                crate::keys::BackendError::InvalidCiphertext => {
+                    decrypt_error("data key does not unwrap for this context")
+                }
+                other => backend_error(other),
+            })?;
+        Ok((raw, used, data_key))
     }
 
     /// An object without our metadata: written before the proxy, or around it.

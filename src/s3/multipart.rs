@@ -1343,25 +1343,11 @@ impl Ctx<'_> {
 
         // The key context comes from this request; the object id and header from the object.
         let key_ctx = self.key_context(g.client_headers)?;
-        let env_header = URL_SAFE_NO_PAD
-            .decode(g.meta.as_bytes())
-            .map_err(|_| decrypt_error("bad envelope metadata"))?;
-        let (header_parsed, used) =
-            Header::decode(&env_header).map_err(|_| decrypt_error("bad envelope header"))?;
+        // Multipart metadata holds the envelope header only: each part carries its C2SP header.
+        let (env_header, used, data_key) = self.open_envelope(&g.meta, &key_ctx).await?;
         if used != env_header.len() {
             return Err(decrypt_error("bad envelope metadata length"));
         }
-        let data_key = self
-            .state
-            .keys
-            .opening_key(&header_parsed, &key_ctx)
-            .await
-            .map_err(|e| match e {
-                crate::keys::BackendError::InvalidCiphertext => {
-                    decrypt_error("data key does not unwrap for this context")
-                }
-                other => backend_error(other),
-            })?;
         let mut object_ctx = key_ctx;
         object_ctx.insert(OBJECT_ID_KEY, g.object_id.clone());
 
