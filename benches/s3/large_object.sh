@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Streams one large object through the encrypting S3 gateway (release build) to moto server and
+# back, and reports the proxy's peak RSS (VmHWM) and the wall time of each direction.
+# Proves constant memory; the throughput is moto's (a Python server), not the proxy's.
+#
+#   SIZE_MIB=1024 bash benches/s3/large_object.sh
+# Needs: scripts/test.sh run once (tests/peers/venv with moto and boto3).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SIZE_MIB=${SIZE_MIB:-1024}
+PY=tests/peers/venv/bin/python
+[ -x "$PY" ] || { echo "run scripts/test.sh first (tests/peers/venv)" >&2; exit 1; }
+cargo build --release -q
+BIN=${CARGO_TARGET_DIR:-target}/release/envelope-proxy
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+printf testing >"$work/ak"; printf testing >"$work/sk"; printf bench-secret >"$work/csk"; chmod 600 "$work"/*
+tests/peers/venv/bin/moto_server -H 127.0.0.1 -p 18501 >/dev/null 2>&1 & pids+=($!)
+cat >"$work/c.toml" <<TOML
+[server]
+listen = "127.0.0.1:18500"
+[keyring]
+path = "$work/kr.json"
+master_key_file = "$work/m.key"
+create_missing_keys = true
+[[route]]
+name = "objects"
+kind = "s3"
+path = "/**"
+upstream = "http://127.0.0.1:18501"
+key = "objects"
+context = { bucket = "{s3.bucket}" }
+[route.s3]
+region = "us-east-1"
+upstream_access_key_id_file = "$work/ak"
+upstream_secret_access_key_file = "$work/sk"
+[[route.s3.client]]
+access_key_id = "AKIABENCH"
+secret_access_key_file = "$work/csk"
+identity = "bench"
+TOML
+ENVELOPE_PROXY_LOG=warn "$BIN" serve --config "$work/c.toml" & pids+=($!)
+proxy=$!
+sleep 2
+"$PY" - "$SIZE_MIB" "$work" <<'PY'
+import hashlib, os, sys, time
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+size = int(sys.argv[1]) << 20
+work = sys.argv[2]
+c = boto3.client("s3", endpoint_url="http://127.0.0.1:18500", aws_access_key_id="AKIABENCH",
+                 aws_secret_access_key="bench-secret", region_name="us-east-1",
+                 config=Config(s3={"addressing_style": "path"}))
+c.create_bucket(Bucket="big")
+src = os.path.join(work, "src.bin")
+with open(src, "wb") as f:
+    block = os.urandom(1 << 20)
+    for _ in range(size >> 20):
+        f.write(block)
+tc = TransferConfig(multipart_threshold=size + 1)  # one PutObject stream: the hardest case
+t = time.time(); c.upload_file(src, "big", "object.bin", Config=tc); up = time.time() - t
+t = time.time(); c.download_file("big", "object.bin", src + ".back", Config=tc); down = time.time() - t
+same = hashlib.sha256(open(src, "rb").read()).digest() == hashlib.sha256(open(src + ".back", "rb").read()).digest()
+print(f"object: {size >> 20} MiB in one PutObject; round trip identical: {same}")
+print(f"upload {size / up / 1e6:.0f} MB/s, download {size / down / 1e6:.0f} MB/s (moto-bound)")
+PY
+echo "proxy peak RSS: $(grep VmHWM /proc/$proxy/status | awk '{print $2, $3}')"
