@@ -471,6 +471,14 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_forwarded() {
             "unsupported_media_type",
         ),
         (
+            Method::PATCH,
+            proxy.url("/tenants/acme/users/b1"),
+            vec![REGION, ("content-type", "application/json-patch+json")],
+            r#"[{"op":"replace","path":"/ssn","value":"123-45-6789"}]"#.into(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
             Method::POST,
             url.clone(),
             vec![REGION, json_ct],

@@ -192,3 +192,57 @@ async fn presigned_urls_v4_and_v2_work_and_tampering_is_refused() {
         );
     }
 }
+
+/// Requests whose body an S3 server would store as the object, but that the gateway does not
+/// seal, are refused: nothing reaches storage in clear.
+#[tokio::test(flavor = "multi_thread")]
+async fn object_requests_the_gateway_cannot_seal_are_refused() {
+    let (moto, _dir, proxy) = setup("").await;
+    let base = format!("http://{}/raw-bucket", proxy.addr);
+    for (method, url) in [
+        (http::Method::PUT, format!("{base}/leak1?torrent")),
+        (http::Method::PUT, format!("{base}/leak2?select")),
+        (http::Method::PUT, format!("{base}/leak3?uploads")),
+        (http::Method::GET, format!("{base}/leak4?uploads")),
+    ] {
+        let r = signed(
+            method.clone(),
+            &url,
+            None,
+            Bytes::from_static(b"secret payload"),
+        )
+        .await;
+        assert_eq!(r.status, 501, "{method} {url}: {}", r.text());
+        assert!(r.text().contains("NotImplemented"), "{}", r.text());
+    }
+    // A percent-escape in the bucket segment would split differently upstream.
+    let r = signed(
+        http::Method::PUT,
+        &format!("http://{}/raw-bucket%2Fleak5", proxy.addr),
+        None,
+        Bytes::from_static(b"secret payload"),
+    )
+    .await;
+    assert!(r.status.is_client_error(), "{}: {}", r.status, r.text());
+    for key in ["leak1", "leak2", "leak3", "leak5"] {
+        let (status, _) = raw_get(&moto, "raw-bucket", key).await;
+        assert_eq!(status, 404, "{key} reached storage");
+    }
+    // Allowed subresources still pass through (tagging carries no object body).
+    let put = signed(
+        http::Method::PUT,
+        &format!("{base}/tagged"),
+        None,
+        Bytes::from_static(b"x"),
+    )
+    .await;
+    assert_eq!(put.status, 200);
+    let tags = signed(
+        http::Method::GET,
+        &format!("{base}/tagged?tagging"),
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(tags.status, 200, "{}", tags.text());
+}

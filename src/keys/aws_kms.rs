@@ -27,6 +27,18 @@ use crate::envelope::{Context, WrappedKey};
 pub struct AwsKms {
     name: String,
     client: Client,
+    /// Configured key names (aliases, ids) → the key ARN KMS reported for them.
+    arns: std::sync::RwLock<HashMap<String, String>>,
+}
+
+impl AwsKms {
+    fn learn(&self, configured: &str, arn: &str) {
+        if configured != arn {
+            let mut map = self.arns.write().unwrap_or_else(|e| e.into_inner());
+            map.entry(configured.to_string())
+                .or_insert_with(|| arn.to_string());
+        }
+    }
 }
 
 impl AwsKms {
@@ -62,6 +74,7 @@ impl AwsKms {
         Ok(AwsKms {
             name: name.to_string(),
             client: Client::from_conf(builder.build()),
+            arns: Default::default(),
         })
     }
 }
@@ -144,6 +157,7 @@ impl RootKeyProvider for AwsKms {
                 .map(|b| b.as_ref().to_vec())
                 .unwrap_or_default(),
         };
+        self.learn(key_id, &wrapped.key_id);
         let plaintext = data_key(out.plaintext)?;
         Ok(GeneratedKey { plaintext, wrapped })
     }
@@ -194,6 +208,24 @@ impl RootKeyProvider for AwsKms {
         data_key(out.plaintext)
     }
 
+    /// A key has several names in KMS (alias, key id, ARN); EDKs record the ARN. An alias whose
+    /// ARN this process has not seen yet (startup looks every route key up) is accepted and left
+    /// to KMS, which decrypts only with the key that made the ciphertext.
+    fn same_key(&self, configured: &str, wrapped_key_id: &str) -> bool {
+        if configured == wrapped_key_id || wrapped_key_id.ends_with(&format!(":key/{configured}")) {
+            return true;
+        }
+        match self
+            .arns
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(configured)
+        {
+            Some(arn) => arn == wrapped_key_id,
+            None => configured.starts_with("alias/"),
+        }
+    }
+
     async fn describe_key(&self, key_id: &str) -> Result<KeyDescription, BackendError> {
         let out = self
             .client
@@ -205,6 +237,9 @@ impl RootKeyProvider for AwsKms {
         let meta = out.key_metadata().ok_or_else(|| {
             BackendError::Unavailable("KMS DescribeKey returned no metadata".into())
         })?;
+        if let Some(arn) = meta.arn() {
+            self.learn(key_id, arn);
+        }
         Ok(KeyDescription {
             key_id: meta.arn().unwrap_or(key_id).to_string(),
             enabled: meta.enabled(),

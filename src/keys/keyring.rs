@@ -346,6 +346,7 @@ impl Keyring {
                 let material = Zeroizing::new(
                     B64.decode(&v.material)
                         .ok()
+                        .map(Zeroizing::new)
                         .and_then(|m| <[u8; 32]>::try_from(m.as_slice()).ok())
                         .ok_or_else(|| {
                             file_err(

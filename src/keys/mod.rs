@@ -139,6 +139,12 @@ pub trait RootKeyProvider: Send + Sync + 'static {
         None
     }
 
+    /// Whether `wrapped_key_id` (from a stored EDK) names the key configured as `configured`.
+    /// Backends whose keys have several names (KMS aliases, ids, ARNs) override this.
+    fn same_key(&self, configured: &str, wrapped_key_id: &str) -> bool {
+        configured == wrapped_key_id
+    }
+
     /// Whether the backend is reachable, as far as the caller can tell (for `/readyz`).
     fn health(&self) -> resilience::Health {
         resilience::Health::Up
@@ -329,8 +335,39 @@ impl KeyService {
         })
     }
 
+    /// The data key inside `header`, considering only EDKs under one of `allowed` (the route's
+    /// keys). EDK names come from storage: without this, a stored header could make the proxy
+    /// unwrap with any key any backend lets it use (a confused deputy), and cost a backend call
+    /// per listed EDK.
+    pub async fn opening_key_for(
+        &self,
+        header: &Header,
+        key_context: &Context,
+        allowed: &[KeyRef],
+    ) -> Result<Arc<DataKey>, BackendError> {
+        let edks: Vec<WrappedKey> = header
+            .edks
+            .iter()
+            .filter(|edk| {
+                allowed.iter().any(|k| {
+                    k.backend == edk.backend
+                        && self
+                            .backends
+                            .get(&k.backend)
+                            .is_some_and(|b| b.same_key(&k.key_id, &edk.key_id))
+                })
+            })
+            .cloned()
+            .collect();
+        if edks.is_empty() {
+            return Err(BackendError::InvalidCiphertext);
+        }
+        self.opening_key(&Header { edks }, key_context).await
+    }
+
     /// The data key inside `header`: the first EDK that unwraps wins, so a message stays
-    /// readable while any one of its root keys is reachable.
+    /// readable while any one of its root keys is reachable. Trusts every EDK the header
+    /// names: the data path uses [`opening_key_for`](Self::opening_key_for) instead.
     pub async fn opening_key(
         &self,
         header: &Header,

@@ -204,6 +204,10 @@ impl<P: RootKeyProvider> RootKeyProvider for Resilient<P> {
     fn health(&self) -> Health {
         Resilient::health(self)
     }
+
+    fn same_key(&self, configured: &str, wrapped_key_id: &str) -> bool {
+        self.inner.same_key(configured, wrapped_key_id)
+    }
 }
 
 #[cfg(test)]

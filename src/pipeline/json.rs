@@ -169,8 +169,11 @@ fn is_json(headers: &http::HeaderMap) -> bool {
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase();
-            essence == "application/json"
-                || (essence.starts_with("application/") && essence.ends_with("+json"))
+            // JSON Patch bodies are operations, not documents: `{"op": "replace", "path":
+            // "/ssn", "value": …}` would slip past the field paths. Refused (415).
+            essence != "application/json-patch+json"
+                && (essence == "application/json"
+                    || (essence.starts_with("application/") && essence.ends_with("+json")))
         })
         .unwrap_or(false)
 }

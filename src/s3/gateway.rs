@@ -223,6 +223,10 @@ impl S3Route for GatewayRoute {
             Op::ListObjects => ctx.listing(req).await,
             Op::Multipart => ctx.multipart(req).await,
             Op::Other => ctx.passthrough(req).await,
+            Op::Refused => Err(S3Error::with_message(
+                S3ErrorCode::NotImplemented,
+                "this object operation is not available through the encrypting gateway",
+            )),
         }
     }
 }
@@ -265,6 +269,11 @@ impl GatewayRoute {
             Some((b, k)) => (b, Some(k).filter(|k| !k.is_empty())),
             None => (rest, None),
         };
+        // Bucket names are [a-z0-9.-]: an escape here (`%2F`) would split differently in s3s
+        // and upstream than here, and could turn an object PUT into a pass-through.
+        if bucket.contains('%') {
+            return Err(s3_error!(InvalidBucketName));
+        }
         Ok(Target {
             bucket: Some(bucket)
                 .filter(|b| !b.is_empty())
@@ -286,10 +295,14 @@ enum Op {
     ListObjects,
     Multipart,
     Other,
+    /// An object request the gateway cannot handle without risking plaintext at rest.
+    Refused,
 }
 
-/// Object subresources that carry no object body (`?acl`, `?tagging`, ...): pass through.
-const OBJECT_SUBRESOURCES: [&str; 8] = [
+/// Object subresources the gateway passes through, per method: none of them carries an object
+/// body in either direction. Any other subresource on an object key is refused (fail closed):
+/// S3 servers store the body of an unknown PUT as the object, in clear.
+const OBJECT_SUBRESOURCES: [&str; 9] = [
     "acl",
     "tagging",
     "legal-hold",
@@ -298,7 +311,23 @@ const OBJECT_SUBRESOURCES: [&str; 8] = [
     "attributes",
     "restore",
     "select",
+    "versioning",
 ];
+
+fn subresource_allowed(method: &Method, name: &str) -> bool {
+    match *method {
+        Method::PUT => matches!(name, "acl" | "tagging" | "retention" | "legal-hold"),
+        Method::GET | Method::HEAD => {
+            matches!(
+                name,
+                "acl" | "tagging" | "retention" | "legal-hold" | "attributes" | "torrent"
+            )
+        }
+        Method::DELETE => name == "tagging",
+        Method::POST => name == "restore",
+        _ => false,
+    }
+}
 
 impl Op {
     fn classify(method: &Method, uri: &http::Uri, headers: &HeaderMap, has_key: bool) -> Op {
@@ -315,8 +344,12 @@ impl Op {
             if has("uploads") || has("uploadId") {
                 return Op::Multipart;
             }
-            if OBJECT_SUBRESOURCES.iter().any(|s| has(s)) {
-                return Op::Other;
+            if let Some(sub) = OBJECT_SUBRESOURCES.iter().find(|s| has(s)) {
+                return if subresource_allowed(method, sub) {
+                    Op::Other
+                } else {
+                    Op::Refused
+                };
             }
             return match *method {
                 Method::PUT if headers.contains_key("x-amz-copy-source") => Op::CopyObject,
@@ -423,6 +456,32 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap) {
     for k in reserved {
         headers.remove(k);
     }
+}
+
+/// The client's query string without its presigned-URL authentication (SigV4 `X-Amz-*` auth
+/// parameters, SigV2 `AWSAccessKeyId`/`Signature`/`Expires`): the client's signature ends at
+/// the proxy; forwarded, it would sit in the storage's access logs as a replayable capability.
+pub(super) fn strip_auth_params(query: &str) -> String {
+    const AUTH: [&str; 10] = [
+        "x-amz-algorithm",
+        "x-amz-credential",
+        "x-amz-date",
+        "x-amz-expires",
+        "x-amz-signedheaders",
+        "x-amz-signature",
+        "x-amz-security-token",
+        "awsaccesskeyid",
+        "signature",
+        "expires",
+    ];
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            !AUTH.iter().any(|a| name.eq_ignore_ascii_case(a))
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Upstream response headers the client must not see: checksums of ciphertext, our metadata.
@@ -532,7 +591,8 @@ impl Ctx<'_> {
             "{}{}",
             self.route.upstream.base_path, self.target.upstream_path
         );
-        if let Some(q) = query.filter(|q| !q.is_empty()) {
+        let query = query.map(strip_auth_params);
+        if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
             pq.push('?');
             pq.push_str(q);
         }
@@ -952,7 +1012,7 @@ impl Ctx<'_> {
         let data_key = self
             .state
             .keys
-            .opening_key(&header, key_ctx)
+            .opening_key_for(&header, key_ctx, &self.cfg.keys)
             .await
             .map_err(|e| match e {
                 crate::keys::BackendError::InvalidCiphertext => {
@@ -1356,4 +1416,25 @@ fn open_stream(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_auth_params;
+
+    #[test]
+    fn presigned_auth_parameters_never_go_upstream() {
+        let q = "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20260101&versionId=3&\
+                 X-Amz-Date=20260101T000000Z&X-Amz-Expires=300&X-Amz-SignedHeaders=host&\
+                 x-amz-signature=abc&X-Amz-Security-Token=t&partNumber=2";
+        assert_eq!(strip_auth_params(q), "versionId=3&partNumber=2");
+        assert_eq!(
+            strip_auth_params("AWSAccessKeyId=A&Signature=s&Expires=1&acl"),
+            "acl"
+        );
+        assert_eq!(
+            strip_auth_params("list-type=2&prefix=a"),
+            "list-type=2&prefix=a"
+        );
+    }
 }

@@ -969,7 +969,12 @@ impl Ctx<'_> {
             Method::PUT if upload_id => self.upload_part(req).await,
             Method::GET if upload_id => self.list_parts(req).await,
             Method::DELETE if upload_id => self.abort_upload(req).await,
-            _ => self.passthrough(req).await,
+            // Anything else with ?uploads or ?uploadId (a PUT without uploadId, a GET without
+            // one) must not pass through: the upstream could store or serve a raw body.
+            _ => Err(S3Error::with_message(
+                S3ErrorCode::NotImplemented,
+                "this multipart request is not available through the encrypting gateway",
+            )),
         }
     }
 
@@ -1039,7 +1044,7 @@ impl Ctx<'_> {
         let data_key = self
             .state
             .keys
-            .opening_key(&sealed.header, &key_ctx)
+            .opening_key_for(&sealed.header, &key_ctx, &self.cfg.keys)
             .await
             .map_err(|e| match e {
                 crate::keys::BackendError::InvalidCiphertext => S3Error::with_message(

@@ -117,7 +117,7 @@ pub async fn decrypt_object(
     let keys: Arc<KeyService> =
         KeyService::new(backends, config.cache.clone(), Arc::new(Metrics::new()));
     let data_key = keys
-        .opening_key(&header, &key_ctx)
+        .opening_key_for(&header, &key_ctx, &s3.keys)
         .await
         .map_err(|e| format!("the data key does not unwrap (wrong context or key): {e}"))?;
     let mut msg_ctx = key_ctx;

@@ -255,14 +255,15 @@ fn message_context(
     Ok(ctx)
 }
 
-/// The documents in a body: a top-level array's elements, else the body itself; on responses
-/// also whatever `response_documents` selects (wrapped lists).
-fn documents(route: &JsonRoute, body: &Value, response: bool) -> Vec<Vec<Step>> {
+/// The documents in a body: a top-level array's elements, else the body itself, and whatever
+/// `response_documents` selects (wrapped lists). Writes and reads use the same documents, so a
+/// wrapped bulk write is sealed exactly as its reads open.
+fn documents(route: &JsonRoute, body: &Value) -> Vec<Vec<Step>> {
     let mut out = match body {
         Value::Array(items) => (0..items.len()).map(|i| vec![Step::Index(i)]).collect(),
         _ => vec![vec![]],
     };
-    if response {
+    {
         for d in &route.documents {
             for loc in d.locate(body) {
                 if let Some(Value::Array(items)) = get(body, &loc) {
@@ -298,7 +299,7 @@ pub fn seal_body(
     body: &mut Value,
 ) -> Result<usize, ProxyError> {
     let mut sealed = 0;
-    for doc_loc in documents(route, body, false) {
+    for doc_loc in documents(route, body) {
         let Some(doc) = get_mut(body, &doc_loc) else {
             continue;
         };
@@ -345,7 +346,7 @@ pub async fn open_body(
     body: &mut Value,
 ) -> Result<OpenReport, ProxyError> {
     let mut report = OpenReport::default();
-    for doc_loc in documents(route, body, true) {
+    for doc_loc in documents(route, body) {
         let msg_ctx = match get(body, &doc_loc) {
             Some(doc) => message_context(route, meta, doc, key_ctx),
             None => continue,
@@ -358,7 +359,9 @@ pub async fn open_body(
             for loc in locations {
                 let full: Vec<Step> = doc_loc.iter().chain(loc.iter()).cloned().collect();
                 let outcome = match &msg_ctx {
-                    Ok(ctx) => open_one(get(body, &full), field, ctx, key_ctx, keys).await,
+                    Ok(ctx) => {
+                        open_one(get(body, &full), field, ctx, key_ctx, keys, &route.keys).await
+                    }
                     Err(_) => Err(DecryptFailure::MissingContext),
                 };
                 let Some(slot) = get_mut(body, &full) else {
@@ -393,13 +396,14 @@ async fn open_one(
     msg_ctx: &Context,
     key_ctx: &Context,
     keys: &KeyService,
+    allowed: &[crate::keys::KeyRef],
 ) -> Result<Value, DecryptFailure> {
     let Some(Value::String(s)) = value else {
         return Err(DecryptFailure::NotAToken);
     };
     let parsed = ParsedToken::parse(s).map_err(|_| DecryptFailure::NotAToken)?;
     let data_key = keys
-        .opening_key(&parsed.header, key_ctx)
+        .opening_key_for(&parsed.header, key_ctx, allowed)
         .await
         .map_err(|e| match e {
             BackendError::InvalidCiphertext => DecryptFailure::WrappedKey,
