@@ -15,10 +15,10 @@ use aws_sigv4::http_request::{
 use aws_sigv4::sign::v4;
 use zeroize::Zeroizing;
 
-/// The proxy's credentials for one upstream.
+/// The proxy's credentials for one upstream, built once (no per-request copies of the secret).
 pub struct UpstreamCredentials {
     access_key_id: String,
-    secret_access_key: Zeroizing<String>,
+    credentials: Credentials,
 }
 
 impl std::fmt::Debug for UpstreamCredentials {
@@ -33,9 +33,16 @@ impl std::fmt::Debug for UpstreamCredentials {
 
 impl UpstreamCredentials {
     pub fn new(access_key_id: String, secret_access_key: Zeroizing<String>) -> Self {
+        let credentials = Credentials::new(
+            access_key_id.clone(),
+            secret_access_key.to_string(),
+            None,
+            None,
+            "envelope-proxy",
+        );
         UpstreamCredentials {
             access_key_id,
-            secret_access_key,
+            credentials,
         }
     }
 }
@@ -50,14 +57,7 @@ pub fn sign_request<B>(
         "x-amz-content-sha256",
         http::HeaderValue::from_static("UNSIGNED-PAYLOAD"),
     );
-    let identity = Credentials::new(
-        creds.access_key_id.clone(),
-        creds.secret_access_key.to_string(),
-        None,
-        None,
-        "envelope-proxy",
-    )
-    .into();
+    let identity = creds.credentials.clone().into();
     let mut settings = SigningSettings::default();
     settings.percent_encoding_mode = PercentEncodingMode::Single;
     settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
