@@ -604,6 +604,22 @@ impl Ctx<'_> {
             .map_err(|_| s3_error!(InvalidURI))
     }
 
+    /// [`send`](Self::send) for requests without a body.
+    pub(super) async fn send_empty(
+        &self,
+        method: Method,
+        uri: http::Uri,
+        headers: HeaderMap,
+    ) -> S3Result<http::Response<hyper::body::Incoming>> {
+        self.send(
+            method,
+            uri,
+            headers,
+            crate::pipeline::full_body(Bytes::new()),
+        )
+        .await
+    }
+
     pub(super) async fn send(
         &self,
         method: Method,
@@ -1140,14 +1156,7 @@ impl Ctx<'_> {
             HeaderValue::from_str(&source).map_err(internal)?,
         );
         let uri = self.upstream_uri(&req.uri)?;
-        let resp = self
-            .send(
-                Method::PUT,
-                uri,
-                headers,
-                crate::pipeline::full_body(Bytes::new()),
-            )
-            .await?;
+        let resp = self.send_empty(Method::PUT, uri, headers).await?;
         self.rewrite_xml(resp, |body| etag::mark_in_xml(body).map_err(internal))
             .await
     }
@@ -1156,14 +1165,7 @@ impl Ctx<'_> {
         let mut headers = req.headers.clone();
         strip_request_headers(&mut headers);
         let uri = self.upstream_uri(&req.uri)?;
-        let resp = self
-            .send(
-                Method::GET,
-                uri,
-                headers,
-                crate::pipeline::full_body(Bytes::new()),
-            )
-            .await?;
+        let resp = self.send_empty(Method::GET, uri, headers).await?;
         self.rewrite_xml(resp, |body| {
             listing::rewrite(body, plaintext_size)
                 .map(|r| r.body)

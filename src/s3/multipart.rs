@@ -1010,14 +1010,7 @@ impl Ctx<'_> {
             HeaderValue::from_static("1"),
         );
         let uri = self.upstream_uri(&req.uri)?;
-        let resp = self
-            .send(
-                Method::POST,
-                uri,
-                headers,
-                crate::pipeline::full_body(Bytes::new()),
-            )
-            .await?;
+        let resp = self.send_empty(Method::POST, uri, headers).await?;
         self.rewrite_xml(resp, |body| {
             let (out, n) = rewrite_upload_id(body, |upstream| {
                 encode_upload_id(upstream, &env_header, &object_id)
@@ -1211,25 +1204,22 @@ impl Ctx<'_> {
         Err(internal("ListParts did not end"))
     }
 
-    async fn list_parts(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
-        let query = req.uri.query().map(str::to_string);
-        let client_id = query_param(query.as_deref(), "uploadId").unwrap_or_default();
+    /// The client's upload id, and the upstream URI and headers of a body-less request on it
+    /// (the proxy's upload id swapped for the upstream's).
+    fn upload_request(&self, req: &S3Request<Body>) -> S3Result<(String, http::Uri, HeaderMap)> {
+        let query = req.uri.query();
+        let client_id = query_param(query, "uploadId").unwrap_or_default();
         let id = parse_upload_id(&client_id);
         let mut headers = req.headers.clone();
         strip_request_headers(&mut headers);
-        let uri = self.upstream_uri_with_query(Some(&with_query_param(
-            query.as_deref(),
-            "uploadId",
-            &id.upstream,
-        )))?;
-        let resp = self
-            .send(
-                Method::GET,
-                uri,
-                headers,
-                crate::pipeline::full_body(Bytes::new()),
-            )
-            .await?;
+        let uri =
+            self.upstream_uri_with_query(Some(&with_query_param(query, "uploadId", &id.upstream)))?;
+        Ok((client_id, uri, headers))
+    }
+
+    async fn list_parts(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+        let (client_id, uri, headers) = self.upload_request(&req)?;
+        let resp = self.send_empty(Method::GET, uri, headers).await?;
         self.rewrite_xml(resp, |body| {
             let listed = listing::rewrite(body, plaintext_size)
                 .map_err(internal)?
@@ -1242,23 +1232,8 @@ impl Ctx<'_> {
     }
 
     async fn abort_upload(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
-        let query = req.uri.query().map(str::to_string);
-        let id = parse_upload_id(&query_param(query.as_deref(), "uploadId").unwrap_or_default());
-        let mut headers = req.headers.clone();
-        strip_request_headers(&mut headers);
-        let uri = self.upstream_uri_with_query(Some(&with_query_param(
-            query.as_deref(),
-            "uploadId",
-            &id.upstream,
-        )))?;
-        let resp = self
-            .send(
-                Method::DELETE,
-                uri,
-                headers,
-                crate::pipeline::full_body(Bytes::new()),
-            )
-            .await?;
+        let (_, uri, headers) = self.upload_request(&req)?;
+        let resp = self.send_empty(Method::DELETE, uri, headers).await?;
         Ok(Self::forward(resp))
     }
 
@@ -1273,14 +1248,7 @@ impl Ctx<'_> {
         // Not conditional: stores differ on which ETag a part HEAD answers with.
         let mut headers = follow_up_headers(headers, None);
         headers.remove(header::RANGE);
-        let resp = self
-            .send(
-                Method::HEAD,
-                uri,
-                headers,
-                crate::pipeline::full_body(Bytes::new()),
-            )
-            .await?;
+        let resp = self.send_empty(Method::HEAD, uri, headers).await?;
         if !resp.status().is_success() {
             return Err(decrypt_error("HEAD ?partNumber=1 failed"));
         }
