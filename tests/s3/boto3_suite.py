@@ -9,62 +9,9 @@ import os
 import sys
 
 import boto3
-from botocore.config import Config
-from botocore.exceptions import ClientError
 
-PROXY = os.environ["PROXY_URL"]
-MOTO = os.environ["MOTO_URL"]
-BUCKET = os.environ["BUCKET"]
-
-cfg = Config(
-    signature_version="s3v4",
-    s3={"addressing_style": "path"},
-    retries={"max_attempts": 1},
-    request_checksum_calculation=os.environ.get("CHECKSUMS", "when_supported"),
-)
-VERIFY = os.environ.get("CA_BUNDLE") or None  # the test CA when the proxy listens on TLS
-proxy = boto3.client(
-    "s3",
-    endpoint_url=PROXY,
-    aws_access_key_id=os.environ["CLIENT_KEY"],
-    aws_secret_access_key=os.environ["CLIENT_SECRET"],
-    region_name="us-east-1",
-    config=cfg,
-    verify=VERIFY,
-)
-# Straight to storage, as an attacker or auditor would look at it.
-raw = boto3.client(
-    "s3",
-    endpoint_url=MOTO,
-    aws_access_key_id="testing",
-    aws_secret_access_key="testing",
-    region_name="us-east-1",
-    config=Config(s3={"addressing_style": "path"}),
-)
-
-passed = 0
-
-
-def check(name, cond, detail=""):
-    global passed
-    if not cond:
-        print(f"FAILED: {name} {detail}", file=sys.stderr)
-        print(f"{passed} passed, 1 failed")
-        sys.exit(1)
-    passed += 1
-
-
-def expect_error(name, fn, codes):
-    try:
-        fn()
-    except ClientError as e:
-        code = e.response["Error"]["Code"]
-        check(name, code in codes, f"got {code}")
-        return
-    except Exception as e:  # an aborted body, for example
-        check(name, "*" in codes, f"got {e!r}")
-        return
-    check(name, False, "no error")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import BUCKET, PROXY, VERIFY, cfg, check, done, expect_error, proxy, raw  # noqa: E402
 
 
 proxy.create_bucket(Bucket=BUCKET)
@@ -198,4 +145,4 @@ if out_dir:
     with open(os.path.join(out_dir, "plain.bin"), "wb") as f:
         f.write(bodies[okey])
 
-print(f"{passed} passed, 0 failed")
+done()

@@ -1,0 +1,67 @@
+"""Shared setup of the boto3 suites: clients for the proxy and for the storage behind it, and
+the check helpers. Environment: PROXY_URL, MOTO_URL, CLIENT_KEY, CLIENT_SECRET, BUCKET,
+CHECKSUMS, CA_BUNDLE (when the proxy listens on TLS)."""
+import os
+import sys
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+PROXY = os.environ["PROXY_URL"]
+MOTO = os.environ["MOTO_URL"]
+BUCKET = os.environ["BUCKET"]
+VERIFY = os.environ.get("CA_BUNDLE") or None  # the test CA when the proxy listens on TLS
+
+cfg = Config(
+    signature_version="s3v4",
+    s3={"addressing_style": "path"},
+    retries={"max_attempts": 1},
+    request_checksum_calculation=os.environ.get("CHECKSUMS", "when_supported"),
+)
+proxy = boto3.client(
+    "s3",
+    endpoint_url=PROXY,
+    aws_access_key_id=os.environ["CLIENT_KEY"],
+    aws_secret_access_key=os.environ["CLIENT_SECRET"],
+    region_name="us-east-1",
+    config=cfg,
+    verify=VERIFY,
+)
+# Straight to storage, as an attacker or auditor would look at it.
+raw = boto3.client(
+    "s3",
+    endpoint_url=MOTO,
+    aws_access_key_id="testing",
+    aws_secret_access_key="testing",
+    region_name="us-east-1",
+    config=Config(s3={"addressing_style": "path"}),
+)
+
+_passed = 0
+
+
+def check(name, cond, detail=""):
+    global _passed
+    if not cond:
+        print(f"FAILED: {name} {detail}", file=sys.stderr)
+        print(f"{_passed} passed, 1 failed")
+        sys.exit(1)
+    _passed += 1
+
+
+def expect_error(name, fn, codes):
+    try:
+        fn()
+    except ClientError as e:
+        code = e.response["Error"]["Code"]
+        check(name, code in codes, f"got {code}: {e}")
+        return
+    except Exception as e:  # an aborted body, for example
+        check(name, "*" in codes, f"got {e!r}")
+        return
+    check(name, False, "no error")
+
+
+def done():
+    print(f"{_passed} passed, 0 failed")
