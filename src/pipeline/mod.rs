@@ -58,6 +58,38 @@ where
     B: Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
+    // botocore sends `Expect: 100-continue` even with an empty body. hyper sends no interim
+    // `100 Continue` when there is no body to read; botocore then takes the final response on
+    // its "server refused the body" path, which leaves its connection unusable: the next
+    // request's response is missed and it waits out its read timeout (60 s). Closing the
+    // connection after such a request makes the client's next request start clean.
+    let empty_expect = req
+        .headers()
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        && req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+    let mut resp = handle_request(state, req, client).await;
+    if empty_expect {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+async fn handle_request<B>(
+    state: Arc<AppState>,
+    req: Request<B>,
+    client: ClientInfo,
+) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     let started = Instant::now();
     // 1. Route match.
     let (route, captures) = match route::select(&state.config.routes, req.uri().path()) {
