@@ -61,6 +61,23 @@ message_context = {{ id = "{{path.id|json.id}}" }}
     )
 }
 
+/// The proxy with the KMS backend (moto) and a users route on `keys` in front of json-server;
+/// `extra` is TOML put before the route. The credentials file must outlive the proxy.
+async fn kms_proxy(
+    moto: &Moto,
+    js: &JsonServer,
+    keys: &str,
+    extra: &str,
+) -> (Proxy, tempfile::TempDir) {
+    let creds_dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "{}{extra}{}",
+        backend_toml(moto, &credentials_file(creds_dir.path())),
+        route(&js.url(), keys)
+    );
+    (Proxy::start(&routes, "").await, creds_dir)
+}
+
 async fn provider(moto: &Moto, dir: &std::path::Path) -> AwsKms {
     AwsKms::connect(
         "kms",
@@ -122,13 +139,7 @@ async fn round_trip_through_the_proxy_with_kms() {
     let moto = Moto::start();
     let arn = moto.create_key("alias/users").await;
     let js = JsonServer::start();
-    let creds_dir = tempfile::tempdir().unwrap();
-    let routes = format!(
-        "{}{}",
-        backend_toml(&moto, &credentials_file(creds_dir.path())),
-        route(&js.url(), r#"["kms:alias/users"]"#)
-    );
-    let proxy = Proxy::start(&routes, "").await;
+    let (proxy, _creds) = kms_proxy(&moto, &js, r#"["kms:alias/users"]"#, "").await;
     let http = Http::default();
     let doc = json!({"id": "k1", "name": "Ada", "ssn": "123-45-6789"});
     let w = http
@@ -161,13 +172,13 @@ async fn a_hung_kms_keeps_cached_work_going_and_recovers() {
     let moto = Moto::start();
     moto.create_key("alias/users").await;
     let js = JsonServer::start();
-    let creds_dir = tempfile::tempdir().unwrap();
-    let routes = format!(
-        "{}[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        backend_toml(&moto, &credentials_file(creds_dir.path())),
-        route(&js.url(), r#"["kms:alias/users"]"#)
-    );
-    let proxy = Proxy::start(&routes, "").await;
+    let (proxy, _creds) = kms_proxy(
+        &moto,
+        &js,
+        r#"["kms:alias/users"]"#,
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
     let admin = format!(
         "http://{}",
         proxy.running.as_ref().unwrap().admin_addr.unwrap()
@@ -255,13 +266,13 @@ async fn multi_key_routes_read_through_the_escrow_key_when_kms_is_gone() {
     let moto = Moto::start();
     moto.create_key("alias/users").await;
     let js = JsonServer::start();
-    let creds_dir = tempfile::tempdir().unwrap();
-    let routes = format!(
-        "{}{}",
-        backend_toml(&moto, &credentials_file(creds_dir.path())),
-        route(&js.url(), r#"["kms:alias/users", "local:users-escrow"]"#)
-    );
-    let proxy = Proxy::start(&routes, "").await;
+    let (proxy, _creds) = kms_proxy(
+        &moto,
+        &js,
+        r#"["kms:alias/users", "local:users-escrow"]"#,
+        "",
+    )
+    .await;
     let http = Http::default();
     let doc = json!({"id": "m1", "ssn": "123-45-6789"});
     assert_eq!(
@@ -301,13 +312,7 @@ async fn kms_calls_per_ten_thousand_writes_and_single_flight() {
     let moto = Moto::start();
     moto.create_key("alias/users").await;
     let js = JsonServer::start();
-    let creds_dir = tempfile::tempdir().unwrap();
-    let routes = format!(
-        "{}{}",
-        backend_toml(&moto, &credentials_file(creds_dir.path())),
-        route(&js.url(), r#"["kms:alias/users"]"#)
-    );
-    let proxy = Proxy::start(&routes, "").await;
+    let (proxy, _creds) = kms_proxy(&moto, &js, r#"["kms:alias/users"]"#, "").await;
     let keys = proxy.state().keys.clone();
     let kr = [KeyRef::parse("kms:alias/users").unwrap()];
     let ctx: Context = [("tenant", "acme")].into_iter().collect();
@@ -367,13 +372,7 @@ async fn write_latency_cold_versus_warm() {
     let moto = Moto::start();
     moto.create_key("alias/users").await;
     let js = JsonServer::start();
-    let creds_dir = tempfile::tempdir().unwrap();
-    let routes = format!(
-        "{}{}",
-        backend_toml(&moto, &credentials_file(creds_dir.path())),
-        route(&js.url(), r#"["kms:alias/users"]"#)
-    );
-    let proxy = Proxy::start(&routes, "").await;
+    let (proxy, _creds) = kms_proxy(&moto, &js, r#"["kms:alias/users"]"#, "").await;
     let http = Http::default();
     let measure = |samples: &mut Vec<Duration>, t: Instant| samples.push(t.elapsed());
     let (mut warm, mut cold) = (Vec::new(), Vec::new());

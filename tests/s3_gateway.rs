@@ -30,9 +30,26 @@ async fn run_suite(proxy: &Proxy, moto: &Moto, bucket: &str, checksums: &str) {
 }
 
 async fn run_suite_at(url: &str, ca: Option<&Path>, upstream: &str, bucket: &str, checksums: &str) {
-    std::fs::create_dir_all(std::env::temp_dir().join(format!("ep-{bucket}"))).unwrap();
+    run_script("boto3_suite.py", url, ca, upstream, bucket, checksums).await
+}
+
+/// Run one of the boto3 suites (tests/s3/*.py) against the proxy at `url`.
+async fn run_script(
+    script: &str,
+    url: &str,
+    ca: Option<&Path>,
+    upstream: &str,
+    bucket: &str,
+    checksums: &str,
+) {
+    let out_dir = std::env::temp_dir().join(format!("ep-{bucket}"));
+    std::fs::create_dir_all(&out_dir).unwrap();
     let out = tokio::process::Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3/boto3_suite.py"))
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/s3")
+                .join(script),
+        )
         .env("PROXY_URL", url)
         .env(
             "CA_BUNDLE",
@@ -43,19 +60,32 @@ async fn run_suite_at(url: &str, ca: Option<&Path>, upstream: &str, bucket: &str
         .env("CLIENT_SECRET", CLIENT_SECRET)
         .env("BUCKET", bucket)
         .env("CHECKSUMS", checksums)
-        .env("OUT_DIR", std::env::temp_dir().join(format!("ep-{bucket}")))
+        .env("OUT_DIR", &out_dir)
         .env_remove("AWS_CA_BUNDLE")
         .output()
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "boto3 suite failed:\n{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
     assert!(stdout.trim_end().ends_with("passed, 0 failed"), "{stdout}");
     println!("{}", stdout.trim_end());
+}
+
+/// A self-signed certificate for `localhost` in `dir`, and the `[server]` setting using it.
+fn tls_server(dir: &Path) -> (PathBuf, String) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert_file = dir.join("cert.pem");
+    let key_file = secret_file(dir, "key.pem", &cert.signing_key.serialize_pem());
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    let setting = format!(
+        "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+        cert_file.display(),
+        key_file.display()
+    );
+    (cert_file, setting)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,17 +148,7 @@ async fn boto3_without_checksums() {
 async fn boto3_over_tls_with_aws_chunked_trailers() {
     let moto = Moto::start();
     let dir = tempfile::tempdir().unwrap();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    let cert_file = dir.path().join("cert.pem");
-    let key_file = secret_file(dir.path(), "key.pem", &cert.signing_key.serialize_pem());
-    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
-    let tls = format!(
-        "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
-        cert_file.display(),
-        key_file.display()
-    );
+    let (cert_file, tls) = tls_server(dir.path());
     let proxy = gateway(&moto, dir.path(), &tls).await;
     let url = format!("https://localhost:{}", proxy.addr.port());
     run_suite_at(
@@ -148,30 +168,15 @@ async fn run_multipart_suite(
     bucket: &str,
     checksums: &str,
 ) {
-    let out = tokio::process::Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3/boto3_multipart.py"))
-        .env("PROXY_URL", url)
-        .env(
-            "CA_BUNDLE",
-            ca.map(|p| p.display().to_string()).unwrap_or_default(),
-        )
-        .env("MOTO_URL", moto.endpoint())
-        .env("CLIENT_KEY", CLIENT_KEY)
-        .env("CLIENT_SECRET", CLIENT_SECRET)
-        .env("BUCKET", bucket)
-        .env("CHECKSUMS", checksums)
-        .env_remove("AWS_CA_BUNDLE")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "boto3 multipart suite failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.trim_end().ends_with("passed, 0 failed"), "{stdout}");
-    println!("{}", stdout.trim_end());
+    run_script(
+        "boto3_multipart.py",
+        url,
+        ca,
+        &moto.endpoint(),
+        bucket,
+        checksums,
+    )
+    .await
 }
 
 /// Multipart uploads end to end: boto3's managed transfer and explicit calls, ranges and
@@ -201,17 +206,7 @@ async fn boto3_multipart_without_checksums() {
 async fn boto3_multipart_over_tls_with_aws_chunked_trailers() {
     let moto = Moto::start();
     let dir = tempfile::tempdir().unwrap();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    let cert_file = dir.path().join("cert.pem");
-    let key_file = secret_file(dir.path(), "key.pem", &cert.signing_key.serialize_pem());
-    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
-    let tls = format!(
-        "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
-        cert_file.display(),
-        key_file.display()
-    );
+    let (cert_file, tls) = tls_server(dir.path());
     let proxy = gateway(&moto, dir.path(), &tls).await;
     let url = format!("https://localhost:{}", proxy.addr.port());
     run_multipart_suite(
