@@ -5,6 +5,7 @@
 #   moto server        pip, pinned in tests/peers/requirements.txt (virtualenv tests/peers/venv)
 #   SoftHSM2           Debian package softhsm2 (scripts/softhsm-setup.sh)
 #   rclone, s3cmd      Debian packages: real S3 clients driven through the gateway
+#   s3s-fs 0.14.1      crates.io (cargo install into tests/peers/cargo): a second S3 upstream
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,11 @@ if [ ! -x tests/peers/venv/bin/python ]; then
 fi
 tests/peers/venv/bin/pip install -q --disable-pip-version-check -r tests/peers/requirements.txt
 tests/peers/venv/bin/moto_server --help >/dev/null
+
+echo "==> test peers: s3s-fs"
+if [ "$(tests/peers/cargo/bin/s3s-fs --version 2>/dev/null)" != "s3s-fs 0.14.1" ]; then
+  cargo install -q --locked --root tests/peers/cargo s3s-fs --version 0.14.1 --features binary
+fi
 
 if [ -f scripts/softhsm-setup.sh ]; then
   echo "==> test peers: SoftHSM2"

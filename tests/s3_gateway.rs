@@ -30,7 +30,7 @@ async fn run_suite(proxy: &Proxy, moto: &Moto, bucket: &str, checksums: &str) {
 }
 
 async fn run_suite_at(url: &str, ca: Option<&Path>, upstream: &str, bucket: &str, checksums: &str) {
-    run_script("boto3_suite.py", url, ca, upstream, bucket, checksums).await
+    run_script("boto3_suite.py", url, ca, upstream, bucket, checksums, &[]).await
 }
 
 /// Run one of the boto3 suites (tests/s3/*.py) against the proxy at `url`.
@@ -41,6 +41,7 @@ async fn run_script(
     upstream: &str,
     bucket: &str,
     checksums: &str,
+    env: &[(&str, &str)],
 ) {
     let out_dir = std::env::temp_dir().join(format!("ep-{bucket}"));
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -62,6 +63,7 @@ async fn run_script(
         .env("CHECKSUMS", checksums)
         .env("OUT_DIR", &out_dir)
         .env_remove("AWS_CA_BUNDLE")
+        .envs(env.iter().copied())
         .output()
         .await
         .unwrap();
@@ -175,6 +177,7 @@ async fn run_multipart_suite(
         &moto.endpoint(),
         bucket,
         checksums,
+        &[],
     )
     .await
 }
@@ -217,4 +220,31 @@ async fn boto3_multipart_over_tls_with_aws_chunked_trailers() {
         "when_supported",
     )
     .await;
+}
+
+/// The same suites against a second upstream, s3s-fs, which (unlike moto) checks the SigV4
+/// signature of every request the proxy sends it and the checksums it is given: what the proxy
+/// re-signs and strips must satisfy a strict server.
+#[tokio::test(flavor = "multi_thread")]
+async fn boto3_suites_against_s3s_fs() {
+    let s3s = common::S3sFs::start();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = common::s3::gateway_at(&s3s.endpoint(), dir.path(), "", "").await;
+    let url = format!("http://{}", proxy.addr);
+    let env = [("UPSTREAM", "s3s-fs")];
+    for (script, bucket) in [
+        ("boto3_suite.py", "s3s-fs-suite"),
+        ("boto3_multipart.py", "s3s-fs-multipart"),
+    ] {
+        run_script(
+            script,
+            &url,
+            None,
+            &s3s.endpoint(),
+            bucket,
+            "when_supported",
+            &env,
+        )
+        .await;
+    }
 }

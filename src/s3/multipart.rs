@@ -918,6 +918,18 @@ fn follow_up_headers(base: &HeaderMap, etag_value: Option<&str>) -> HeaderMap {
     h
 }
 
+/// The storage does not answer `HEAD ?partNumber=1` with the part (no `x-amz-mp-parts-count`),
+/// so the part layout of a multipart object cannot be known.
+fn part_reads_unsupported() -> S3Error {
+    tracing::warn!(
+        "the storage ignores ?partNumber on HEAD (no x-amz-mp-parts-count): multipart objects cannot be read through the gateway"
+    );
+    S3Error::with_message(
+        S3ErrorCode::NotImplemented,
+        "the storage behind this gateway does not report part sizes (HEAD ?partNumber=1 without x-amz-mp-parts-count), so multipart objects cannot be decrypted; upload without multipart or use storage that supports part reads",
+    )
+}
+
 fn changed_while_reading() -> S3Error {
     S3Error::with_message(
         S3ErrorCode::InternalError,
@@ -1258,10 +1270,12 @@ impl Ctx<'_> {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse().ok())
         };
-        if let Some(count) = number("x-amz-mp-parts-count")
-            && count != n
-        {
-            return Err(changed_while_reading());
+        match number("x-amz-mp-parts-count") {
+            Some(count) if count != n => return Err(changed_while_reading()),
+            Some(_) => {}
+            // A store that ignores `partNumber` (s3s-fs 0.14) answers with the whole object:
+            // its length is not part 1's, and guessing the layout could only fail later.
+            None => return Err(part_reads_unsupported()),
         }
         number("content-length").ok_or_else(|| decrypt_error("part 1 without a length"))
     }

@@ -443,7 +443,7 @@ identity = "app"
     }
 }
 
-/// s3s-fs (cargo install s3s-fs --version 0.14.1 --features binary): an S3 server that checks
+/// s3s-fs 0.14.1 (scripts/test.sh installs it into tests/peers/cargo): an S3 server that checks
 /// SigV4 and checksums, unlike moto. Credentials testing/testing.
 pub struct S3sFs {
     child: Child,
@@ -453,15 +453,10 @@ pub struct S3sFs {
 
 impl S3sFs {
     pub fn start() -> S3sFs {
-        let home = std::env::var("CARGO_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
-            });
-        let bin = home.join("bin/s3s-fs");
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/cargo/bin/s3s-fs");
         assert!(
             bin.exists(),
-            "s3s-fs is not installed at {}: run scripts/test.sh (cargo install s3s-fs --version 0.14.1 --features binary)",
+            "s3s-fs is not installed at {}: run scripts/test.sh",
             bin.display()
         );
         let root = tempfile::tempdir().unwrap();

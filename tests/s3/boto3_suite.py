@@ -11,12 +11,17 @@ import sys
 import boto3
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BUCKET, PROXY, VERIFY, cfg, check, done, expect_error, proxy, raw  # noqa: E402
+from harness import BUCKET, PROXY, S3S_FS, VERIFY, cfg, check, done, expect_error, proxy, raw  # noqa: E402
 
 
 proxy.create_bucket(Bucket=BUCKET)
 
 keys = ["plain.txt", "with space.txt", "plus+sign", "per%cent", "unicodé/ключ", "double//slash", "a/b/c.bin"]
+# Quirks of s3s-fs 0.14 as the storage (UPSTREAM=s3s-fs), none of them the proxy's (seen with
+# boto3 straight to s3s-fs too): its listings carry no ETag, and list some keys under another
+# name ("plus+sign" as "plus sign", "per%cent" not URL-encoded, "double//slash" as
+# "double/slash"). Those keys are still written and read there; only their listing is not checked.
+LISTED_AS_IS = [k for k in keys if not (S3S_FS and k in ("plus+sign", "per%cent", "double//slash"))]
 sizes = [0, 1, 16383, 16384, 16385, 100_000, 1_000_003]
 bodies = {}
 for i, key in enumerate(keys):
@@ -46,12 +51,14 @@ for key, body in bodies.items():
 
 # Listings report plaintext sizes by arithmetic.
 listed = {o["Key"]: o for o in proxy.list_objects_v2(Bucket=BUCKET)["Contents"]}
-for key, body in bodies.items():
+for key in LISTED_AS_IS:
+    body = bodies[key]
     check(f"list v2 has {key!r}", key in listed, str(sorted(listed)))
     check(f"list v2 {key!r} size", listed[key]["Size"] == len(body), str(listed[key]["Size"]))
-    check(f"list v2 {key!r} etag marked", listed[key]["ETag"].strip('"').endswith("-0"))
+    if not S3S_FS:
+        check(f"list v2 {key!r} etag marked", listed[key]["ETag"].strip('"').endswith("-0"))
 v1 = {o["Key"]: o["Size"] for o in proxy.list_objects(Bucket=BUCKET)["Contents"]}
-check("list v1 sizes", all(v1[k] == len(b) for k, b in bodies.items()))
+check("list v1 sizes", all(v1[k] == len(bodies[k]) for k in LISTED_AS_IS))
 
 # Ranges: a-b, a-, -n, across chunk boundaries, and unsatisfiable.
 big = bodies["a/b/c.bin"] if len(bodies["a/b/c.bin"]) > 50_000 else None
@@ -73,11 +80,12 @@ for rng, want in [
     check(f"range {rng} content-range", r["ContentRange"].endswith(f"/{n}"), r["ContentRange"])
 expect_error("range past the end", lambda: proxy.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={n + 5}-"), {"InvalidRange"})
 
-# Conditional requests use the marked ETag.
-etag = proxy.head_object(Bucket=BUCKET, Key=key)["ETag"]
-r = proxy.get_object(Bucket=BUCKET, Key=key, IfMatch=etag)
-check("If-Match with the marked ETag", r["Body"].read() == body)
-expect_error("If-None-Match with the marked ETag", lambda: proxy.get_object(Bucket=BUCKET, Key=key, IfNoneMatch=etag), {"304", "NotModified"})
+# Conditional requests use the marked ETag (s3s-fs ignores If-Match and If-None-Match).
+if not S3S_FS:
+    etag = proxy.head_object(Bucket=BUCKET, Key=key)["ETag"]
+    r = proxy.get_object(Bucket=BUCKET, Key=key, IfMatch=etag)
+    check("If-Match with the marked ETag", r["Body"].read() == body)
+    expect_error("If-None-Match with the marked ETag", lambda: proxy.get_object(Bucket=BUCKET, Key=key, IfNoneMatch=etag), {"304", "NotModified"})
 
 # Copy within the bucket (same key context), both metadata directives.
 proxy.copy_object(Bucket=BUCKET, Key="copy-1", CopySource={"Bucket": BUCKET, "Key": key})
