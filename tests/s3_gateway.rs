@@ -74,6 +74,56 @@ async fn run_script(
     println!("{}", stdout.trim_end());
 }
 
+/// `decrypt-object` opens the stored body and metadata a suite left in its out dir (fetched
+/// straight from storage) to the plaintext, under the bucket's context only; a flipped byte in
+/// the stored body fails.
+fn check_offline_decrypt(proxy: &Proxy, bucket: &str) {
+    let out_dir = std::env::temp_dir().join(format!("ep-{bucket}"));
+    let stored = std::fs::read(out_dir.join("stored.bin")).unwrap();
+    let decrypt = |context: &str, body: &[u8]| {
+        let body_file = out_dir.join("body-under-test.bin");
+        std::fs::write(&body_file, body).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+            .args([
+                "--config",
+                proxy.config_path.to_str().unwrap(),
+                "decrypt-object",
+            ])
+            .args([
+                "--context",
+                context,
+                "--metadata",
+                out_dir.join("meta.json").to_str().unwrap(),
+            ])
+            .stdin(std::fs::File::open(body_file).unwrap())
+            .output()
+            .unwrap()
+    };
+    let own = format!("bucket={bucket}");
+    let out = decrypt(&own, &stored);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == std::fs::read(out_dir.join("plain.bin")).unwrap(),
+        "decrypt-object gave other bytes"
+    );
+    let out = decrypt("bucket=another-bucket", &stored);
+    assert!(
+        !out.status.success(),
+        "another bucket's context must not decrypt"
+    );
+    let mut tampered = stored.clone();
+    let at = tampered.len() - 20;
+    tampered[at] ^= 1;
+    let out = decrypt(&own, &tampered);
+    assert!(!out.status.success(), "a flipped byte must not decrypt");
+    let out = decrypt(&own, &stored[..stored.len() - 16]);
+    assert!(!out.status.success(), "a cut body must not decrypt");
+}
+
 /// A self-signed certificate for `localhost` in `dir`, and the `[server]` setting using it.
 fn tls_server(dir: &Path) -> (PathBuf, String) {
     let cert =
@@ -98,39 +148,7 @@ async fn boto3_round_trips_ranges_listings_copies_and_tampering() {
     run_suite(&proxy, &moto, "suite-checksums", "when_supported").await;
 
     // No lock-in: the offline CLI decrypts what storage holds, with the same keys.
-    let out_dir = std::env::temp_dir().join("ep-suite-checksums");
-    let decrypt = |context: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
-            .args([
-                "--config",
-                proxy.config_path.to_str().unwrap(),
-                "decrypt-object",
-            ])
-            .args([
-                "--context",
-                context,
-                "--metadata",
-                out_dir.join("meta.json").to_str().unwrap(),
-            ])
-            .stdin(std::fs::File::open(out_dir.join("stored.bin")).unwrap())
-            .output()
-            .unwrap()
-    };
-    let out = decrypt("bucket=suite-checksums");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        out.stdout,
-        std::fs::read(out_dir.join("plain.bin")).unwrap()
-    );
-    let out = decrypt("bucket=another-bucket");
-    assert!(
-        !out.status.success(),
-        "another bucket's context must not decrypt"
-    );
+    check_offline_decrypt(&proxy, "suite-checksums");
     // The audit log names the key for each object written and read, and never the data.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     envelope_proxy::audit::verify(&proxy.dir.path().join("audit.log")).unwrap();
@@ -192,6 +210,7 @@ async fn boto3_multipart_uploads() {
     let proxy = gateway(&moto, dir.path(), "").await;
     let url = format!("http://{}", proxy.addr);
     run_multipart_suite(&url, None, &moto, "multipart-checksums", "when_supported").await;
+    check_offline_decrypt(&proxy, "multipart-checksums");
 }
 
 /// The same without flexible checksums (Content-MD5 only where required).

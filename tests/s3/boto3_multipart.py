@@ -88,6 +88,23 @@ with open(dst, "rb") as f:
 stored = raw.get_object(Bucket=BUCKET, Key="big.bin")
 sdata = stored["Body"].read()
 check("stored multipart size", len(sdata) == sum(ct_len(p) for p in sizes), str(len(sdata)))
+
+# Material for the offline decryption test: the stored body, and its metadata as `aws s3api
+# head-object` prints it, with PartsCount and ContentLength from `head-object --part-number 1`
+# (part 1's stored size: the part layout). moto omits user metadata on a part HEAD, so the
+# two HEADs are merged here.
+out_dir = os.environ.get("OUT_DIR")
+if out_dir:
+    import json
+    part1 = raw.head_object(Bucket=BUCKET, Key="big.bin", PartNumber=1)
+    meta = {"Metadata": raw.head_object(Bucket=BUCKET, Key="big.bin")["Metadata"]}
+    meta.update({k: part1[k] for k in ("PartsCount", "ContentLength")})
+    with open(os.path.join(out_dir, "stored.bin"), "wb") as f:
+        f.write(sdata)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(out_dir, "plain.bin"), "wb") as f:
+        f.write(body)
 check("stored multipart size formula", len(sdata) == size + 16 * (size // CHUNK) + 72 * len(sizes))
 check("stored multipart is not plaintext", body[:32] not in sdata and body[7 * MiB : 7 * MiB + 32] not in sdata)
 check("stored multipart metadata", {"ep-envelope", "ep-object", "ep-multipart"} <= set(stored["Metadata"]), str(stored["Metadata"]))
