@@ -681,7 +681,7 @@ impl Ctx<'_> {
         Ok(Self::forward(resp))
     }
 
-    async fn put_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+    pub(super) async fn put_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         let (plain_len, verifier) = upload_prelude(&req.headers)?;
         let key_ctx = self.key_context(&req.headers)?;
         let sealing = self
@@ -752,7 +752,11 @@ impl Ctx<'_> {
         result
     }
 
-    async fn get_object(&self, req: S3Request<Body>, head: bool) -> S3Result<S3Response<Body>> {
+    pub(super) async fn get_object(
+        &self,
+        req: S3Request<Body>,
+        head: bool,
+    ) -> S3Result<S3Response<Body>> {
         // `?partNumber=N`: S3 serves one part of a multipart object. Upstream never sees it (it
         // would count stored bytes); the part's plaintext range is computed from the layout.
         let part = super::multipart::part_number_query(&req.uri)?;
@@ -1054,111 +1058,6 @@ impl Ctx<'_> {
             "this object was not written through the encrypting gateway (no envelope metadata); \
              reading unencrypted objects requires dangerous_allow_plaintext_reads on the route",
         ))
-    }
-
-    async fn copy_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
-        // Same key context: a server-side copy keeps the ciphertext and our metadata (the object
-        // id travels with it). REPLACE would drop our metadata: read it from the source first.
-        let mut headers = req.headers.clone();
-        strip_request_headers(&mut headers);
-        unmark_conditionals(&mut headers);
-        let replace = headers
-            .get("x-amz-metadata-directive")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"REPLACE"));
-        let source = req
-            .headers
-            .get("x-amz-copy-source")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| s3_error!(InvalidArgument))?
-            .to_string();
-        let source_path = if source.starts_with('/') {
-            source.clone()
-        } else {
-            format!("/{source}")
-        };
-        let (source_path, source_query) = match source_path.split_once('?') {
-            Some((p, q)) => (p.to_string(), Some(q.to_string())),
-            None => (source_path, None),
-        };
-        let source_bucket = source_path
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .and_then(crate::config::pattern::percent_decode)
-            .unwrap_or_default();
-        // The source's key context must be the destination's: ciphertexts are bound to it.
-        let dest_ctx = self.key_context(&req.headers)?;
-        let src_lookup = S3Lookup {
-            bucket: Some(&source_bucket),
-            identity: &self.identity,
-            headers: &req.headers,
-        };
-        let mut src_ctx = Context::new();
-        for (name, t) in &self.cfg.key_context {
-            if let Ok(v) = t.render(&src_lookup) {
-                src_ctx.insert(name.clone(), v);
-            }
-        }
-        if src_ctx != dest_ctx {
-            return Err(S3Error::with_message(
-                S3ErrorCode::NotImplemented,
-                "copying between different encryption contexts (e.g. buckets) needs re-encryption, \
-                 which the gateway does not do server-side yet: download and upload instead",
-            ));
-        }
-        // HEAD the source: a REPLACE copy needs its reserved metadata, and an object written
-        // in parts cannot be copied in one piece (the copy loses the `-N` ETag that its layout
-        // is read from).
-        {
-            let mut head_uri = format!(
-                "{}://{}{}{}",
-                self.route.upstream.scheme,
-                self.route.upstream.authority,
-                self.route.upstream.base_path,
-                source_path
-            );
-            if let Some(q) = &source_query {
-                head_uri.push('?');
-                head_uri.push_str(q);
-            }
-            let head_uri: http::Uri = head_uri.parse().map_err(|_| s3_error!(InvalidArgument))?;
-            let head = self
-                .send(
-                    Method::HEAD,
-                    head_uri,
-                    HeaderMap::new(),
-                    crate::pipeline::full_body(Bytes::new()),
-                )
-                .await?;
-            if head.status().is_success() {
-                if super::multipart::is_multipart(head.headers()) {
-                    return Err(S3Error::with_message(
-                        S3ErrorCode::NotImplemented,
-                        "objects uploaded in parts cannot be copied through the encrypting \
-                         gateway (the copy would lose the part layout): download and upload \
-                         instead",
-                    ));
-                }
-                if replace {
-                    for name in [META_ENVELOPE, META_OBJECT_ID] {
-                        if let Some(v) = head.headers().get(name) {
-                            headers.insert(HeaderName::from_static(name), v.clone());
-                        }
-                    }
-                }
-            } else if replace {
-                return Ok(Self::forward(head));
-            }
-            // (A COPY copy of a missing source: upstream answers the copy with its error.)
-        }
-        headers.insert(
-            "x-amz-copy-source",
-            HeaderValue::from_str(&source).map_err(internal)?,
-        );
-        let uri = self.upstream_uri(&req.uri)?;
-        let resp = self.send_empty(Method::PUT, uri, headers).await?;
-        self.rewrite_xml(resp, |body| etag::mark_in_xml(body).map_err(internal))
-            .await
     }
 
     async fn listing(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {

@@ -1,4 +1,5 @@
 pub mod checksum;
+pub mod copy;
 pub mod etag;
 pub mod gateway;
 pub mod listing;

@@ -971,12 +971,7 @@ impl Ctx<'_> {
             Method::POST if uploads => self.create_upload(req).await,
             Method::POST if upload_id => self.complete_upload(req).await,
             Method::PUT if upload_id && req.headers.contains_key("x-amz-copy-source") => {
-                Err(S3Error::with_message(
-                    S3ErrorCode::NotImplemented,
-                    "UploadPartCopy through the encrypting gateway is not available: each part \
-                     is sealed with its own part number, so copied bytes would need \
-                     re-encryption; download the range and upload it as a part instead",
-                ))
+                self.upload_part_copy(req).await
             }
             Method::PUT if upload_id => self.upload_part(req).await,
             Method::GET if upload_id => self.list_parts(req).await,
@@ -1036,7 +1031,7 @@ impl Ctx<'_> {
         .await
     }
 
-    async fn upload_part(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+    pub(super) async fn upload_part(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         let query = req.uri.query().map(str::to_string);
         let id = parse_upload_id(&query_param(query.as_deref(), "uploadId").unwrap_or_default());
         let Some(sealed) = id.sealed else {

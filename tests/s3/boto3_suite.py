@@ -98,6 +98,32 @@ c2 = proxy.get_object(Bucket=BUCKET, Key="copy-2")
 check("copy (REPLACE) reads back", c2["Body"].read() == body)
 check("copy (REPLACE) new metadata", c2["Metadata"].get("owner") == "grace")
 
+# Copy to another bucket (another key context): the gateway re-encrypts, streamed.
+other = BUCKET + "-other"
+proxy.create_bucket(Bucket=other)
+r = proxy.copy_object(Bucket=other, Key="copied", CopySource={"Bucket": BUCKET, "Key": key})
+check("cross-bucket copy answers with a marked ETag", r["CopyObjectResult"]["ETag"].strip('"').endswith("-0"), str(r))
+c3 = proxy.get_object(Bucket=other, Key="copied")
+check("cross-bucket copy (COPY) reads back", c3["Body"].read() == body)
+check("cross-bucket copy keeps the metadata", c3["Metadata"] == {"owner": "ada"}, str(c3["Metadata"]))
+src_stored = raw.get_object(Bucket=BUCKET, Key=key)
+dst_stored = raw.get_object(Bucket=other, Key="copied")
+dst_bytes = dst_stored["Body"].read()
+check("cross-bucket copy is re-encrypted", dst_bytes != src_stored["Body"].read() and body[:16] not in dst_bytes)
+check("cross-bucket copy has its own envelope", dst_stored["Metadata"]["ep-envelope"] != src_stored["Metadata"]["ep-envelope"])
+proxy.copy_object(Bucket=other, Key="copied-2", CopySource={"Bucket": BUCKET, "Key": key},
+                  MetadataDirective="REPLACE", Metadata={"owner": "grace"}, ContentType="text/x-copied")
+c4 = proxy.get_object(Bucket=other, Key="copied-2")
+check("cross-bucket copy (REPLACE) reads back", c4["Body"].read() == body)
+check("cross-bucket copy (REPLACE) new metadata", c4["Metadata"] == {"owner": "grace"} and c4["ContentType"] == "text/x-copied", str(c4["Metadata"]))
+expect_error("cross-bucket copy of a missing key", lambda: proxy.copy_object(Bucket=other, Key="x", CopySource={"Bucket": BUCKET, "Key": "no-such-key"}), {"NoSuchKey", "404"})
+if not S3S_FS:
+    expect_error("cross-bucket copy with a failed source condition", lambda: proxy.copy_object(
+        Bucket=other, Key="x", CopySource={"Bucket": BUCKET, "Key": key}, CopySourceIfMatch='"0123456789abcdef0123456789abcdef-0"'), {"PreconditionFailed", "412"})
+    src_etag = proxy.head_object(Bucket=BUCKET, Key=key)["ETag"]
+    proxy.copy_object(Bucket=other, Key="copied-if", CopySource={"Bucket": BUCKET, "Key": key}, CopySourceIfMatch=src_etag)
+    check("cross-bucket copy with a holding source condition", proxy.get_object(Bucket=other, Key="copied-if")["Body"].read() == body)
+
 # Tampering with what storage holds is detected.
 stored = raw.get_object(Bucket=BUCKET, Key=key)
 meta = stored["Metadata"]
@@ -116,6 +142,9 @@ raw.put_object(Bucket=BUCKET, Key=a, Body=sb["Body"].read(), Metadata=sa["Metada
 raw.put_object(Bucket=BUCKET, Key=b, Body=sa["Body"].read(), Metadata=sb["Metadata"])
 expect_error("swapped body a fails", lambda: proxy.get_object(Bucket=BUCKET, Key=a)["Body"].read(), {"*", "InternalError"})
 expect_error("swapped body b fails", lambda: proxy.get_object(Bucket=BUCKET, Key=b)["Body"].read(), {"*", "InternalError"})
+# A copy of a tampered object fails, and leaves nothing at the destination.
+expect_error("copy of a tampered object fails", lambda: proxy.copy_object(Bucket=other, Key="from-tampered", CopySource={"Bucket": BUCKET, "Key": "tampered"}), {"*", "InternalError"})
+check("nothing committed by a failed copy", not [o for o in raw.list_objects_v2(Bucket=other).get("Contents", []) if o["Key"] == "from-tampered"])
 
 # An object written around the proxy is refused, not served as if it were decrypted.
 raw.put_object(Bucket=BUCKET, Key="legacy.txt", Body=b"written before the proxy")
