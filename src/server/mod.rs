@@ -1,6 +1,7 @@
 //! Listeners: the proxy (HTTP/1.1 and HTTP/2, optionally TLS), the admin endpoints
 //! (`/healthz`, `/readyz`, `/metrics`), the optional demo store, and graceful shutdown.
 
+mod linger;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -14,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use linger::Lingering;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -235,7 +237,7 @@ async fn accept_loop(
         match &tls {
             None => {
                 let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -258,7 +260,7 @@ async fn accept_loop(
                         _ => return,
                     };
                     let conn = builder
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                         .into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "connection ended with an error");

@@ -9,6 +9,7 @@ import os
 import sys
 
 import boto3
+from botocore.config import Config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import BUCKET, PROXY, S3S_FS, VERIFY, cfg, check, done, expect_error, proxy, raw  # noqa: E402
@@ -154,6 +155,16 @@ expect_error("plaintext object refused", lambda: proxy.get_object(Bucket=BUCKET,
 bad = boto3.client("s3", endpoint_url=PROXY, aws_access_key_id=os.environ["CLIENT_KEY"], aws_secret_access_key="wrong",
                    region_name="us-east-1", config=cfg, verify=VERIFY)
 expect_error("wrong secret", lambda: bad.list_objects_v2(Bucket=BUCKET), {"SignatureDoesNotMatch"})
+# An early error to a request whose body the proxy never reads (the signature is checked
+# first) must reach the client as that error, on the first attempt: the proxy drains what the
+# client is still sending before it closes, so the client never sees a reset instead.
+once = cfg.merge(Config(retries={"total_max_attempts": 1}))
+for big in (False, True):
+    bad_once = boto3.client("s3", endpoint_url=PROXY, aws_access_key_id=os.environ["CLIENT_KEY"], aws_secret_access_key="wrong",
+                            region_name="us-east-1", config=once, verify=VERIFY)
+    payload = os.urandom(8 << 20) if big else b"small"
+    expect_error(f"wrong secret on a {'large' if big else 'small'} upload, no retry",
+                 lambda: bad_once.put_object(Bucket=BUCKET, Key="refused", Body=payload), {"SignatureDoesNotMatch"})
 unknown = boto3.client("s3", endpoint_url=PROXY, aws_access_key_id="AKIANOBODY", aws_secret_access_key="x",
                        region_name="us-east-1", config=cfg, verify=VERIFY)
 expect_error("unknown key", lambda: unknown.list_objects_v2(Bucket=BUCKET), {"InvalidAccessKeyId"})

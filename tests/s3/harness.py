@@ -19,11 +19,10 @@ S3S_FS = os.environ.get("UPSTREAM") == "s3s-fs"
 cfg = Config(
     signature_version="s3v4",
     s3={"addressing_style": "path"},
-    # One retry, and a read timeout well below boto3's 60 s, so a response the client misses
-    # costs seconds, not minutes. (Known, to fix: over TLS an early error response to a request
-    # whose body the proxy does not read can reach botocore as a closed connection; the retry
-    # then gets the error.)
-    retries={"max_attempts": 1},
+    # No retries: every request must succeed (or fail as expected) on its first attempt; a
+    # retry would hide a response the client missed. A read timeout well below boto3's 60 s, so
+    # such a miss costs seconds, not minutes.
+    retries={"total_max_attempts": 1},
     read_timeout=20,
     request_checksum_calculation=os.environ.get("CHECKSUMS", "when_supported"),
 )
