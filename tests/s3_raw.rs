@@ -204,6 +204,10 @@ async fn object_requests_the_gateway_cannot_seal_are_refused() {
         (http::Method::PUT, format!("{base}/leak2?select")),
         (http::Method::PUT, format!("{base}/leak3?uploads")),
         (http::Method::GET, format!("{base}/leak4?uploads")),
+        // POST Object (a browser-form upload to the bucket) and a POST on a key.
+        (http::Method::POST, base.clone()),
+        (http::Method::POST, format!("{base}/leak6")),
+        (http::Method::PATCH, format!("{base}/leak7")),
     ] {
         let r = signed(
             method.clone(),

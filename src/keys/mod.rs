@@ -71,18 +71,21 @@ pub struct KeyDescription {
 }
 
 /// Errors from a root-key backend. Each says whose fault it is and whether a retry may help.
+///
+/// Key names can come from stored data (the key id in an EDK), so they are printed quoted and
+/// escaped (`{:?}`): a crafted name cannot forge log or audit lines.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
-    #[error("root key {0} not found")]
+    #[error("root key {0:?} not found")]
     KeyNotFound(String),
-    #[error("root key {0} is disabled")]
+    #[error("root key {0:?} is disabled")]
     KeyDisabled(String),
-    #[error("access to root key {0} denied")]
+    #[error("access to root key {0:?} denied")]
     AccessDenied(String),
     /// The wrapped key did not unwrap: tampered, foreign, or a different key context.
     #[error("wrapped data key is invalid for this key and context")]
     InvalidCiphertext,
-    #[error("no configured backend named {0}")]
+    #[error("no configured backend named {0:?}")]
     UnknownBackend(String),
     /// The backend could not be reached or failed; a retry may help.
     #[error("backend unavailable: {0}")]

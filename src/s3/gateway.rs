@@ -356,8 +356,16 @@ impl Op {
                 Method::PUT => Op::PutObject,
                 Method::GET => Op::GetObject,
                 Method::HEAD => Op::HeadObject,
-                _ => Op::Other,
+                Method::DELETE | Method::OPTIONS => Op::Other,
+                // No other method on a key carries no object body: a POST or PATCH could
+                // reach a store that writes what it is given. Refused, never forwarded.
+                _ => Op::Refused,
             };
+        }
+        // POST on a bucket is DeleteObjects (`?delete`) or a browser-form upload (POST Object),
+        // whose file would pass through in clear: refused.
+        if *method == Method::POST && !has("delete") {
+            return Op::Refused;
         }
         if *method == Method::GET {
             let listing = query.is_empty()
