@@ -77,16 +77,32 @@ pub struct MessageKeys {
     commitment: [u8; COMMITMENT_LEN],
 }
 
+/// An input key prepared for HKDF-Expand: HMAC-SHA-512 keyed once (ring precomputes the inner
+/// and outer states), so that many messages under one data key (JSON fields) skip the two
+/// SHA-512 blocks of keying each. Like ring's AES key schedule, the states are not wiped on
+/// drop (ring's opaque type); the raw key bytes never live here.
+pub struct Prf(ring::hmac::Key);
+
+impl Prf {
+    pub fn new(ikm: &[u8; 32]) -> Prf {
+        Prf(ring::hmac::Key::new(ring::hmac::HMAC_SHA512, ikm))
+    }
+}
+
 impl MessageKeys {
     /// HKDF-Expand with SHA-512, keyed directly with the 32-byte input key (there is no
     /// Extract step in this construction, and the `hkdf` crate refuses a 32-byte PRK for SHA-512).
     pub fn derive(ikm: &[u8; 32], salt: &[u8; SALT_LEN], context: &[u8]) -> Self {
-        // OKM = T1 ‖ T2 (RFC 5869 §2.3); only the first 76 bytes are used. ring's HMAC keys once
-        // (the inner and outer states are precomputed) and uses its assembly SHA-512.
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA512, ikm);
+        Self::derive_with(&Prf::new(ikm), salt, context)
+    }
+
+    /// [`derive`](Self::derive) with the input key already keyed.
+    pub fn derive_with(prf: &Prf, salt: &[u8; SALT_LEN], context: &[u8]) -> Self {
+        // OKM = T1 ‖ T2 (RFC 5869 §2.3); only the first 76 bytes are used.
+        let key = &prf.0;
         let mut okm = Zeroizing::new([0u8; 128]);
         for i in 0..2 {
-            let mut mac = ring::hmac::Context::with_key(&key);
+            let mut mac = ring::hmac::Context::with_key(key);
             if i > 0 {
                 mac.update(&okm[(i - 1) * 64..i * 64]);
             }
@@ -161,9 +177,14 @@ impl MessageKeys {
 
 /// Seal `plaintext` in one piece with a fresh random salt.
 pub fn seal(ikm: &[u8; 32], context: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    seal_with(&Prf::new(ikm), context, plaintext)
+}
+
+/// [`seal`] with the input key already keyed.
+pub fn seal_with(prf: &Prf, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let mut salt = [0u8; SALT_LEN];
     crate::envelope::fill_random(&mut salt);
-    seal_with_salt(ikm, &salt, context, plaintext)
+    seal_with_salt_prf(prf, &salt, context, plaintext)
 }
 
 /// Seal with a caller-chosen salt. Only for test vectors: a repeated salt under one key repeats
@@ -174,7 +195,16 @@ pub fn seal_with_salt(
     context: &[u8],
     plaintext: &[u8],
 ) -> Vec<u8> {
-    let keys = MessageKeys::derive(ikm, salt, context);
+    seal_with_salt_prf(&Prf::new(ikm), salt, context, plaintext)
+}
+
+fn seal_with_salt_prf(
+    prf: &Prf,
+    salt: &[u8; SALT_LEN],
+    context: &[u8],
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let keys = MessageKeys::derive_with(prf, salt, context);
     let mut out = Vec::with_capacity(ciphertext_len(plaintext.len() as u64) as usize);
     out.extend_from_slice(salt);
     out.extend_from_slice(keys.commitment());
@@ -192,11 +222,16 @@ pub fn seal_with_salt(
 
 /// Open a whole message. `message` is attacker controlled: this must not panic on any input.
 pub fn open(ikm: &[u8; 32], context: &[u8], message: &[u8]) -> Result<Vec<u8>, OpenError> {
+    open_with(&Prf::new(ikm), context, message)
+}
+
+/// [`open`] with the input key already keyed.
+pub fn open_with(prf: &Prf, context: &[u8], message: &[u8]) -> Result<Vec<u8>, OpenError> {
     let plain_len = plaintext_len(message.len() as u64).ok_or(OpenError::Truncated)?;
     let salt: &[u8; SALT_LEN] = message[..SALT_LEN]
         .try_into()
         .map_err(|_| OpenError::Truncated)?;
-    let keys = MessageKeys::derive(ikm, salt, context);
+    let keys = MessageKeys::derive_with(prf, salt, context);
     if !bool::from(keys.commitment().ct_eq(&message[SALT_LEN..HEADER_LEN])) {
         return Err(OpenError::Commitment);
     }

@@ -11,7 +11,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use super::chunked::{self, OpenError};
+use super::chunked::{self, OpenError, Prf};
 use super::header::{Header, HeaderError};
 use super::{Context, binding};
 
@@ -65,8 +65,18 @@ impl ParsedToken {
         data_key: &[u8; 32],
         message_context: &Context,
     ) -> Result<Vec<u8>, TokenError> {
+        self.open_with(&Prf::new(data_key), message_context)
+    }
+
+    /// [`open`](Self::open) with the data key already keyed (see [`Prf`]).
+    pub fn open_with(&self, prf: &Prf, message_context: &Context) -> Result<Vec<u8>, TokenError> {
         let ctx = binding(&self.header_bytes, message_context);
-        Ok(chunked::open(data_key, &ctx, &self.message)?)
+        Ok(chunked::open_with(prf, &ctx, &self.message)?)
+    }
+
+    /// The encoded envelope header: equal for every token sealed under one data key.
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.header_bytes
     }
 }
 
@@ -77,13 +87,24 @@ pub fn seal(
     message_context: &Context,
     plaintext: &[u8],
 ) -> Result<String, HeaderError> {
-    let header_bytes = header.encode()?;
-    let message = chunked::seal(
-        data_key,
-        &binding(&header_bytes, message_context),
+    seal_with(
+        &header.encode()?,
+        &Prf::new(data_key),
+        message_context,
         plaintext,
-    );
-    Ok(encode(&header_bytes, &message))
+    )
+}
+
+/// [`seal`] with the header already encoded and the data key already keyed: what a body of
+/// many values under one data key uses.
+pub fn seal_with(
+    header_bytes: &[u8],
+    prf: &Prf,
+    message_context: &Context,
+    plaintext: &[u8],
+) -> Result<String, HeaderError> {
+    let message = chunked::seal_with(prf, &binding(header_bytes, message_context), plaintext);
+    Ok(encode(header_bytes, &message))
 }
 
 /// Seal with a fixed salt, for golden vectors only.

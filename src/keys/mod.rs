@@ -29,22 +29,33 @@ pub use cache::{CacheLimits, DataKeyCache};
 /// A 256-bit data key. Zeroized on drop; `Debug` never prints it; read it through [`expose`].
 ///
 /// [`expose`]: DataKey::expose
-pub struct DataKey(Zeroizing<[u8; 32]>);
+pub struct DataKey {
+    key: Zeroizing<[u8; 32]>,
+    /// The key prepared for per-message key derivation, once per data key.
+    prf: crate::envelope::chunked::Prf,
+}
 
 impl DataKey {
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        DataKey(Zeroizing::new(bytes))
+        let key = Zeroizing::new(bytes);
+        let prf = crate::envelope::chunked::Prf::new(&key);
+        DataKey { key, prf }
     }
 
     /// A fresh random key from the OS CSPRNG.
     pub fn generate() -> Self {
         let mut key = Zeroizing::new([0u8; 32]);
         crate::envelope::fill_random(key.as_mut());
-        DataKey(key)
+        let prf = crate::envelope::chunked::Prf::new(&key);
+        DataKey { key, prf }
     }
 
     pub fn expose(&self) -> &[u8; 32] {
-        &self.0
+        &self.key
+    }
+
+    pub fn prf(&self) -> &crate::envelope::chunked::Prf {
+        &self.prf
     }
 }
 

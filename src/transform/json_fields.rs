@@ -299,6 +299,10 @@ pub fn seal_body(
     body: &mut Value,
 ) -> Result<usize, ProxyError> {
     let mut sealed = 0;
+    let header_bytes = key
+        .header
+        .encode()
+        .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
     for doc_loc in documents(route, body) {
         let Some(doc) = get_mut(body, &doc_loc) else {
             continue;
@@ -315,7 +319,7 @@ pub fn seal_body(
                     serde_json::to_vec(value)
                         .map_err(|_| ProxyError::Internal("serialize".into()))?,
                 );
-                let t = token::seal(&key.header, key.data_key.expose(), &ctx, &plaintext)
+                let t = token::seal_with(&header_bytes, key.data_key.prf(), &ctx, &plaintext)
                     .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
                 *value = Value::String(t);
                 sealed += 1;
@@ -346,6 +350,7 @@ pub async fn open_body(
     body: &mut Value,
 ) -> Result<OpenReport, ProxyError> {
     let mut report = OpenReport::default();
+    let mut opened_keys = OpenedKeys::default();
     for doc_loc in documents(route, body) {
         let msg_ctx = match get(body, &doc_loc) {
             Some(doc) => message_context(route, meta, doc, key_ctx),
@@ -360,7 +365,16 @@ pub async fn open_body(
                 let full: Vec<Step> = doc_loc.iter().chain(loc.iter()).cloned().collect();
                 let outcome = match &msg_ctx {
                     Ok(ctx) => {
-                        open_one(get(body, &full), field, ctx, key_ctx, keys, &route.keys).await
+                        open_one(
+                            get(body, &full),
+                            field,
+                            ctx,
+                            key_ctx,
+                            keys,
+                            &route.keys,
+                            &mut opened_keys,
+                        )
+                        .await
                     }
                     Err(_) => Err(DecryptFailure::MissingContext),
                 };
@@ -390,6 +404,11 @@ pub async fn open_body(
     Ok(report)
 }
 
+/// The data keys one body's tokens opened with, by encoded envelope header: the values of a
+/// document are usually sealed under one data key, so its EDKs are looked up once per body.
+#[derive(Default)]
+struct OpenedKeys(Vec<(Vec<u8>, std::sync::Arc<crate::keys::DataKey>)>);
+
 async fn open_one(
     value: Option<&Value>,
     field: &FieldPath,
@@ -397,23 +416,38 @@ async fn open_one(
     key_ctx: &Context,
     keys: &KeyService,
     allowed: &[crate::keys::KeyRef],
+    opened_keys: &mut OpenedKeys,
 ) -> Result<Value, DecryptFailure> {
     let Some(Value::String(s)) = value else {
         return Err(DecryptFailure::NotAToken);
     };
     let parsed = ParsedToken::parse(s).map_err(|_| DecryptFailure::NotAToken)?;
-    let data_key = keys
-        .opening_key_for(&parsed.header, key_ctx, allowed)
-        .await
-        .map_err(|e| match e {
-            BackendError::InvalidCiphertext => DecryptFailure::WrappedKey,
-            other => DecryptFailure::Backend(other),
-        })?;
+    let known = opened_keys
+        .0
+        .iter()
+        .find(|(h, _)| h.as_slice() == parsed.header_bytes())
+        .map(|(_, k)| k.clone());
+    let data_key = match known {
+        Some(k) => k,
+        None => {
+            let k = keys
+                .opening_key_for(&parsed.header, key_ctx, allowed)
+                .await
+                .map_err(|e| match e {
+                    BackendError::InvalidCiphertext => DecryptFailure::WrappedKey,
+                    other => DecryptFailure::Backend(other),
+                })?;
+            opened_keys
+                .0
+                .push((parsed.header_bytes().to_vec(), k.clone()));
+            k
+        }
+    };
     let mut ctx = msg_ctx.clone();
     ctx.insert(FIELD_KEY, field.source());
     let plaintext = zeroize::Zeroizing::new(
         parsed
-            .open(data_key.expose(), &ctx)
+            .open_with(data_key.prf(), &ctx)
             .map_err(|_| DecryptFailure::Message)?,
     );
     serde_json::from_slice(&plaintext).map_err(|_| DecryptFailure::Message)
