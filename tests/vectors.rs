@@ -1036,3 +1036,378 @@ fn generate() {
     std::fs::write(&out, serde_json::to_string_pretty(&vectors).unwrap() + "\n").unwrap();
     println!("wrote {}", out.display());
 }
+
+// ---------------------------------------------------------------------------------------------
+// S3 objects (FORMAT.md §9), in `tests/vectors/s3_objects.json`. The same rules: the current code
+// must reproduce every stored byte, open every object (with its streaming opener and with the
+// reference decoder), and unwrap every EDK through the keyring of `tokens.json`.
+//
+// Regenerate only on a versioned format change: `cargo test --test vectors -- --ignored
+// generate_s3`.
+
+const S3_VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/s3_objects.json");
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct S3Vectors {
+    comment: Vec<String>,
+    objects: Vec<S3ObjectVector>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct S3ObjectVector {
+    description: String,
+    data_key: String,
+    edks: Vec<EdkVector>,
+    /// The key context (the route's `context`, e.g. the bucket): the EDKs are wrapped under it.
+    key_context: BTreeMap<String, String>,
+    /// Hex of the 16-byte object id; the message context is the key context plus
+    /// `ep:object` = this, and for a multipart object `ep:part` = the part number (decimal).
+    object_id: String,
+    multipart: bool,
+    /// The reserved metadata as stored (header names without `x-amz-meta-`).
+    metadata: BTreeMap<String, String>,
+    parts: Vec<S3PartVector>,
+    /// Intermediate value, to debug an independent implementation.
+    header_hex: String,
+}
+
+/// One stored message: the whole body of a single-part object, or one part.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct S3PartVector {
+    salt: String,
+    /// Plaintext byte `i` of the object (counted across parts) is `(7·i + 3) mod 256`.
+    plaintext_offset: u64,
+    plaintext_len: u64,
+    /// The stored bytes, standard base64.
+    stored: String,
+}
+
+fn object_plaintext(offset: u64, len: u64) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|i| ((7 * i + 3) % 256) as u8)
+        .collect()
+}
+
+impl S3ObjectVector {
+    fn header_bytes(&self) -> Vec<u8> {
+        reference::encode_header(&self.edks)
+    }
+    /// The message context of one stored message (FORMAT.md §9).
+    fn message_context(&self, part: Option<usize>) -> BTreeMap<String, String> {
+        let mut c = self.key_context.clone();
+        c.insert("ep:object".into(), self.object_id.clone());
+        if let Some(n) = part {
+            c.insert("ep:part".into(), n.to_string());
+        }
+        c
+    }
+    fn binding(&self, part: Option<usize>) -> Vec<u8> {
+        let h = self.header_bytes();
+        let mut b = (h.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(&h);
+        b.extend_from_slice(&reference::canonical(&self.message_context(part)));
+        b
+    }
+    fn part_number(&self, i: usize) -> Option<usize> {
+        self.multipart.then_some(i + 1)
+    }
+}
+
+fn load_s3() -> S3Vectors {
+    let text = std::fs::read_to_string(S3_VECTORS).expect("tests/vectors/s3_objects.json");
+    serde_json::from_str(&text).expect("s3_objects.json parses")
+}
+
+#[test]
+fn s3_object_vectors_reproduce_and_open() {
+    let v = load_s3();
+    assert!(v.objects.iter().any(|o| o.multipart) && v.objects.iter().any(|o| !o.multipart));
+    for o in &v.objects {
+        let key: [u8; 32] = unhex_array(&o.data_key);
+        let header = o.header_bytes();
+        assert_eq!(hex::encode(&header), o.header_hex, "{}", o.description);
+        // The crate's binding is the reference's.
+        let crate_ctx = to_context(&o.message_context(o.part_number(0)));
+        assert_eq!(
+            envelope_proxy::envelope::binding(&header, &crate_ctx),
+            o.binding(o.part_number(0)),
+            "{}",
+            o.description
+        );
+        for (i, p) in o.parts.iter().enumerate() {
+            let what = format!("{} (part {})", o.description, i + 1);
+            let stored = B64.decode(&p.stored).unwrap();
+            let plain = object_plaintext(p.plaintext_offset, p.plaintext_len);
+            let salt: [u8; 24] = unhex_array(&p.salt);
+            let bind = o.binding(o.part_number(i));
+            assert_eq!(
+                stored.len() as u64,
+                chunked::ciphertext_len(p.plaintext_len),
+                "{what}"
+            );
+            // Byte for byte what the gateway's sealer writes.
+            let mut sealer =
+                envelope_proxy::envelope::stream::Sealer::with_salt(&key, &salt, &bind);
+            let mut out = sealer.header().to_vec();
+            for piece in plain.chunks(7000) {
+                sealer.push(piece, &mut out);
+            }
+            sealer.finish(&mut out);
+            assert!(out == stored, "{what}: the sealer wrote other bytes");
+            // Opened by the gateway's streaming opener, fed in odd pieces.
+            let mut opener = envelope_proxy::envelope::stream::Opener::new(
+                &key,
+                &bind,
+                stored[..chunked::HEADER_LEN].try_into().unwrap(),
+            )
+            .unwrap();
+            let mut got = Vec::new();
+            for piece in stored[chunked::HEADER_LEN..].chunks(5000) {
+                opener.push(piece, &mut got).unwrap();
+            }
+            opener.finish(&mut got).unwrap();
+            assert!(got == plain, "{what}: the opener gave other bytes");
+            // And by the reference decoder.
+            assert!(
+                reference::chunked_open(&key, &bind, &stored).as_deref() == Some(&plain[..]),
+                "{what}: the reference decoder disagrees"
+            );
+        }
+        // The reserved metadata.
+        let first = B64.decode(&o.parts[0].stored).unwrap();
+        let envelope = if o.multipart {
+            header.clone()
+        } else {
+            [&header[..], &first[..chunked::HEADER_LEN]].concat()
+        };
+        assert_eq!(
+            o.metadata.get("ep-envelope"),
+            Some(&URL_SAFE_NO_PAD.encode(envelope))
+        );
+        assert_eq!(o.metadata.get("ep-object"), Some(&o.object_id));
+        assert_eq!(
+            o.metadata.get("ep-multipart").map(String::as_str),
+            o.multipart.then_some("1")
+        );
+    }
+}
+
+#[test]
+fn s3_object_tampering_fails() {
+    let v = load_s3();
+    for o in v.objects.iter().filter(|o| o.multipart) {
+        let key: [u8; 32] = unhex_array(&o.data_key);
+        let parts: Vec<Vec<u8>> = o
+            .parts
+            .iter()
+            .map(|p| B64.decode(&p.stored).unwrap())
+            .collect();
+        // A part opens only as its own part number of its own object.
+        assert!(reference::chunked_open(&key, &o.binding(Some(2)), &parts[0]).is_none());
+        let mut other = o.clone();
+        other.object_id = "00".repeat(16);
+        assert!(reference::chunked_open(&key, &other.binding(Some(1)), &parts[0]).is_none());
+    }
+    for o in &v.objects {
+        let key: [u8; 32] = unhex_array(&o.data_key);
+        let stored = B64.decode(&o.parts[0].stored).unwrap();
+        let bind = o.binding(o.part_number(0));
+        for at in [0, 30, chunked::HEADER_LEN, stored.len() - 1] {
+            let mut bad = stored.clone();
+            bad[at] ^= 1;
+            assert!(
+                reference::chunked_open(&key, &bind, &bad).is_none(),
+                "{}: flip at {at}",
+                o.description
+            );
+        }
+        // Another key context (another bucket) does not open it.
+        let mut elsewhere = o.clone();
+        elsewhere
+            .key_context
+            .insert("bucket".into(), "another-bucket".into());
+        assert!(
+            reference::chunked_open(&key, &elsewhere.binding(o.part_number(0)), &stored).is_none()
+        );
+    }
+}
+
+/// The EDKs unwrap through the keyring of `tokens.json` under the object's key context.
+#[tokio::test]
+async fn s3_object_edks_unwrap_through_the_keyring() {
+    let v = load_s3();
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = install_keyring(&load().keyring, dir.path());
+    let service = KeyService::new(
+        vec![keyring as Arc<dyn RootKeyProvider>],
+        CacheLimits::default(),
+        Arc::new(Metrics::new()),
+    );
+    for o in &v.objects {
+        let (header, _) = Header::decode(&o.header_bytes()).unwrap();
+        let key = service
+            .opening_key(&header, &to_context(&o.key_context))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", o.description));
+        assert_eq!(hex::encode(key.expose()), o.data_key, "{}", o.description);
+    }
+}
+
+#[test]
+#[ignore = "generator: writes a candidate s3_objects.json under target/, run only on a format change"]
+fn generate_s3() {
+    let keyring = load().keyring;
+    let users_v1 = root_key(&keyring, "users", 1);
+    let mut objects = Vec::new();
+    let cases: [(&str, bool, &[u64]); 4] = [
+        ("single-part, empty", false, &[0]),
+        ("single-part, 100 bytes (one short chunk)", false, &[100]),
+        (
+            "single-part, 16385 bytes (a full chunk and a 1-byte final chunk)",
+            false,
+            &[16_385],
+        ),
+        (
+            "multipart, 3 parts: 16384 + 16384 + 10 bytes (non-final parts end with an empty final chunk)",
+            true,
+            &[16_384, 16_384, 10],
+        ),
+    ];
+    for (n, (description, multipart, sizes)) in cases.into_iter().enumerate() {
+        let data_key: [u8; 32] = fixed(&format!("envelope-proxy s3 vectors: data key {n}"));
+        let key_context = ctx(&[("bucket", "photos")]);
+        let wrap_nonce: [u8; 12] = fixed(&format!("envelope-proxy s3 vectors: wrap nonce {n}"));
+        let aad = reference::wrap_aad("users", 1, &key_context);
+        let edks = vec![EdkVector {
+            backend: "local".into(),
+            key_id: "users".into(),
+            key_version: 1,
+            blob: hex::encode(reference::wrap(&users_v1, &wrap_nonce, &aad, &data_key)),
+        }];
+        let object_id: [u8; 16] = fixed(&format!("envelope-proxy s3 vectors: object id {n}"));
+        let mut o = S3ObjectVector {
+            description: description.into(),
+            data_key: hex::encode(data_key),
+            edks,
+            key_context,
+            object_id: hex::encode(object_id),
+            multipart,
+            metadata: BTreeMap::new(),
+            parts: Vec::new(),
+            header_hex: String::new(),
+        };
+        o.header_hex = hex::encode(o.header_bytes());
+        let mut offset = 0;
+        for (i, &len) in sizes.iter().enumerate() {
+            let salt: [u8; 24] = fixed(&format!("envelope-proxy s3 vectors: salt {n}.{i}"));
+            let stored = chunked::seal_with_salt(
+                &data_key,
+                &salt,
+                &o.binding(o.part_number(i)),
+                &object_plaintext(offset, len),
+            );
+            o.parts.push(S3PartVector {
+                salt: hex::encode(salt),
+                plaintext_offset: offset,
+                plaintext_len: len,
+                stored: B64.encode(stored),
+            });
+            offset += len;
+        }
+        let first = B64.decode(&o.parts[0].stored).unwrap();
+        let envelope = if multipart {
+            o.header_bytes()
+        } else {
+            [o.header_bytes(), first[..chunked::HEADER_LEN].to_vec()].concat()
+        };
+        o.metadata
+            .insert("ep-envelope".into(), URL_SAFE_NO_PAD.encode(envelope));
+        o.metadata.insert("ep-object".into(), o.object_id.clone());
+        if multipart {
+            o.metadata.insert("ep-multipart".into(), "1".into());
+        }
+        objects.push(o);
+    }
+    let out = S3Vectors {
+        comment: vec![
+            "Golden vectors for S3 objects written by the encrypting gateway (docs/FORMAT.md §9).".into(),
+            "Hex unless a field says base64. The EDKs wrap data_key under root key users v1 of the \
+             keyring in tokens.json, with the key context as AAD (FORMAT.md §6.1)."
+                .into(),
+            "Plaintext byte i of an object (counted across its parts) is (7*i + 3) mod 256.".into(),
+        ],
+        objects,
+    };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/s3_objects.candidate.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap() + "\n").unwrap();
+    println!("wrote {}", path.display());
+}
+
+/// `decrypt-object` (the offline reader, which shares the gateway's opening code) opens every
+/// vector object from its stored bytes and metadata, with the keyring of `tokens.json`.
+#[tokio::test]
+async fn s3_object_vectors_open_offline() {
+    let v = load_s3();
+    let dir = tempfile::tempdir().unwrap();
+    drop(install_keyring(&load().keyring, dir.path()));
+    let config = envelope_proxy::config::parse(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[keyring]
+path = "{dir}/keyring.json"
+master_key_file = "{dir}/master.key"
+[[route]]
+name = "objects"
+kind = "s3"
+path = "/**"
+upstream = "http://127.0.0.1:9"
+key = "users"
+context = {{ bucket = "{{s3.bucket}}" }}
+[route.s3]
+region = "us-east-1"
+upstream_access_key_id_file = "{dir}/master.key"
+upstream_secret_access_key_file = "{dir}/master.key"
+[[route.s3.client]]
+access_key_id = "AKIAVECTORS"
+secret_access_key_file = "{dir}/master.key"
+identity = "vectors"
+"#,
+        dir = dir.path().display()
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    for o in &v.objects {
+        let mut meta = serde_json::json!({ "Metadata": o.metadata });
+        if o.multipart {
+            let first = B64.decode(&o.parts[0].stored).unwrap();
+            meta["PartsCount"] = o.parts.len().into();
+            meta["ContentLength"] = first.len().into();
+        }
+        let body: Vec<u8> = o
+            .parts
+            .iter()
+            .flat_map(|p| B64.decode(&p.stored).unwrap())
+            .collect();
+        let given: std::collections::HashMap<String, String> = o
+            .key_context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = Vec::new();
+        envelope_proxy::s3::offline::decrypt_object(
+            &config,
+            None,
+            &given,
+            &meta.to_string(),
+            &body[..],
+            &mut out,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", o.description));
+        let total: u64 = o.parts.iter().map(|p| p.plaintext_len).sum();
+        assert!(out == object_plaintext(0, total), "{}", o.description);
+    }
+}
