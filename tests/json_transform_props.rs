@@ -22,7 +22,17 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+/// Field paths that overlap (`$.e[*]` and `$.e[*].f`): bodies with such matches go through the
+/// DOM path.
+const OVERLAPPING: &str = r#"["$.a", "$.b.c", "$..d", "$.e[*]", "$.e[*].f"]"#;
+/// Field paths that mostly do not (`$..d` still can): bodies go through the byte-splicing path.
+const DISJOINT: &str = r#"["$.a", "$.b.c", "$..d", "$.e[*].f"]"#;
+
 fn fixture() -> Fixture {
+    fixture_with(OVERLAPPING)
+}
+
+fn fixture_with(fields: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -40,11 +50,11 @@ name = "r"
 path = "/t/{{tenant}}/**"
 upstream = "http://127.0.0.1:1"
 key = "k"
-fields = ["$.a", "$.b.c", "$..d", "$.e[*]", "$.e[*].f"]
+fields = {fields}
 context = {{ tenant = "{{path.tenant}}" }}
 message_context = {{ id = "{{json.id}}" }}
 "#,
-        d = dir.path().display()
+        d = dir.path().display(),
     );
     let cfg = config::parse(&text).unwrap();
     let route = match &cfg.routes[0].kind {
@@ -159,6 +169,48 @@ proptest! {
         prop_assert_eq!(opened, doc);
     }
 
+    /// The byte-splicing path (what the proxy runs) and the DOM path agree: each opens what
+    /// the other sealed, splicing round-trips, and it leaves no configured value in clear.
+    #[test]
+    fn splicing_agrees_with_the_dom_path(doc in document(), pretty in any::<bool>(), disjoint in any::<bool>()) {
+        let f = fixture_with(if disjoint { DISJOINT } else { OVERLAPPING });
+        let (captures, headers) = meta_parts();
+        let meta = RequestMeta { captures: &captures, headers: &headers, given: None };
+        let key_ctx = json_fields::key_context(&f.route, &meta).unwrap();
+        let text = if pretty { serde_json::to_vec_pretty(&doc) } else { serde_json::to_vec(&doc) }.unwrap();
+        let scanned = json_fields::scan_body(&text, 64).unwrap();
+        let key = f.rt.block_on(f.keys.sealing_key(&f.route.keys, &key_ctx, 100, 10_000)).unwrap();
+        let (spliced, n) = json_fields::seal_scanned(&f.route, &meta, &key_ctx, &key, &scanned, 64).unwrap();
+        let sealed: Value = serde_json::from_slice(&spliced).unwrap();
+        let mut dom_sealed = doc.clone();
+        let dom_n = json_fields::seal_body(&f.route, &meta, &key_ctx, &key, &mut dom_sealed).unwrap();
+        prop_assert_eq!(n, dom_n);
+        for field in &f.route.fields {
+            for loc in field.locate(&sealed) {
+                let mut v = &sealed;
+                for step in &loc {
+                    v = match step {
+                        json_fields::Step::Key(k) => &v[k.as_str()],
+                        json_fields::Step::Index(i) => &v[*i],
+                    };
+                }
+                prop_assert!(v.as_str().is_some_and(|s| s.starts_with("enc:v1:")), "{} left {} in clear", field.source(), v);
+            }
+        }
+        // The DOM path opens what splicing sealed.
+        let mut opened = sealed.clone();
+        f.rt.block_on(json_fields::open_body(&f.route, &meta, &key_ctx, &f.keys, &mut opened)).unwrap();
+        prop_assert_eq!(&opened, &doc);
+        // Splicing opens what splicing sealed, and what the DOM path sealed.
+        for body in [spliced, serde_json::to_vec(&dom_sealed).unwrap()] {
+            let scanned = json_fields::scan_body(&body, 64).unwrap();
+            let (out, report) = f.rt.block_on(json_fields::open_scanned(&f.route, &meta, &key_ctx, &f.keys, &scanned, 64)).unwrap();
+            prop_assert_eq!(report.opened, n);
+            let out: Value = serde_json::from_slice(&out).unwrap();
+            prop_assert_eq!(&out, &doc);
+        }
+    }
+
     #[test]
     fn opening_hostile_documents_never_panics(doc in document(), junk in ".{0,80}") {
         let f = fixture();
@@ -168,5 +220,8 @@ proptest! {
         let mut d = doc;
         d["a"] = Value::String(format!("enc:v1:{junk}"));
         let _ = f.rt.block_on(json_fields::open_body(&f.route, &meta, &key_ctx, &f.keys, &mut d));
+        let text = serde_json::to_vec(&d).unwrap();
+        let scanned = json_fields::scan_body(&text, 64).unwrap();
+        let _ = f.rt.block_on(json_fields::open_scanned(&f.route, &meta, &key_ctx, &f.keys, &scanned, 64));
     }
 }

@@ -15,7 +15,6 @@ use super::{AppState, BoxError, ProxyBody, full_body};
 use crate::config::{JsonRoute, Route};
 use crate::error::ProxyError;
 use crate::transform::json_fields::{self, RequestMeta};
-use crate::transform::strict_json;
 
 /// What a JSON route did, for the audit log.
 #[derive(Default)]
@@ -70,15 +69,16 @@ where
         if !is_json(&parts.headers) || has_content_encoding(&parts.headers) {
             return Err(ProxyError::UnsupportedMediaType);
         }
-        let mut doc = strict_json::parse(&bytes, settings.max_json_depth)
-            .map_err(ProxyError::MalformedJson)?;
-        let messages = json_fields::estimate_messages(jr, &doc);
+        let depth = settings.max_json_depth;
+        let doc = json_fields::scan_body(&bytes, depth).map_err(ProxyError::MalformedJson)?;
+        let messages = json_fields::estimate_messages_scanned(jr, &doc);
         let key = state
             .keys
             .sealing_key(&jr.keys, &key_ctx, messages, bytes.len() as u64)
             .await?;
-        outcome.sealed = json_fields::seal_body(jr, &meta, &key_ctx, &key, &mut doc)?;
-        Bytes::from(serde_json::to_vec(&doc).map_err(|_| ProxyError::Internal("serialize".into()))?)
+        let (sealed, n) = json_fields::seal_scanned(jr, &meta, &key_ctx, &key, &doc, depth)?;
+        outcome.sealed = n;
+        Bytes::from(sealed)
     };
 
     let up_req = upstream::request(
@@ -122,9 +122,11 @@ where
     let out = if body.is_empty() {
         body
     } else {
-        let mut doc = strict_json::parse(&body, settings.max_json_depth)
+        let depth = settings.max_json_depth;
+        let doc = json_fields::scan_body(&body, depth)
             .map_err(|_| ProxyError::UpstreamResponse("malformed JSON from upstream"))?;
-        let report = json_fields::open_body(jr, &meta, &key_ctx, &state.keys, &mut doc).await?;
+        let (opened, report) =
+            json_fields::open_scanned(jr, &meta, &key_ctx, &state.keys, &doc, depth).await?;
         outcome.opened = report.opened;
         outcome.redacted = report.redacted;
         if report.redacted > 0 {
@@ -132,7 +134,7 @@ where
                 .headers
                 .insert("x-envelope-redacted", HeaderValue::from(report.redacted));
         }
-        Bytes::from(serde_json::to_vec(&doc).map_err(|_| ProxyError::Internal("serialize".into()))?)
+        Bytes::from(opened)
     };
     rparts
         .headers

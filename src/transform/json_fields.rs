@@ -11,6 +11,7 @@
 //! so reordering an array keeps values readable while moving a token to another field fails).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::HeaderMap;
 use jsonpath_rust::parser::model::JpQuery;
@@ -22,7 +23,9 @@ use crate::envelope::Context;
 use crate::envelope::context::FIELD_KEY;
 use crate::envelope::token::{self, ParsedToken};
 use crate::error::{DecryptFailure, ProxyError};
-use crate::keys::{BackendError, KeyService, SealingKey};
+use crate::keys::{BackendError, DataKey, KeyService, SealingKey};
+use crate::transform::json_scan::{self, CompiledPath, Kind, NodeId, Scanned};
+use crate::transform::strict_json::{self, JsonError};
 
 /// A configured JSONPath. Filters, slices and functions are refused: whether they select a value
 /// can depend on other (possibly encrypted) values, so a write and a read could disagree.
@@ -30,6 +33,8 @@ use crate::keys::{BackendError, KeyService, SealingKey};
 pub struct FieldPath {
     source: String,
     query: JpQuery,
+    /// The same path for the byte-splicing path ([`json_scan`]).
+    compiled: CompiledPath,
 }
 
 /// One step of a normalized location.
@@ -73,9 +78,11 @@ impl FieldPath {
         }
         let query = jsonpath_rust::parser::parse_json_path(source)
             .map_err(|e| format!("{source:?} is not a valid JSONPath: {e}"))?;
+        let compiled = CompiledPath::compile(&query).map_err(|e| format!("{source:?}: {e}"))?;
         Ok(FieldPath {
             source: source.to_string(),
             query,
+            compiled,
         })
     }
 
@@ -203,27 +210,59 @@ struct DocLookup<'a> {
     doc: Option<&'a Value>,
 }
 
+/// A context value from the request (path captures and headers).
+fn request_value(meta: &RequestMeta, source: &Source) -> Option<String> {
+    match source {
+        Source::Path(name) => meta.captures.get(name).cloned(),
+        Source::Header(name) => {
+            let mut values = meta.headers.get_all(name).iter();
+            let first = values.next()?;
+            // A repeated header is ambiguous: which one would the reader send? Refuse it.
+            if values.next().is_some() {
+                return None;
+            }
+            first.to_str().ok().map(str::to_string)
+        }
+        // Only S3 routes know these; config validation keeps them off JSON routes; `json.*`
+        // comes from the document.
+        Source::S3Bucket | Source::Identity | Source::Json(_) => None,
+    }
+}
+
 impl Lookup for DocLookup<'_> {
     fn lookup(&self, source: &Source) -> Option<String> {
         match source {
-            Source::Path(name) => self.meta.captures.get(name).cloned(),
-            Source::Header(name) => {
-                let mut values = self.meta.headers.get_all(name).iter();
-                let first = values.next()?;
-                // A repeated header is ambiguous: which one would the reader send? Refuse it.
-                if values.next().is_some() {
-                    return None;
-                }
-                first.to_str().ok().map(str::to_string)
-            }
-            // Only S3 routes know these; config validation keeps them off JSON routes.
-            Source::S3Bucket | Source::Identity => None,
             Source::Json(member) => match self.doc?.get(member)? {
                 Value::String(s) => Some(s.clone()),
                 Value::Number(n) => Some(n.to_string()),
                 Value::Bool(b) => Some(b.to_string()),
                 _ => None,
             },
+            other => request_value(self.meta, other),
+        }
+    }
+}
+
+/// [`DocLookup`] on a scanned body: the same values (a string member unescaped, a number or
+/// boolean as written).
+struct ScannedLookup<'a> {
+    meta: &'a RequestMeta<'a>,
+    doc: &'a Scanned<'a>,
+    node: NodeId,
+}
+
+impl Lookup for ScannedLookup<'_> {
+    fn lookup(&self, source: &Source) -> Option<String> {
+        match source {
+            Source::Json(member) => {
+                let n = self.doc.member(self.node, member)?;
+                match self.doc.kind(n) {
+                    Kind::String => self.doc.string_value(n).map(|s| s.into_owned()),
+                    Kind::Number | Kind::Bool => Some(self.doc.raw_str(n).to_string()),
+                    _ => None,
+                }
+            }
+            other => request_value(self.meta, other),
         }
     }
 }
@@ -248,9 +287,18 @@ fn message_context(
         meta,
         doc: Some(doc),
     };
+    message_context_with(route, meta, &lookup, key_ctx)
+}
+
+fn message_context_with(
+    route: &JsonRoute,
+    meta: &RequestMeta,
+    lookup: &dyn Lookup,
+    key_ctx: &Context,
+) -> Result<Context, ProxyError> {
     let mut ctx = key_ctx.clone();
     for (name, t) in &route.message_context {
-        ctx.insert(name.clone(), render(meta, name, t, &lookup)?);
+        ctx.insert(name.clone(), render(meta, name, t, lookup)?);
     }
     Ok(ctx)
 }
@@ -327,6 +375,249 @@ pub fn seal_body(
         }
     }
     Ok(sealed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The byte-splicing path: what the proxy runs. The body is scanned once ([`json_scan`]), the
+// configured values are found on the scan, and their replacements (tokens on the way to
+// storage, plaintexts on the way back) are spliced into the original bytes; the rest of the
+// document passes byte for byte. When the matches nest (overlapping field paths such as
+// `$.profile` and `$.profile.name`, or a field inside another document), the order of the
+// DOM path above is what defines the result, and the body goes through it instead.
+
+/// Scan a body: the same strictness as [`strict_json::parse`] (duplicate keys, depth).
+pub fn scan_body(body: &[u8], max_depth: usize) -> Result<Scanned<'_>, JsonError> {
+    json_scan::scan(body, max_depth)
+}
+
+/// [`estimate_messages`] on a scanned body.
+pub fn estimate_messages_scanned(route: &JsonRoute, doc: &Scanned) -> u64 {
+    let root = doc.root();
+    let docs = match doc.kind(root) {
+        Kind::Array => doc.child_ids(root).count().max(1),
+        _ => 1,
+    };
+    (docs * route.fields.len()) as u64
+}
+
+/// [`documents`] on a scanned body.
+fn scanned_documents(route: &JsonRoute, doc: &Scanned) -> Vec<NodeId> {
+    let root = doc.root();
+    let mut out: Vec<NodeId> = match doc.kind(root) {
+        Kind::Array => doc.child_ids(root).collect(),
+        _ => vec![root],
+    };
+    for d in &route.documents {
+        for n in d.compiled.locate(doc, root) {
+            match doc.kind(n) {
+                Kind::Array => out.extend(doc.child_ids(n)),
+                _ => out.push(n),
+            }
+        }
+    }
+    out
+}
+
+/// One value to seal or open: a match of field `field` in document `doc`.
+struct Match {
+    node: NodeId,
+    field: usize,
+    doc: usize,
+}
+
+/// The values to replace, or `None` when splicing could differ from the DOM path: two matches
+/// nest or coincide, or a match covers a member a document's message context is read from.
+fn splice_plan(route: &JsonRoute, doc: &Scanned, docs: &[NodeId]) -> Option<Vec<Match>> {
+    let mut matches = Vec::new();
+    for (di, &d) in docs.iter().enumerate() {
+        for (fi, f) in route.fields.iter().enumerate() {
+            matches.extend(f.compiled.locate(doc, d).into_iter().map(|node| Match {
+                node,
+                field: fi,
+                doc: di,
+            }));
+        }
+    }
+    // Node ids are in document order (pre-order), so a nesting shows between neighbours.
+    matches.sort_by_key(|m| m.node);
+    if matches
+        .windows(2)
+        .any(|w| doc.contains(w[0].node, w[1].node))
+    {
+        return None;
+    }
+    for &d in docs {
+        for (_, t) in &route.message_context {
+            for source in t.sources() {
+                if let Source::Json(member) = source
+                    && let Some(m) = doc.member(d, member)
+                    && matches.iter().any(|x| doc.contains(x.node, m))
+                {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(matches)
+}
+
+fn scanned_context(
+    route: &JsonRoute,
+    meta: &RequestMeta,
+    doc: &Scanned,
+    node: NodeId,
+    key_ctx: &Context,
+) -> Result<Context, ProxyError> {
+    let lookup = ScannedLookup { meta, doc, node };
+    message_context_with(route, meta, &lookup, key_ctx)
+}
+
+/// Seal every configured field of a scanned body; returns the body to forward and how many
+/// values were sealed.
+pub fn seal_scanned(
+    route: &JsonRoute,
+    meta: &RequestMeta,
+    key_ctx: &Context,
+    key: &SealingKey,
+    doc: &Scanned,
+    max_depth: usize,
+) -> Result<(Vec<u8>, usize), ProxyError> {
+    let docs = scanned_documents(route, doc);
+    let Some(matches) = splice_plan(route, doc, &docs) else {
+        let mut body = strict_json::parse(doc.source().as_bytes(), max_depth)
+            .map_err(ProxyError::MalformedJson)?;
+        let n = seal_body(route, meta, key_ctx, key, &mut body)?;
+        let out =
+            serde_json::to_vec(&body).map_err(|_| ProxyError::Internal("serialize".into()))?;
+        return Ok((out, n));
+    };
+    // Every document's context renders, whether or not it has values to seal (as on the DOM
+    // path): a write whose context is incomplete is refused, not half sealed.
+    let contexts = docs
+        .iter()
+        .map(|&d| scanned_context(route, meta, doc, d, key_ctx))
+        .collect::<Result<Vec<_>, _>>()?;
+    let header_bytes = key
+        .header
+        .encode()
+        .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
+    let mut edits = Vec::with_capacity(matches.len());
+    for m in &matches {
+        let field = &route.fields[m.field];
+        let mut ctx = contexts[m.doc].clone();
+        ctx.insert(FIELD_KEY, field.source());
+        // The value's own bytes are its JSON serialization (validated by the scan).
+        let t = token::seal_with(&header_bytes, key.data_key.prf(), &ctx, doc.raw(m.node))
+            .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
+        let mut quoted = Vec::with_capacity(t.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(t.as_bytes());
+        quoted.push(b'"');
+        edits.push((doc.span(m.node), quoted));
+    }
+    let out = json_scan::splice(doc.source().as_bytes(), &mut edits)
+        .map_err(|e| ProxyError::Internal(format!("splice: {e}")))?;
+    Ok((out, matches.len()))
+}
+
+/// Open every token at a configured path of a scanned body, as [`open_body`] does; returns
+/// the body to answer with.
+pub async fn open_scanned(
+    route: &JsonRoute,
+    meta: &RequestMeta<'_>,
+    key_ctx: &Context,
+    keys: &KeyService,
+    doc: &Scanned<'_>,
+    max_depth: usize,
+) -> Result<(Vec<u8>, OpenReport), ProxyError> {
+    let docs = scanned_documents(route, doc);
+    let Some(matches) = splice_plan(route, doc, &docs) else {
+        let mut body = strict_json::parse(doc.source().as_bytes(), max_depth)
+            .map_err(|_| ProxyError::UpstreamResponse("malformed JSON from upstream"))?;
+        let report = open_body(route, meta, key_ctx, keys, &mut body).await?;
+        let out =
+            serde_json::to_vec(&body).map_err(|_| ProxyError::Internal("serialize".into()))?;
+        return Ok((out, report));
+    };
+    let mut report = OpenReport::default();
+    let mut opened_keys = OpenedKeys::default();
+    let mut contexts: Vec<Option<Result<Context, ProxyError>>> =
+        docs.iter().map(|_| None).collect();
+    let mut edits: Vec<(std::ops::Range<usize>, zeroize::Zeroizing<Vec<u8>>)> =
+        Vec::with_capacity(matches.len());
+    for m in &matches {
+        let field = &route.fields[m.field];
+        let ctx = contexts[m.doc]
+            .get_or_insert_with(|| scanned_context(route, meta, doc, docs[m.doc], key_ctx));
+        let outcome = match ctx {
+            Ok(ctx) => {
+                open_scanned_value(
+                    doc,
+                    m.node,
+                    field,
+                    ctx,
+                    key_ctx,
+                    keys,
+                    &route.keys,
+                    &mut opened_keys,
+                    max_depth,
+                )
+                .await
+            }
+            Err(_) => Err(DecryptFailure::MissingContext),
+        };
+        match outcome {
+            Ok(plaintext) => {
+                edits.push((doc.span(m.node), plaintext));
+                report.opened += 1;
+            }
+            Err(DecryptFailure::Backend(e)) if e.retryable() => {
+                return Err(ProxyError::KeyBackend(e));
+            }
+            Err(failure) => match route.on_decrypt_error {
+                OnDecryptError::Error => return Err(ProxyError::DecryptFailed(failure)),
+                OnDecryptError::Redact => {
+                    tracing::warn!(field = field.source(), reason = %failure, "value redacted: it did not decrypt");
+                    edits.push((doc.span(m.node), zeroize::Zeroizing::new(b"null".to_vec())));
+                    report.redacted += 1;
+                }
+            },
+        }
+    }
+    let out = json_scan::splice(doc.source().as_bytes(), &mut edits)
+        .map_err(|e| ProxyError::Internal(format!("splice: {e}")))?;
+    Ok((out, report))
+}
+
+/// The plaintext of the token at `node`: a JSON value's serialization, checked to be one.
+#[allow(clippy::too_many_arguments)]
+async fn open_scanned_value(
+    doc: &Scanned<'_>,
+    node: NodeId,
+    field: &FieldPath,
+    msg_ctx: &Context,
+    key_ctx: &Context,
+    keys: &KeyService,
+    allowed: &[crate::keys::KeyRef],
+    opened_keys: &mut OpenedKeys,
+    max_depth: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, DecryptFailure> {
+    if doc.kind(node) != Kind::String {
+        return Err(DecryptFailure::NotAToken);
+    }
+    let s = doc.string_value(node).ok_or(DecryptFailure::NotAToken)?;
+    let parsed = ParsedToken::parse(&s).map_err(|_| DecryptFailure::NotAToken)?;
+    let data_key = opened_keys.get(&parsed, key_ctx, keys, allowed).await?;
+    let mut ctx = msg_ctx.clone();
+    ctx.insert(FIELD_KEY, field.source());
+    let plaintext = zeroize::Zeroizing::new(
+        parsed
+            .open_with(data_key.prf(), &ctx)
+            .map_err(|_| DecryptFailure::Message)?,
+    );
+    // Spliced as it is: it must be exactly one JSON value.
+    json_scan::scan(&plaintext, max_depth).map_err(|_| DecryptFailure::Message)?;
+    Ok(plaintext)
 }
 
 /// How opening a body went.
@@ -407,7 +698,30 @@ pub async fn open_body(
 /// The data keys one body's tokens opened with, by encoded envelope header: the values of a
 /// document are usually sealed under one data key, so its EDKs are looked up once per body.
 #[derive(Default)]
-struct OpenedKeys(Vec<(Vec<u8>, std::sync::Arc<crate::keys::DataKey>)>);
+struct OpenedKeys(Vec<(Vec<u8>, Arc<DataKey>)>);
+
+impl OpenedKeys {
+    async fn get(
+        &mut self,
+        parsed: &ParsedToken,
+        key_ctx: &Context,
+        keys: &KeyService,
+        allowed: &[crate::keys::KeyRef],
+    ) -> Result<Arc<DataKey>, DecryptFailure> {
+        if let Some((_, k)) = self.0.iter().find(|(h, _)| h == parsed.header_bytes()) {
+            return Ok(k.clone());
+        }
+        let k = keys
+            .opening_key_for(&parsed.header, key_ctx, allowed)
+            .await
+            .map_err(|e| match e {
+                BackendError::InvalidCiphertext => DecryptFailure::WrappedKey,
+                other => DecryptFailure::Backend(other),
+            })?;
+        self.0.push((parsed.header_bytes().to_vec(), k.clone()));
+        Ok(k)
+    }
+}
 
 async fn open_one(
     value: Option<&Value>,
@@ -422,27 +736,7 @@ async fn open_one(
         return Err(DecryptFailure::NotAToken);
     };
     let parsed = ParsedToken::parse(s).map_err(|_| DecryptFailure::NotAToken)?;
-    let known = opened_keys
-        .0
-        .iter()
-        .find(|(h, _)| h.as_slice() == parsed.header_bytes())
-        .map(|(_, k)| k.clone());
-    let data_key = match known {
-        Some(k) => k,
-        None => {
-            let k = keys
-                .opening_key_for(&parsed.header, key_ctx, allowed)
-                .await
-                .map_err(|e| match e {
-                    BackendError::InvalidCiphertext => DecryptFailure::WrappedKey,
-                    other => DecryptFailure::Backend(other),
-                })?;
-            opened_keys
-                .0
-                .push((parsed.header_bytes().to_vec(), k.clone()));
-            k
-        }
-    };
+    let data_key = opened_keys.get(&parsed, key_ctx, keys, allowed).await?;
     let mut ctx = msg_ctx.clone();
     ctx.insert(FIELD_KEY, field.source());
     let plaintext = zeroize::Zeroizing::new(

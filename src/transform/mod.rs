@@ -3,4 +3,5 @@
 //! the way back.
 
 pub mod json_fields;
+pub mod json_scan;
 pub mod strict_json;

@@ -12,15 +12,7 @@ use std::cell::Cell;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum JsonError {
-    #[error("malformed JSON at line {line} column {column}")]
-    Syntax { line: usize, column: usize },
-    #[error("duplicate object key at line {line} column {column}")]
-    DuplicateKey { line: usize, column: usize },
-    #[error("JSON nested deeper than {0} levels")]
-    TooDeep(usize),
-}
+pub use super::json_scan::JsonError;
 
 const NUMBER_TOKEN: &str = "$serde_json::private::Number";
 
