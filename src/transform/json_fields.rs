@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::HeaderMap;
-use jsonpath_rust::parser::model::JpQuery;
 use serde_json::Value;
 
 use crate::config::template::{Lookup, Source};
@@ -32,17 +31,12 @@ use crate::transform::strict_json::{self, JsonError};
 #[derive(Debug, Clone)]
 pub struct FieldPath {
     source: String,
-    query: JpQuery,
-    /// The same path for the byte-splicing path ([`json_scan`]).
+    /// The path, evaluated on scanned bodies ([`json_scan`]) and, through their
+    /// serialization, on `Value`s.
     compiled: CompiledPath,
 }
 
-/// One step of a normalized location.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    Key(String),
-    Index(usize),
-}
+pub use crate::transform::json_scan::Step;
 
 impl FieldPath {
     pub fn parse(source: &str) -> Result<FieldPath, String> {
@@ -81,7 +75,6 @@ impl FieldPath {
         let compiled = CompiledPath::compile(&query).map_err(|e| format!("{source:?}: {e}"))?;
         Ok(FieldPath {
             source: source.to_string(),
-            query,
             compiled,
         })
     }
@@ -90,72 +83,26 @@ impl FieldPath {
         &self.source
     }
 
-    /// Locations of the matches in `doc`, shallowest first, none inside another.
-    pub fn locate(&self, doc: &Value) -> Vec<Vec<Step>> {
-        let Ok(found) = jsonpath_rust::query::js_path_process(&self.query, doc) else {
-            return Vec::new();
-        };
-        let mut locations: Vec<Vec<Step>> = found
+    /// Locations of the matches in `doc`, shallowest first, none inside another. One matcher
+    /// serves both paths: the compiled path ([`CompiledPath::locate`]), run here on the
+    /// value's serialization. A value it cannot run on is an error, never "no match": on the
+    /// way to storage that would leave a field in clear.
+    pub fn locate(&self, doc: &Value) -> Result<Vec<Vec<Step>>, ProxyError> {
+        let cannot = || ProxyError::Internal("cannot evaluate a field path on this value".into());
+        let text = serde_json::to_vec(doc).map_err(|_| cannot())?;
+        let scanned = json_scan::scan(&text, usize::MAX).map_err(|_| cannot())?;
+        Ok(self
+            .compiled
+            .locate(&scanned, scanned.root())
             .into_iter()
-            .filter_map(|r| parse_normalized(&r.path))
-            .collect();
-        locations.sort_by_key(|l| l.len());
-        let mut out: Vec<Vec<Step>> = Vec::with_capacity(locations.len());
-        for loc in locations {
-            if !out.iter().any(|o| loc.starts_with(o)) {
-                out.push(loc);
-            }
-        }
-        out
+            .map(|n| scanned.location(n))
+            .collect())
     }
 
+    /// Whether the path matches anything in `doc` (or cannot tell: then it may).
     pub fn matches_any(&self, doc: &Value) -> bool {
-        !self.locate(doc).is_empty()
+        self.locate(doc).map_or(true, |l| !l.is_empty())
     }
-}
-
-/// Parse a normalized path as jsonpath-rust prints it: `$`, then `['name']` or `[3]` steps.
-fn parse_normalized(path: &str) -> Option<Vec<Step>> {
-    let mut rest = path.strip_prefix('$')?;
-    let mut steps = Vec::new();
-    while !rest.is_empty() {
-        rest = rest.strip_prefix('[')?;
-        if let Some(r) = rest.strip_prefix('\'') {
-            let mut name = String::new();
-            let mut chars = r.char_indices();
-            let end = loop {
-                let (i, c) = chars.next()?;
-                match c {
-                    '\'' => break i,
-                    '\\' => {
-                        let (_, e) = chars.next()?;
-                        match e {
-                            'b' => name.push('\u{8}'),
-                            'f' => name.push('\u{c}'),
-                            'n' => name.push('\n'),
-                            'r' => name.push('\r'),
-                            't' => name.push('\t'),
-                            'u' => {
-                                let hex: String = (0..4)
-                                    .filter_map(|_| chars.next().map(|(_, c)| c))
-                                    .collect();
-                                name.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
-                            }
-                            other => name.push(other),
-                        }
-                    }
-                    c => name.push(c),
-                }
-            };
-            rest = r[end + 1..].strip_prefix(']')?;
-            steps.push(Step::Key(name));
-        } else {
-            let end = rest.find(']')?;
-            steps.push(Step::Index(rest[..end].parse().ok()?));
-            rest = &rest[end + 1..];
-        }
-    }
-    Some(steps)
 }
 
 fn get_mut<'a>(mut v: &'a mut Value, steps: &[Step]) -> Option<&'a mut Value> {
@@ -306,14 +253,14 @@ fn message_context_with(
 /// The documents in a body: a top-level array's elements, else the body itself, and whatever
 /// `response_documents` selects (wrapped lists). Writes and reads use the same documents, so a
 /// wrapped bulk write is sealed exactly as its reads open.
-fn documents(route: &JsonRoute, body: &Value) -> Vec<Vec<Step>> {
+fn documents(route: &JsonRoute, body: &Value) -> Result<Vec<Vec<Step>>, ProxyError> {
     let mut out = match body {
         Value::Array(items) => (0..items.len()).map(|i| vec![Step::Index(i)]).collect(),
         _ => vec![vec![]],
     };
     {
         for d in &route.documents {
-            for loc in d.locate(body) {
+            for loc in d.locate(body)? {
                 if let Some(Value::Array(items)) = get(body, &loc) {
                     out.extend((0..items.len()).map(|i| {
                         let mut l = loc.clone();
@@ -326,7 +273,7 @@ fn documents(route: &JsonRoute, body: &Value) -> Vec<Vec<Step>> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// An upper bound on the values one body will seal, for the data-key cache's message limit.
@@ -351,7 +298,7 @@ pub fn seal_body(
         .header
         .encode()
         .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
-    for doc_loc in documents(route, body) {
+    for doc_loc in documents(route, body)? {
         let Some(doc) = get_mut(body, &doc_loc) else {
             continue;
         };
@@ -359,7 +306,7 @@ pub fn seal_body(
         for field in &route.fields {
             let mut ctx = msg_ctx.clone();
             ctx.insert(FIELD_KEY, field.source());
-            for loc in field.locate(doc) {
+            for loc in field.locate(doc)? {
                 let Some(value) = get_mut(doc, &loc) else {
                     continue;
                 };
@@ -428,6 +375,15 @@ struct Match {
 /// The values to replace, or `None` when splicing could differ from the DOM path: two matches
 /// nest or coincide, or a match covers a member a document's message context is read from.
 fn splice_plan(route: &JsonRoute, doc: &Scanned, docs: &[NodeId]) -> Option<Vec<Match>> {
+    // Field paths that may nest (`$.profile`, `$.profile.name`) seal one value inside another's
+    // token, which a scan of the stored body cannot see into: those routes take the DOM path.
+    let fields = &route.fields;
+    if (0..fields.len()).any(|i| {
+        (i + 1..fields.len())
+            .any(|j| json_scan::may_overlap(&fields[i].compiled, &fields[j].compiled))
+    }) {
+        return None;
+    }
     let mut matches = Vec::new();
     for (di, &d) in docs.iter().enumerate() {
         for (fi, f) in route.fields.iter().enumerate() {
@@ -642,14 +598,14 @@ pub async fn open_body(
 ) -> Result<OpenReport, ProxyError> {
     let mut report = OpenReport::default();
     let mut opened_keys = OpenedKeys::default();
-    for doc_loc in documents(route, body) {
+    for doc_loc in documents(route, body)? {
         let msg_ctx = match get(body, &doc_loc) {
             Some(doc) => message_context(route, meta, doc, key_ctx),
             None => continue,
         };
         for field in route.fields.iter().rev() {
             let locations = match get(body, &doc_loc) {
-                Some(doc) => field.locate(doc),
+                Some(doc) => field.locate(doc)?,
                 None => break,
             };
             for loc in locations {
@@ -756,14 +712,14 @@ mod tests {
     fn normalized_paths_round_trip() {
         let doc = json!({"a b": [{"it's": 1}], "x\ny": {"\\": 2}});
         let p = FieldPath::parse("$..*").unwrap();
-        let locs = p.locate(&doc);
+        let locs = p.locate(&doc).unwrap();
         assert!(!locs.is_empty());
         for loc in locs {
             assert!(get(&doc, &loc).is_some(), "{loc:?}");
         }
         let p = FieldPath::parse("$['a b'][*]['it\\'s']").unwrap();
         assert_eq!(
-            p.locate(&doc),
+            p.locate(&doc).unwrap(),
             vec![vec![
                 Step::Key("a b".into()),
                 Step::Index(0),
@@ -776,7 +732,7 @@ mod tests {
     fn nested_matches_are_taken_once() {
         let doc = json!({"a": {"a": 1}});
         let p = FieldPath::parse("$..a").unwrap();
-        assert_eq!(p.locate(&doc), vec![vec![Step::Key("a".into())]]);
+        assert_eq!(p.locate(&doc).unwrap(), vec![vec![Step::Key("a".into())]]);
     }
 
     #[test]

@@ -1162,6 +1162,62 @@ fn outermost_first(doc: &Scanned<'_>, matches: Vec<(NodeId, u32)>) -> Vec<NodeId
     out.into_iter().map(|(n, _)| n).collect()
 }
 
+/// Conservatively, whether some document could have a match of `a` inside (or equal to) a
+/// match of `b`, or the other way round. The fast path splices each match independently, so
+/// it is only correct when no two configured paths may overlap.
+///
+/// Both paths are read as patterns over the steps of a location (a child segment consumes one
+/// step its selectors accept; a descendant segment first any number of steps); the answer is
+/// whether some step sequence lets one pattern finish while the other is still consistent
+/// with it, searched over pairs of pattern positions. Steps are compatible selector by
+/// selector: equal names, equal indexes, a negative index with any index (its position
+/// depends on the array length), a wildcard with anything; a name never with an index. This
+/// is exact for child-only paths except for negative indexes, and exact up to the same caveat
+/// for descendant segments.
+pub fn may_overlap(a: &CompiledPath, b: &CompiledPath) -> bool {
+    let (na, nb) = (a.segments.len(), b.segments.len());
+    let width = nb + 1;
+    let mut seen = vec![false; (na + 1) * width];
+    let mut todo = vec![(0usize, 0usize)];
+    while let Some((i, j)) = todo.pop() {
+        if i == na || j == nb {
+            // One path has matched a location the other can still extend (or has matched
+            // too): every segment can always consume some step.
+            return true;
+        }
+        let Some(flag) = seen.get_mut(i * width + j) else {
+            continue;
+        };
+        if *flag {
+            continue;
+        }
+        *flag = true;
+        let (sa, sb) = (&a.segments[i], &b.segments[j]);
+        if selectors_compatible(&sa.selectors, &sb.selectors) {
+            todo.push((i + 1, j + 1));
+        }
+        if sb.descendant {
+            todo.push((i + 1, j)); // b skips the step a's selector consumes
+        }
+        if sa.descendant {
+            todo.push((i, j + 1));
+        }
+    }
+    false
+}
+
+fn selectors_compatible(a: &[CSelector], b: &[CSelector]) -> bool {
+    use CSelector::{Index, Name, Wildcard};
+    a.iter().any(|x| {
+        b.iter().any(|y| match (x, y) {
+            (Wildcard, _) | (_, Wildcard) => true,
+            (Name(p), Name(q)) => p == q,
+            (Index(p), Index(q)) => p == q || *p < 0 || *q < 0,
+            (Name(_), Index(_)) | (Index(_), Name(_)) => false,
+        })
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Splicing
 // ---------------------------------------------------------------------------------------------
@@ -1881,6 +1937,43 @@ mod tests {
         }
     }
 
+    #[test]
+    fn may_overlap_cases() {
+        let cases = [
+            ("$.a", "$.a", true),
+            ("$.a", "$.a.b", true),
+            ("$.a.b", "$.a", true),
+            ("$", "$.x", true),
+            ("$.a", "$.b", false),
+            ("$.a.b", "$.a.c", false),
+            ("$.a.b", "$.b.b", false),
+            ("$.*", "$.a.b", true),
+            ("$[*]", "$.a", true),
+            ("$[0]", "$[0].x", true),
+            ("$[0]", "$[1]", false),
+            ("$[-1]", "$[1]", true),
+            ("$[-1]", "$[-2]", true),
+            ("$[0]", "$.a", false),
+            ("$['a','b']", "$.b.c", true),
+            ("$['a','b']", "$.c", false),
+            ("$[0,1]", "$[2,'x']", false),
+            ("$.x[0]", "$.x.a", false),
+            // Descendant segments.
+            ("$..a", "$.b", true),
+            ("$..a", "$.b.c", true),
+            ("$.a..b", "$.c", false),
+            ("$.a..b", "$.a", true),
+            ("$.a..b", "$.a.x", true),
+            ("$.a..b", "$.c.a.b", false),
+            ("$..[0]", "$.a.b", true),
+            ("$..a", "$..b", true),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(may_overlap(&path(a), &path(b)), want, "{a} vs {b}");
+            assert_eq!(may_overlap(&path(b), &path(a)), want, "{b} vs {a}");
+        }
+    }
+
     // ---- splicing --------------------------------------------------------------------------
 
     #[test]
@@ -2382,6 +2475,19 @@ mod tests {
             let out = splice(text.as_bytes(), &mut edits).unwrap();
             let spliced: Value = serde_json::from_slice(&out).unwrap();
             prop_assert_eq!(serde_json::to_string(&spliced).unwrap(), serde_json::to_string(&dom).unwrap());
+        }
+
+        /// `may_overlap` is sound: whenever two paths' matches nest in some document, it says so.
+        #[test]
+        fn may_overlap_is_sound(v in value_doc(), a in path_text(), b in path_text()) {
+            let text = doc_text(&v, false);
+            let doc = scan(text.as_bytes(), 64).unwrap();
+            let (ca, cb) = (path(&a), path(&b));
+            let (ma, mb) = (ca.locate(&doc, doc.root()), cb.locate(&doc, doc.root()));
+            let nested = ma.iter().any(|&x| mb.iter().any(|&y| doc.contains(x, y) || doc.contains(y, x)));
+            if nested {
+                prop_assert!(may_overlap(&ca, &cb) && may_overlap(&cb, &ca), "{} vs {} on {}", a, b, text);
+            }
         }
     }
 }
