@@ -168,6 +168,13 @@ impl Sealer {
     pub fn buffered(&self) -> usize {
         self.pending.len()
     }
+
+    /// The most [`push`](Self::push) of `input_len` bytes (or [`finish`](Self::finish), with
+    /// 0) appends: size `out` with it and it is never reallocated.
+    pub fn output_bound(&self, input_len: usize) -> usize {
+        let total = self.pending.len() + input_len;
+        total + TAG_LEN * (total / CHUNK_SIZE + 1)
+    }
 }
 
 impl fmt::Debug for Sealer {
@@ -203,6 +210,14 @@ fn open_into(
         .ok_or(OpenError::Truncated)?;
     let (body, tag) = sealed.split_at(body_len);
     let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| OpenError::Truncated)?;
+    // `out` holds plaintext: growing it must not leave a copy in the freed buffer. Callers
+    // size it with `output_bound`; this is the backstop.
+    if out.capacity() - out.len() < body.len() {
+        let mut bigger = Vec::with_capacity((out.len() + body.len()).max(2 * out.capacity()));
+        bigger.extend_from_slice(out);
+        zeroize::Zeroize::zeroize(out);
+        *out = bigger;
+    }
     let at = out.len();
     out.extend_from_slice(body);
     if let Err(e) = keys.open_chunk(index, &mut out[at..], tag) {
@@ -524,6 +539,13 @@ impl Opener {
     /// Stored bytes held: the current, incomplete or held-back chunk, at most 16400.
     pub fn buffered(&self) -> usize {
         self.pending.len()
+    }
+
+    /// The most [`push`](Self::push) of `input_len` stored bytes (or [`finish`](Self::finish),
+    /// with 0) appends: size `out` with it and it is never reallocated, so no plaintext is left
+    /// behind in a freed buffer.
+    pub fn output_bound(&self, input_len: usize) -> usize {
+        self.pending.len() + input_len
     }
 
     /// Index of the chunk the next stored bytes belong to.

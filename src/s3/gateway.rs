@@ -1209,6 +1209,7 @@ fn seal_stream(
                     }
                     let mut out = Vec::new();
                     if let Some(sealer) = st.sealer.as_mut() {
+                        out.reserve_exact(sealer.output_bound(bytes.len()));
                         sealer.push(&bytes, &mut out);
                     }
                     if !out.is_empty() {
@@ -1235,7 +1236,7 @@ fn seal_stream(
                         ));
                     }
                     let sealer = st.sealer.take()?;
-                    let mut out = Vec::new();
+                    let mut out = Vec::with_capacity(sealer.output_bound(0));
                     sealer.finish(&mut out);
                     return Some((Ok(Bytes::from(out)), st));
                 }
@@ -1300,7 +1301,8 @@ fn open_stream(
                     let take = st.stored_left.min(bytes.len() as u64) as usize;
                     bytes.truncate(take);
                     st.stored_left -= take as u64;
-                    let mut out = Vec::new();
+                    let cap = st.opener.as_ref().map_or(0, |o| o.output_bound(bytes.len()));
+                    let mut out = Vec::with_capacity(cap);
                     if let Some(Err(e)) = st.opener.as_mut().map(|o| o.push(&bytes, &mut out)) {
                         return st.abort(Box::new(e));
                     }
@@ -1311,7 +1313,7 @@ fn open_stream(
                 Some(Err(e)) => return st.abort(Box::new(e)),
                 None => {
                     let opener = st.opener.take()?;
-                    let mut out = Vec::new();
+                    let mut out = Vec::with_capacity(opener.output_bound(0));
                     if let Err(e) = opener.finish(&mut out) {
                         st.opener = None;
                         return st.abort(Box::new(e));

@@ -678,6 +678,13 @@ impl PartsOpener {
         matches!(self.stage, Stage::Done)
     }
 
+    /// The most [`push`](Self::push) of `input_len` bytes (or [`finish`](Self::finish), with 0)
+    /// appends (plaintext is never longer than what is fed plus one held-back chunk): size
+    /// `out` with it and it is never reallocated.
+    pub fn output_bound(&self, input_len: usize) -> usize {
+        input_len + chunked::SEALED_CHUNK_SIZE
+    }
+
     fn open(&self, piece: &ReadPiece, header: &[u8; HEADER_LEN]) -> Result<Stage, PartsError> {
         if self.pos > piece.feed_start {
             return Err(PartsError::Layout);
@@ -852,7 +859,7 @@ fn open_parts_stream(
             }
             match body.next().await {
                 Some(Ok(bytes)) => {
-                    let mut out = Vec::new();
+                    let mut out = Vec::with_capacity(opener.output_bound(bytes.len()));
                     if let Err(e) = opener.push(&bytes, &mut out) {
                         return abort(Box::new(e));
                     }
@@ -862,7 +869,7 @@ fn open_parts_stream(
                 }
                 Some(Err(e)) => return abort(Box::new(e)),
                 None => {
-                    let mut out = Vec::new();
+                    let mut out = Vec::with_capacity(opener.output_bound(0));
                     return match opener.finish(&mut out) {
                         Err(e) => abort(Box::new(e)),
                         Ok(()) if out.is_empty() => None,
