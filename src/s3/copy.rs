@@ -159,17 +159,7 @@ impl Ctx<'_> {
         }
         let mut headers = self.context_headers(&req.headers);
         copy_length(&read.headers, &mut headers)?;
-        let part = S3Request {
-            input: read.output,
-            method: Method::PUT,
-            uri: req.uri.clone(),
-            headers,
-            extensions: http::Extensions::new(),
-            credentials: None,
-            region: None,
-            service: None,
-            trailing_headers: None,
-        };
+        let part = inner_request(Method::PUT, req.uri.clone(), headers, read.output);
         let written = self.upload_part(part).await.map_err(source_failed)?;
         copy_result("CopyPartResult", written)
     }
@@ -217,17 +207,7 @@ impl Ctx<'_> {
             }
         }
         copy_length(&read.headers, &mut headers)?;
-        let put = S3Request {
-            input: read.output,
-            method: Method::PUT,
-            uri: req.uri.clone(),
-            headers,
-            extensions: http::Extensions::new(),
-            credentials: None,
-            region: None,
-            service: None,
-            trailing_headers: None,
-        };
+        let put = inner_request(Method::PUT, req.uri.clone(), headers, read.output);
         let written = self.put_object(put).await.map_err(source_failed)?;
         copy_result("CopyObjectResult", written)
     }
@@ -269,19 +249,10 @@ impl Ctx<'_> {
             path_and_query.push('?');
             path_and_query.push_str(q);
         }
-        let get = S3Request {
-            input: Body::empty(),
-            method: Method::GET,
-            uri: path_and_query
-                .parse()
-                .map_err(|_| s3_error!(InvalidArgument, "bad x-amz-copy-source"))?,
-            headers,
-            extensions: http::Extensions::new(),
-            credentials: None,
-            region: None,
-            service: None,
-            trailing_headers: None,
-        };
+        let uri = path_and_query
+            .parse()
+            .map_err(|_| s3_error!(InvalidArgument, "bad x-amz-copy-source"))?;
+        let get = inner_request(Method::GET, uri, headers, Body::empty());
         let read = self.source_ctx(source).get_object(get, false).await?;
         if read
             .status
@@ -331,6 +302,27 @@ impl Ctx<'_> {
             }
         }
         out
+    }
+}
+
+/// A request the gateway makes of itself (the read and the write a copy becomes): already
+/// authorized as the client's copy request, so it carries no credentials.
+fn inner_request(
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+    input: Body,
+) -> S3Request<Body> {
+    S3Request {
+        input,
+        method,
+        uri,
+        headers,
+        extensions: http::Extensions::new(),
+        credentials: None,
+        region: None,
+        service: None,
+        trailing_headers: None,
     }
 }
 

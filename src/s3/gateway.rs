@@ -1301,7 +1301,10 @@ fn open_stream(
                     let take = st.stored_left.min(bytes.len() as u64) as usize;
                     bytes.truncate(take);
                     st.stored_left -= take as u64;
-                    let cap = st.opener.as_ref().map_or(0, |o| o.output_bound(bytes.len()));
+                    let cap = st
+                        .opener
+                        .as_ref()
+                        .map_or(0, |o| o.output_bound(bytes.len()));
                     let mut out = Vec::with_capacity(cap);
                     if let Some(Err(e)) = st.opener.as_mut().map(|o| o.push(&bytes, &mut out)) {
                         return st.abort(Box::new(e));

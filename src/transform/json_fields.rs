@@ -496,7 +496,7 @@ pub async fn open_scanned(
         return Ok((out, report));
     };
     let mut report = OpenReport::default();
-    let mut opened_keys = OpenedKeys::default();
+    let mut opener = TokenOpener::new(route, key_ctx, keys);
     let mut contexts: Vec<Option<Result<Context, ProxyError>>> =
         docs.iter().map(|_| None).collect();
     let mut edits: Vec<(std::ops::Range<usize>, zeroize::Zeroizing<Vec<u8>>)> =
@@ -505,39 +505,31 @@ pub async fn open_scanned(
         let field = &route.fields[m.field];
         let ctx = contexts[m.doc]
             .get_or_insert_with(|| scanned_context(route, meta, doc, docs[m.doc], key_ctx));
-        let outcome = match ctx {
-            Ok(ctx) => {
-                open_scanned_value(
-                    doc,
-                    m.node,
-                    field,
-                    ctx,
-                    key_ctx,
-                    keys,
-                    &route.keys,
-                    &mut opened_keys,
-                    max_depth,
-                )
-                .await
+        let outcome = match (ctx, doc.kind(m.node)) {
+            (Ok(ctx), Kind::String) => {
+                let token = doc.string_value(m.node).unwrap_or_default();
+                match opener.open(&token, field, ctx).await {
+                    // Spliced as it is: it must be exactly one JSON value.
+                    Ok(plaintext) => match json_scan::scan(&plaintext, max_depth) {
+                        Ok(_) => Ok(plaintext),
+                        Err(_) => Err(DecryptFailure::Message),
+                    },
+                    Err(e) => Err(e),
+                }
             }
-            Err(_) => Err(DecryptFailure::MissingContext),
+            (Ok(_), _) => Err(DecryptFailure::NotAToken),
+            (Err(_), _) => Err(DecryptFailure::MissingContext),
         };
         match outcome {
             Ok(plaintext) => {
                 edits.push((doc.span(m.node), plaintext));
                 report.opened += 1;
             }
-            Err(DecryptFailure::Backend(e)) if e.retryable() => {
-                return Err(ProxyError::KeyBackend(e));
+            Err(failure) => {
+                redact_or_fail(route, field, failure)?;
+                edits.push((doc.span(m.node), zeroize::Zeroizing::new(b"null".to_vec())));
+                report.redacted += 1;
             }
-            Err(failure) => match route.on_decrypt_error {
-                OnDecryptError::Error => return Err(ProxyError::DecryptFailed(failure)),
-                OnDecryptError::Redact => {
-                    tracing::warn!(field = field.source(), reason = %failure, "value redacted: it did not decrypt");
-                    edits.push((doc.span(m.node), zeroize::Zeroizing::new(b"null".to_vec())));
-                    report.redacted += 1;
-                }
-            },
         }
     }
     let out = json_scan::splice(doc.source().as_bytes(), &mut edits)
@@ -545,35 +537,24 @@ pub async fn open_scanned(
     Ok((out, report))
 }
 
-/// The plaintext of the token at `node`: a JSON value's serialization, checked to be one.
-#[allow(clippy::too_many_arguments)]
-async fn open_scanned_value(
-    doc: &Scanned<'_>,
-    node: NodeId,
+/// A value that did not open: `Ok` to redact it (it becomes `null`), per the route, or the
+/// error that fails the whole response. A backend that is unavailable always fails it (a
+/// client writing a redacted document back would lose data).
+fn redact_or_fail(
+    route: &JsonRoute,
     field: &FieldPath,
-    msg_ctx: &Context,
-    key_ctx: &Context,
-    keys: &KeyService,
-    allowed: &[crate::keys::KeyRef],
-    opened_keys: &mut OpenedKeys,
-    max_depth: usize,
-) -> Result<zeroize::Zeroizing<Vec<u8>>, DecryptFailure> {
-    if doc.kind(node) != Kind::String {
-        return Err(DecryptFailure::NotAToken);
+    failure: DecryptFailure,
+) -> Result<(), ProxyError> {
+    match failure {
+        DecryptFailure::Backend(e) if e.retryable() => Err(ProxyError::KeyBackend(e)),
+        failure => match route.on_decrypt_error {
+            OnDecryptError::Error => Err(ProxyError::DecryptFailed(failure)),
+            OnDecryptError::Redact => {
+                tracing::warn!(field = field.source(), reason = %failure, "value redacted: it did not decrypt");
+                Ok(())
+            }
+        },
     }
-    let s = doc.string_value(node).ok_or(DecryptFailure::NotAToken)?;
-    let parsed = ParsedToken::parse(&s).map_err(|_| DecryptFailure::NotAToken)?;
-    let data_key = opened_keys.get(&parsed, key_ctx, keys, allowed).await?;
-    let mut ctx = msg_ctx.clone();
-    ctx.insert(FIELD_KEY, field.source());
-    let plaintext = zeroize::Zeroizing::new(
-        parsed
-            .open_with(data_key.prf(), &ctx)
-            .map_err(|_| DecryptFailure::Message)?,
-    );
-    // Spliced as it is: it must be exactly one JSON value.
-    json_scan::scan(&plaintext, max_depth).map_err(|_| DecryptFailure::Message)?;
-    Ok(plaintext)
 }
 
 /// How opening a body went.
@@ -597,7 +578,7 @@ pub async fn open_body(
     body: &mut Value,
 ) -> Result<OpenReport, ProxyError> {
     let mut report = OpenReport::default();
-    let mut opened_keys = OpenedKeys::default();
+    let mut opener = TokenOpener::new(route, key_ctx, keys);
     for doc_loc in documents(route, body)? {
         let msg_ctx = match get(body, &doc_loc) {
             Some(doc) => message_context(route, meta, doc, key_ctx),
@@ -610,20 +591,16 @@ pub async fn open_body(
             };
             for loc in locations {
                 let full: Vec<Step> = doc_loc.iter().chain(loc.iter()).cloned().collect();
-                let outcome = match &msg_ctx {
-                    Ok(ctx) => {
-                        open_one(
-                            get(body, &full),
-                            field,
-                            ctx,
-                            key_ctx,
-                            keys,
-                            &route.keys,
-                            &mut opened_keys,
-                        )
-                        .await
+                let outcome = match (&msg_ctx, get(body, &full)) {
+                    (Ok(ctx), Some(Value::String(token))) => {
+                        match opener.open(token, field, ctx).await {
+                            Ok(plaintext) => serde_json::from_slice(&plaintext)
+                                .map_err(|_| DecryptFailure::Message),
+                            Err(e) => Err(e),
+                        }
                     }
-                    Err(_) => Err(DecryptFailure::MissingContext),
+                    (Ok(_), _) => Err(DecryptFailure::NotAToken),
+                    (Err(_), _) => Err(DecryptFailure::MissingContext),
                 };
                 let Some(slot) = get_mut(body, &full) else {
                     continue;
@@ -633,17 +610,11 @@ pub async fn open_body(
                         *slot = value;
                         report.opened += 1;
                     }
-                    Err(DecryptFailure::Backend(e)) if e.retryable() => {
-                        return Err(ProxyError::KeyBackend(e));
+                    Err(failure) => {
+                        redact_or_fail(route, field, failure)?;
+                        *slot = Value::Null;
+                        report.redacted += 1;
                     }
-                    Err(failure) => match route.on_decrypt_error {
-                        OnDecryptError::Error => return Err(ProxyError::DecryptFailed(failure)),
-                        OnDecryptError::Redact => {
-                            tracing::warn!(field = field.source(), reason = %failure, "value redacted: it did not decrypt");
-                            *slot = Value::Null;
-                            report.redacted += 1;
-                        }
-                    },
                 }
             }
         }
@@ -651,56 +622,60 @@ pub async fn open_body(
     Ok(report)
 }
 
-/// The data keys one body's tokens opened with, by encoded envelope header: the values of a
-/// document are usually sealed under one data key, so its EDKs are looked up once per body.
-#[derive(Default)]
-struct OpenedKeys(Vec<(Vec<u8>, Arc<DataKey>)>);
+/// Opens the tokens of one body under its key context. The values of a body are usually
+/// sealed under one data key, so its EDKs are looked up once per body (by encoded header).
+struct TokenOpener<'a> {
+    key_ctx: &'a Context,
+    keys: &'a KeyService,
+    /// The route's root keys: only EDKs under these are tried.
+    allowed: &'a [crate::keys::KeyRef],
+    opened: Vec<(Vec<u8>, Arc<DataKey>)>,
+}
 
-impl OpenedKeys {
-    async fn get(
+impl<'a> TokenOpener<'a> {
+    fn new(route: &'a JsonRoute, key_ctx: &'a Context, keys: &'a KeyService) -> Self {
+        TokenOpener {
+            key_ctx,
+            keys,
+            allowed: &route.keys,
+            opened: Vec::new(),
+        }
+    }
+
+    /// The plaintext of `token`, the value of `field` in a document with `msg_ctx`.
+    async fn open(
         &mut self,
-        parsed: &ParsedToken,
-        key_ctx: &Context,
-        keys: &KeyService,
-        allowed: &[crate::keys::KeyRef],
-    ) -> Result<Arc<DataKey>, DecryptFailure> {
-        if let Some((_, k)) = self.0.iter().find(|(h, _)| h == parsed.header_bytes()) {
+        token: &str,
+        field: &FieldPath,
+        msg_ctx: &Context,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, DecryptFailure> {
+        let parsed = ParsedToken::parse(token).map_err(|_| DecryptFailure::NotAToken)?;
+        let data_key = self.data_key(&parsed).await?;
+        let mut ctx = msg_ctx.clone();
+        ctx.insert(FIELD_KEY, field.source());
+        Ok(zeroize::Zeroizing::new(
+            parsed
+                .open_with(data_key.prf(), &ctx)
+                .map_err(|_| DecryptFailure::Message)?,
+        ))
+    }
+
+    async fn data_key(&mut self, parsed: &ParsedToken) -> Result<Arc<DataKey>, DecryptFailure> {
+        if let Some((_, k)) = self.opened.iter().find(|(h, _)| h == parsed.header_bytes()) {
             return Ok(k.clone());
         }
-        let k = keys
-            .opening_key_for(&parsed.header, key_ctx, allowed)
+        let k = self
+            .keys
+            .opening_key_for(&parsed.header, self.key_ctx, self.allowed)
             .await
             .map_err(|e| match e {
                 BackendError::InvalidCiphertext => DecryptFailure::WrappedKey,
                 other => DecryptFailure::Backend(other),
             })?;
-        self.0.push((parsed.header_bytes().to_vec(), k.clone()));
+        self.opened
+            .push((parsed.header_bytes().to_vec(), k.clone()));
         Ok(k)
     }
-}
-
-async fn open_one(
-    value: Option<&Value>,
-    field: &FieldPath,
-    msg_ctx: &Context,
-    key_ctx: &Context,
-    keys: &KeyService,
-    allowed: &[crate::keys::KeyRef],
-    opened_keys: &mut OpenedKeys,
-) -> Result<Value, DecryptFailure> {
-    let Some(Value::String(s)) = value else {
-        return Err(DecryptFailure::NotAToken);
-    };
-    let parsed = ParsedToken::parse(s).map_err(|_| DecryptFailure::NotAToken)?;
-    let data_key = opened_keys.get(&parsed, key_ctx, keys, allowed).await?;
-    let mut ctx = msg_ctx.clone();
-    ctx.insert(FIELD_KEY, field.source());
-    let plaintext = zeroize::Zeroizing::new(
-        parsed
-            .open_with(data_key.prf(), &ctx)
-            .map_err(|_| DecryptFailure::Message)?,
-    );
-    serde_json::from_slice(&plaintext).map_err(|_| DecryptFailure::Message)
 }
 
 #[cfg(test)]
