@@ -171,8 +171,10 @@ fn json_fields(c: &mut Criterion) {
         b.iter(|| {
             let d = json_fields::scan_body(black_box(&sealed_bytes), MAX_DEPTH).expect("scan");
             let key_ctx = json_fields::key_context(jr, &meta).expect("key context");
-            rt.block_on(json_fields::open_scanned(jr, &meta, &key_ctx, &keys, &d, MAX_DEPTH))
-                .expect("open")
+            rt.block_on(json_fields::open_scanned(
+                jr, &meta, &key_ctx, &keys, &d, MAX_DEPTH,
+            ))
+            .expect("open")
         })
     });
     // The same through the DOM path (parse into a Value, replace, serialize): what routes

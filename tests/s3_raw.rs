@@ -21,10 +21,24 @@ fn client_creds() -> UpstreamCredentials {
 
 /// A request signed as the client, sent over a fresh connection.
 async fn signed(method: http::Method, url: &str, host: Option<&str>, body: Bytes) -> common::Reply {
+    signed_with(method, url, host, &[], body).await
+}
+
+/// [`signed`] with extra headers (signed too).
+async fn signed_with(
+    method: http::Method,
+    url: &str,
+    host: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> common::Reply {
     use http_body_util::BodyExt;
     let mut req = http::Request::builder().method(method).uri(url);
     if let Some(h) = host {
         req = req.header(http::header::HOST, h);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let mut req = req.body(http_body_util::Full::new(body)).unwrap();
     sign_request(&mut req, &client_creds(), "us-east-1").unwrap();
@@ -249,4 +263,102 @@ async fn object_requests_the_gateway_cannot_seal_are_refused() {
     )
     .await;
     assert_eq!(tags.status, 200, "{}", tags.text());
+}
+
+/// A copy reads its source with the route's own keys and upstream credentials, so the source
+/// must be served by the same route (routes scope clients to buckets); it names an object,
+/// never a subresource; and an object written around the proxy is not copied in clear.
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_stay_within_their_route_and_never_copy_plaintext() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let route = |name: &str, path: &str| {
+        format!(
+            r#"
+[[route]]
+name = "{name}"
+kind = "s3"
+path = "{path}"
+upstream = "{upstream}"
+key = "objects"
+context = {{ bucket = "{{s3.bucket}}" }}
+[route.s3]
+region = "us-east-1"
+upstream_access_key_id_file = "{ak}"
+upstream_secret_access_key_file = "{sk}"
+[[route.s3.client]]
+access_key_id = "{CLIENT_KEY}"
+secret_access_key_file = "{client}"
+identity = "app"
+"#,
+            upstream = moto.endpoint(),
+            ak = common::s3::secret_file(dir.path(), "up-ak", "testing").display(),
+            sk = common::s3::secret_file(dir.path(), "up-sk", "testing").display(),
+            client = common::s3::secret_file(dir.path(), "client-sk", CLIENT_SECRET).display(),
+        )
+    };
+    let routes = route("hr", "/hr-docs/**") + &route("objects", "/**");
+    let proxy = Proxy::start(&routes, "").await;
+    let base = format!("http://{}", proxy.addr);
+    for bucket in ["hr-docs", "fin-docs"] {
+        let r = signed(
+            http::Method::PUT,
+            &format!("{base}/{bucket}"),
+            None,
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "create {bucket}: {}", r.text());
+    }
+    let r = signed(
+        http::Method::PUT,
+        &format!("{base}/hr-docs/salaries.csv"),
+        None,
+        Bytes::from_static(b"ada,100\n"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let copy = |dest: &'static str, source: &'static str| {
+        let url = format!("{base}/fin-docs/{dest}");
+        async move {
+            signed_with(
+                http::Method::PUT,
+                &url,
+                None,
+                &[("x-amz-copy-source", source)],
+                Bytes::new(),
+            )
+            .await
+        }
+    };
+    // Another route's object: refused, nothing written.
+    let r = copy("x", "hr-docs/salaries.csv").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("AccessDenied"), "{}", r.text());
+    assert_eq!(raw_get(&moto, "fin-docs", "x").await.0, 404);
+    // A subresource as the source: refused.
+    let r = copy("y", "fin-docs/anything?acl").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // An object written around the proxy (no envelope): the copy is refused, not done in clear.
+    let put_raw = {
+        let creds = UpstreamCredentials::new(
+            "testing".into(),
+            zeroize::Zeroizing::new("testing".to_string()),
+        );
+        let mut req = http::Request::put(format!("{}/fin-docs/legacy.txt", moto.endpoint()))
+            .body(http_body_util::Full::new(Bytes::from_static(
+                b"written before the proxy",
+            )))
+            .unwrap();
+        sign_request(&mut req, &creds, "us-east-1").unwrap();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http()
+            .request(req)
+            .await
+            .unwrap()
+    };
+    assert!(put_raw.status().is_success());
+    let r = copy("legacy-copy.txt", "fin-docs/legacy.txt").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(raw_get(&moto, "fin-docs", "legacy-copy.txt").await.0, 404);
 }

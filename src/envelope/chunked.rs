@@ -77,15 +77,19 @@ pub struct MessageKeys {
     commitment: [u8; COMMITMENT_LEN],
 }
 
-/// An input key prepared for HKDF-Expand: HMAC-SHA-512 keyed once (ring precomputes the inner
-/// and outer states), so that many messages under one data key (JSON fields) skip the two
-/// SHA-512 blocks of keying each. Like ring's AES key schedule, the states are not wiped on
-/// drop (ring's opaque type); the raw key bytes never live here.
-pub struct Prf(ring::hmac::Key);
+/// An input key prepared for HKDF-Expand: HMAC-SHA-512 keyed once (the inner and outer states
+/// after the padded key block), so that many messages under one data key (JSON fields) skip the
+/// two SHA-512 blocks of keying each. Those states are as secret as the key: RustCrypto's HMAC
+/// and SHA-512 (with their `zeroize` features) wipe them on drop, here and in every clone.
+#[derive(Clone)]
+pub struct Prf(hmac::Hmac<sha2::Sha512>);
 
 impl Prf {
     pub fn new(ikm: &[u8; 32]) -> Prf {
-        Prf(ring::hmac::Key::new(ring::hmac::HMAC_SHA512, ikm))
+        Prf(
+            <hmac::Hmac<sha2::Sha512> as hmac::KeyInit>::new_from_slice(ikm)
+                .expect("HMAC takes a key of any length"),
+        )
     }
 }
 
@@ -99,10 +103,10 @@ impl MessageKeys {
     /// [`derive`](Self::derive) with the input key already keyed.
     pub fn derive_with(prf: &Prf, salt: &[u8; SALT_LEN], context: &[u8]) -> Self {
         // OKM = T1 ‖ T2 (RFC 5869 §2.3); only the first 76 bytes are used.
-        let key = &prf.0;
+        use hmac::Mac;
         let mut okm = Zeroizing::new([0u8; 128]);
         for i in 0..2 {
-            let mut mac = ring::hmac::Context::with_key(key);
+            let mut mac = prf.0.clone();
             if i > 0 {
                 mac.update(&okm[(i - 1) * 64..i * 64]);
             }
@@ -110,8 +114,9 @@ impl MessageKeys {
             mac.update(salt);
             mac.update(context);
             mac.update(&[i as u8 + 1]);
-            let t = mac.sign();
-            okm[i * 64..(i + 1) * 64].copy_from_slice(t.as_ref());
+            let mut t = mac.finalize().into_bytes();
+            okm[i * 64..(i + 1) * 64].copy_from_slice(&t);
+            zeroize::Zeroize::zeroize(t.as_mut_slice());
         }
         let mut base_nonce = [0u8; 12];
         base_nonce.copy_from_slice(&okm[32..44]);

@@ -99,7 +99,7 @@ pub enum BackendError {
     #[error("no configured backend named {0:?}")]
     UnknownBackend(String),
     /// The backend could not be reached or failed; a retry may help.
-    #[error("backend unavailable: {0}")]
+    #[error("backend unavailable: {0:?}")]
     Unavailable(String),
 }
 

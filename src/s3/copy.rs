@@ -54,6 +54,16 @@ impl CopySource {
             Some((p, q)) => (p.to_string(), Some(q.to_string())),
             None => (with_slash, None),
         };
+        // A copy source names an object (or one version of it), never a subresource
+        // (`?acl`, `?uploadId=…`) whose answer would be copied as the object's content.
+        if let Some(q) = &query
+            && form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k != "versionId")
+        {
+            return Err(s3_error!(
+                InvalidArgument,
+                "x-amz-copy-source may only carry a versionId"
+            ));
+        }
         let decode = |s: &str| crate::config::pattern::percent_decode(s);
         let (bucket, key) = path
             .trim_start_matches('/')
@@ -95,7 +105,7 @@ fn is_object_metadata(name: &HeaderName) -> bool {
 
 impl Ctx<'_> {
     pub(super) async fn copy_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
-        let source = CopySource::parse(&req.headers)?;
+        let source = self.copy_source(&req.headers)?;
         let replace = req
             .headers
             .get("x-amz-metadata-directive")
@@ -116,7 +126,12 @@ impl Ctx<'_> {
         strip_request_headers(&mut headers);
         unmark_conditionals(&mut headers);
         if head.status().is_success() {
-            if multipart::is_multipart(head.headers()) {
+            // Multipart: a server-side copy would lose the part layout. No envelope: an object
+            // written around the proxy, which the read refuses (or, with
+            // `dangerous_allow_plaintext_reads`, serves to be sealed: a migration).
+            if multipart::is_multipart(head.headers())
+                || !head.headers().contains_key(META_ENVELOPE)
+            {
                 return self.copy_reencrypting(req, &source, replace).await;
             }
             if replace {
@@ -145,7 +160,7 @@ impl Ctx<'_> {
         &self,
         req: S3Request<Body>,
     ) -> S3Result<S3Response<Body>> {
-        let source = CopySource::parse(&req.headers)?;
+        let source = self.copy_source(&req.headers)?;
         let range = req
             .headers
             .get("x-amz-copy-source-range")
@@ -265,6 +280,20 @@ impl Ctx<'_> {
             ));
         }
         Ok(read)
+    }
+
+    /// The request's copy source, which must be served by this same route: routes are how
+    /// clients, keys and upstream credentials are scoped, and a copy reads the source with this
+    /// route's.
+    fn copy_source(&self, headers: &HeaderMap) -> S3Result<CopySource> {
+        let source = CopySource::parse(headers)?;
+        match crate::pipeline::route::select(&self.state.config.routes, &source.path) {
+            Ok((route, _)) if route.name == self.route.name => Ok(source),
+            _ => Err(S3Error::with_message(
+                S3ErrorCode::AccessDenied,
+                "the copy source is not served by this route",
+            )),
+        }
     }
 
     /// This request's context on the copy source: its bucket and key as the target.

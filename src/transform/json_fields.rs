@@ -91,12 +91,7 @@ impl FieldPath {
         let cannot = || ProxyError::Internal("cannot evaluate a field path on this value".into());
         let text = serde_json::to_vec(doc).map_err(|_| cannot())?;
         let scanned = json_scan::scan(&text, usize::MAX).map_err(|_| cannot())?;
-        Ok(self
-            .compiled
-            .locate(&scanned, scanned.root())
-            .into_iter()
-            .map(|n| scanned.location(n))
-            .collect())
+        Ok(scanned.locations(&self.compiled.locate(&scanned, scanned.root())))
     }
 
     /// Whether the path matches anything in `doc` (or cannot tell: then it may).
@@ -402,12 +397,18 @@ fn splice_plan(route: &JsonRoute, doc: &Scanned, docs: &[NodeId]) -> Option<Vec<
     {
         return None;
     }
+    // No match may cover a member a document's context reads: matches do not nest and are in
+    // document order, so only the last one at or before the member can contain it.
+    let covered = |m: NodeId| {
+        let i = matches.partition_point(|x| x.node <= m);
+        i > 0 && doc.contains(matches[i - 1].node, m)
+    };
     for &d in docs {
         for (_, t) in &route.message_context {
             for source in t.sources() {
                 if let Source::Json(member) = source
                     && let Some(m) = doc.member(d, member)
-                    && matches.iter().any(|x| doc.contains(x.node, m))
+                    && covered(m)
                 {
                     return None;
                 }

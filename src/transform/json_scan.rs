@@ -297,6 +297,56 @@ impl<'a> Scanned<'a> {
     }
 }
 
+impl Scanned<'_> {
+    /// The locations of many nodes at once. One pass over the arena finds every node's parent
+    /// and position; each location is then a walk up: O(size + Σ depth), where calling
+    /// [`location`](Self::location) per node costs the siblings before each one (quadratic
+    /// over the elements of a long array).
+    pub fn locations(&self, nodes: &[NodeId]) -> Vec<Vec<Step>> {
+        const NONE: u32 = u32::MAX;
+        let n = self.nodes.len();
+        let mut parent = vec![NONE; n];
+        let mut position = vec![0u32; n];
+        // The containers that contain the current node, innermost last, with the position
+        // their next direct child gets.
+        let mut open: Vec<(u32, u32)> = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let i = i as u32;
+            while open
+                .last()
+                .is_some_and(|&(c, _)| i >= self.nodes[c as usize].next)
+            {
+                open.pop();
+            }
+            if let Some((c, next_position)) = open.last_mut() {
+                parent[i as usize] = *c;
+                position[i as usize] = *next_position;
+                *next_position += 1;
+            }
+            if node.kind.is_container() {
+                open.push((i, 0));
+            }
+        }
+        nodes
+            .iter()
+            .map(|&node| {
+                let mut steps = Vec::new();
+                let mut cur = node.0;
+                while let Some(&p) = parent.get(cur as usize).filter(|&&p| p != NONE) {
+                    steps.push(if self.nodes[p as usize].kind == Kind::Object {
+                        Step::Key(self.key(NodeId(cur)).unwrap_or_default().into_owned())
+                    } else {
+                        Step::Index(position[cur as usize] as usize)
+                    });
+                    cur = p;
+                }
+                steps.reverse();
+                steps
+            })
+            .collect()
+    }
+}
+
 /// The path from the root of `doc` to `node`; see [`Scanned::location`].
 pub fn location(doc: &Scanned<'_>, node: NodeId) -> Vec<Step> {
     doc.location(node)
@@ -1972,6 +2022,23 @@ mod tests {
             assert_eq!(may_overlap(&path(a), &path(b)), want, "{a} vs {b}");
             assert_eq!(may_overlap(&path(b), &path(a)), want, "{b} vs {a}");
         }
+    }
+
+    #[test]
+    fn locations_agree_with_location() {
+        let text = r#"{"a":[1,{"b":[true,{"c\u0041":null}]},[[],[2]]],"d":{"e":{"f":[3,4,5]}}}"#;
+        let doc = scan(text.as_bytes(), 64).unwrap();
+        let all: Vec<NodeId> = path("$..*").locate(&doc, doc.root());
+        let every: Vec<NodeId> = (0..doc.len() as u32).map(NodeId).collect();
+        for nodes in [all, every] {
+            let one_by_one: Vec<Vec<Step>> = nodes.iter().map(|&n| doc.location(n)).collect();
+            assert_eq!(doc.locations(&nodes), one_by_one);
+        }
+        assert_eq!(
+            doc.locations(&[doc.root()]),
+            vec![Vec::<Step>::new()],
+            "the root's location is empty"
+        );
     }
 
     // ---- splicing --------------------------------------------------------------------------
