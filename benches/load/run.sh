@@ -28,7 +28,9 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
+LOG_TAG=load
+# shellcheck source=../lib.sh source-path=SCRIPTDIR
+source "$HERE/../lib.sh" # log/die, cleanup traps, watchdog, pinning, CPU accounting, ROOT, BIN
 
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
@@ -45,6 +47,7 @@ AUDIT_FILE=${AUDIT_FILE:-0}
 BUILD=${BUILD:-1}
 QUIET_WAIT=${QUIET_WAIT:-120}
 QUIET_MAX=${QUIET_MAX:-10}
+QUIET_BUDGET= # no cap on the total waiting here (each run is short); not a tunable of this script
 MAX_SECONDS=${MAX_SECONDS:-900}
 OUT=${OUT:-}
 export ENVELOPE_PROXY_LOG=${ENVELOPE_PROXY_LOG:-warn}
@@ -53,156 +56,21 @@ UPSTREAM_PORT=$BASE_PORT           # demo store
 UPSTREAM_ADMIN_PORT=$((BASE_PORT + 1)) # the upstream process's own (unused) proxy listener
 PROXY_PORT=$((BASE_PORT + 2))
 NGINX_PORT=$((BASE_PORT + 3))
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET_DIR/release/envelope-proxy
 DOC=$HERE/doc.json
 POST_LUA=$HERE/post.lua
 SEED_ID=bench-1
 # Values of the three encrypted fields in doc.json, to check the round trip.
 SSN=078-05-1120
 
-log() { printf '[load] %s\n' "$*" >&2; }
-die() {
-	printf '[load] error: %s\n' "$*" >&2
-	exit 1
-}
-
 # ---------------------------------------------------------------------------------------------
-# Process bookkeeping: every background process is recorded and stopped on exit.
+# Tools and setup (benches/lib.sh).
 
-PIDS=()
-WORK=""
-WATCHDOG=""
-
-stop_pid() {
-	local pid=$1
-	kill -0 "$pid" 2>/dev/null || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	for _ in $(seq 1 50); do
-		kill -0 "$pid" 2>/dev/null || {
-			wait "$pid" 2>/dev/null || true
-			return 0
-		}
-		sleep 0.1
-	done
-	log "pid $pid did not stop on TERM; killing it"
-	kill -KILL "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	local i
-	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-		stop_pid "${PIDS[$i]}"
-	done
-	if [[ -n $WATCHDOG ]]; then
-		# The watchdog first (so it cannot act on its sleep ending), then its sleep.
-		local sleeper
-		sleeper=$(pgrep -P "$WATCHDOG" 2>/dev/null || true)
-		kill -KILL "$WATCHDOG" 2>/dev/null || true
-		wait "$WATCHDOG" 2>/dev/null || true
-		if [[ -n $sleeper ]]; then
-			kill "$sleeper" 2>/dev/null || true
-		fi
-	fi
-	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $rc -ne 0 ]]; then
-			log "logs of the failed run:"
-			for f in "$WORK"/*.log; do
-				[[ -s $f ]] || continue
-				log "--- $(basename "$f") (last 20 lines)"
-				tail -n 20 "$f" >&2 || true
-			done
-		fi
-		rm -rf "$WORK"
-	fi
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Remove a pid from PIDS once it has been stopped.
-forget_pid() {
-	local pid=$1 keep=() p
-	for p in "${PIDS[@]}"; do
-		[[ $p == "$pid" ]] || keep+=("$p")
-	done
-	PIDS=("${keep[@]+"${keep[@]}"}")
-}
-
-# ---------------------------------------------------------------------------------------------
-# Tools.
-
-install_missing() {
-	local pkgs=() p
-	command -v wrk >/dev/null || pkgs+=(wrk)
-	command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || pkgs+=(nginx)
-	command -v curl >/dev/null || pkgs+=(curl)
-	[[ ${#pkgs[@]} -eq 0 ]] && return 0
-	command -v apt-get >/dev/null || die "missing ${pkgs[*]} and no apt-get: install them by hand"
-	local sudo=()
-	if [[ $EUID -ne 0 ]]; then
-		command -v sudo >/dev/null || die "missing ${pkgs[*]}: install them (needs root)"
-		sudo=(sudo)
-	fi
-	# Only refresh the package lists when a package has no install candidate.
-	local need_update=0
-	for p in "${pkgs[@]}" nginx-light; do
-		if ! apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-			[[ $p == nginx-light ]] || need_update=1
-		fi
-	done
-	if [[ $need_update -eq 1 ]]; then
-		log "apt-get update"
-		"${sudo[@]}" apt-get update -qq
-	fi
-	# nginx-light (smaller) when the distribution still has it.
-	local i
-	for i in "${!pkgs[@]}"; do
-		if [[ ${pkgs[$i]} == nginx ]] && apt-cache policy nginx-light 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-			pkgs[i]=nginx-light
-		fi
-	done
-	log "apt-get install -y ${pkgs[*]}"
-	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${pkgs[@]}" >/dev/null
-}
-
-install_missing
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-[[ -x $NGINX ]] || die "nginx not found"
-
-if [[ $PIN -eq 1 ]] && command -v taskset >/dev/null && [[ $(nproc --all) -ge 2 ]]; then
-	PIN_PROXY=(taskset -c "$PROXY_CPU")
-	PIN_LOAD=(taskset -c "$LOAD_CPU")
-	PINNING="proxy/nginx on cpu $PROXY_CPU; wrk and the demo store on cpu $LOAD_CPU"
-else
-	PIN_PROXY=()
-	PIN_LOAD=()
-	PINNING="none (taskset missing, fewer than 2 cores, or PIN=0)"
-fi
-
-if [[ $BUILD -eq 1 ]]; then
-	log "cargo build --release"
-	(cd "$ROOT" && cargo build --release --quiet --bin envelope-proxy)
-fi
-[[ -x $BIN ]] || die "$BIN not found: run cargo build --release"
-
-# The whole run is bounded: a watchdog ends it after MAX_SECONDS.
-(
-	sleep "$MAX_SECONDS"
-	printf '[load] error: MAX_SECONDS=%s reached, stopping\n' "$MAX_SECONDS" >&2
-	kill -TERM $$ 2>/dev/null
-) &
-WATCHDOG=$!
-
-for port in $UPSTREAM_PORT $UPSTREAM_ADMIN_PORT $PROXY_PORT $NGINX_PORT; do
-	if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-		die "127.0.0.1:$port is already in use (set BASE_PORT)"
-	fi
-done
+install_missing wrk nginx curl
+find_nginx
+setup_pinning "wrk and the demo store"
+build_binary
+start_watchdog # the whole run is bounded: MAX_SECONDS
+check_ports_free "$UPSTREAM_PORT" "$UPSTREAM_ADMIN_PORT" "$PROXY_PORT" "$NGINX_PORT"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/envelope-load.XXXXXX")
 RESULTS=$WORK/results.tsv
@@ -266,42 +134,22 @@ sed -e "s|@PREFIX@|$WORK|g" -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@NGINX
 # ---------------------------------------------------------------------------------------------
 # Starting and stopping the pieces.
 
-wait_port() {
-	local port=$1 pid=$2 what=$3
-	for _ in $(seq 1 100); do
-		kill -0 "$pid" 2>/dev/null || die "$what exited at start (see its log)"
-		if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-			return 0
-		fi
-		sleep 0.1
-	done
-	die "$what did not listen on 127.0.0.1:$port within 10 s"
-}
-
 UPSTREAM_PID=""
 SUT_PID=""
 
 start_upstream() {
-	"${PIN_LOAD[@]}" "$BIN" serve --config "$WORK/upstream.toml" >>"$WORK/upstream.log" 2>&1 &
-	UPSTREAM_PID=$!
-	PIDS+=("$UPSTREAM_PID")
-	wait_port "$UPSTREAM_PORT" "$UPSTREAM_PID" "demo store"
+	start_bg "$WORK/upstream.log" "$UPSTREAM_PORT" "demo store" "${PIN_LOAD[@]}" "$BIN" serve --config "$WORK/upstream.toml"
+	UPSTREAM_PID=$BG_PID
 }
 
 start_proxy() {
-	"${PIN_PROXY[@]}" "$BIN" serve --config "$WORK/proxy.toml" >>"$WORK/proxy.log" 2>&1 &
-	SUT_PID=$!
-	PIDS+=("$SUT_PID")
-	wait_port "$PROXY_PORT" "$SUT_PID" "envelope-proxy"
+	start_bg "$WORK/proxy.log" "$PROXY_PORT" envelope-proxy "${PIN_PROXY[@]}" "$BIN" serve --config "$WORK/proxy.toml"
+	SUT_PID=$BG_PID
 }
 
 start_nginx() {
-	"$NGINX" -t -q -c "$WORK/nginx.conf" -p "$WORK" -e stderr >>"$WORK/nginx.log" 2>&1 ||
-		die "nginx rejected its configuration"
-	"${PIN_PROXY[@]}" "$NGINX" -c "$WORK/nginx.conf" -p "$WORK" -e stderr >>"$WORK/nginx.log" 2>&1 &
-	SUT_PID=$!
-	PIDS+=("$SUT_PID")
-	wait_port "$NGINX_PORT" "$SUT_PID" "nginx"
+	start_nginx_on "$NGINX_PORT"
+	SUT_PID=$BG_PID
 }
 
 stop_all() {
@@ -356,34 +204,6 @@ seed_store() {
 # ---------------------------------------------------------------------------------------------
 # Measurements.
 
-CLK_TCK=$(getconf CLK_TCK)
-
-# "utime stime" (ticks) of processes, summed (all their threads).
-proc_ticks() {
-	local u=0 s=0 pid t
-	for pid in "$@"; do
-		[[ -r /proc/$pid/stat ]] || continue
-		# Fields after the "(comm)" part: utime is the 12th, stime the 13th.
-		read -r -a t < <(sed 's/^.*) //' "/proc/$pid/stat")
-		u=$((u + t[11]))
-		s=$((s + t[12]))
-	done
-	echo "$u $s"
-}
-
-# "user+nice of all cores, busy of the load core, total of the load core" (jiffies).
-cpu_sample() {
-	awk -v c="cpu$LOAD_CPU" '
-		$1 == "cpu" { u = $2 + $3 }
-		$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; lb = t - $5 - $6; lt = t }
-		END { print u, lb, lt }' /proc/stat
-}
-
-# "busy total" jiffies of all cores.
-all_busy() {
-	awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat
-}
-
 # User ticks of this shell's reaped children (wrk). `times` must run in this shell, not in a
 # command substitution (a subshell has no children of its own).
 children_user_ticks() {
@@ -391,34 +211,8 @@ children_user_ticks() {
 	awk -v hz="$CLK_TCK" 'NR == 2 { split($1, a, /[ms]/); printf "%d\n", (a[1] * 60 + a[2]) * hz }' "$WORK/times"
 }
 
-# This machine may be shared (other builds): wait until it is quiet before a measurement.
-NOISY_RUNS=0
-wait_quiet() {
-	[[ $QUIET_WAIT -gt 0 ]] || return 0
-	local start=$SECONDS a b busy
-	while :; do
-		a=$(all_busy)
-		sleep 1
-		b=$(all_busy)
-		busy=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); print (y[2] > x[2] ? int(100 * (y[1] - x[1]) / (y[2] - x[2])) : 0) }')
-		[[ $busy -le $QUIET_MAX ]] && return 0
-		if ((SECONDS - start >= QUIET_WAIT)); then
-			log "  the machine is still busy ($busy% of all cores) after ${QUIET_WAIT}s: measuring anyway"
-			NOISY_RUNS=$((NOISY_RUNS + 1))
-			return 0
-		fi
-		log "  the machine is busy ($busy% of all cores, not this run): waiting"
-		sleep 4
-	done
-}
-
 # The proxy or nginx (master + worker) of the current case; none for direct.
-sut_pids() {
-	if [[ -n $SUT_PID ]]; then
-		# shellcheck disable=SC2046 # one pid per word
-		echo "$SUT_PID" $(pgrep -P "$SUT_PID" || true)
-	fi
-}
+sut_pids() { with_children "$SUT_PID"; }
 
 # run_wrk CASE METHOD PORT PATH MODE(tput|lat|warm) SECONDS THREADS CONNS
 run_wrk() {
@@ -436,19 +230,19 @@ run_wrk() {
 			die "wrk failed for $case $method: $(cat "$out")"
 		return 0
 	fi
-	wait_quiet
+	wait_quiet "  "
 	local sut t0 t1 sut0 sut1 st0 st1 cpu0 cpu1 kid0 kid1
 	sut=$(sut_pids)
 	kid0=$(children_user_ticks)
 	# shellcheck disable=SC2086
 	sut0=$(proc_ticks $sut)
 	st0=$(proc_ticks "$UPSTREAM_PID")
-	cpu0=$(cpu_sample)
+	cpu0=$(cpu_sample user)
 	t0=$EPOCHREALTIME
 	timeout $((secs + 30)) "${PIN_LOAD[@]}" wrk "${args[@]}" >"$out" 2>&1 ||
 		die "wrk failed for $case $method: $(cat "$out")"
 	t1=$EPOCHREALTIME
-	cpu1=$(cpu_sample)
+	cpu1=$(cpu_sample user)
 	# shellcheck disable=SC2086
 	sut1=$(proc_ticks $sut)
 	st1=$(proc_ticks "$UPSTREAM_PID")
@@ -547,15 +341,15 @@ done
 report() {
 	echo "## envelope-proxy load run"
 	echo
-	echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc --all) cores ($(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')),"
-	echo "wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $("$NGINX" -v 2>&1 | sed 's/.*: //'), git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (dirty)')."
+	echo "$(machine_summary),"
+	echo "wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $("$NGINX" -v 2>&1 | sed 's/.*: //'), git $(git_revision)."
 	echo "Binary: $BIN ($(date -u -r "$BIN" +%Y-%m-%dT%H:%MZ))."
 	echo "Pinning: $PINNING. ENVELOPE_PROXY_LOG=$ENVELOPE_PROXY_LOG, audit log to file: $([[ $AUDIT_FILE -eq 1 ]] && echo yes || echo 'no (tracing only)')."
 	echo "Document: $(printf "%s" "$(cat "$DOC")" | wc -c) bytes, 3 fields encrypted on the encrypting route ($(wc -c <"$WORK/sealed.json") bytes as stored)."
 	echo "Throughput runs: ${DURATION}s, $THREADS threads, $CONNS connections (after ${WARMUP}s warm-up). Latency runs: ${LAT_DURATION}s, 1 connection."
 	echo "proxy CPU / store CPU: CPU time of the proxy or nginx / of the demo store during the run, in % of one core;"
 	echo "load core: how busy cpu $LOAD_CPU (wrk + demo store) was; other: user CPU of processes outside this run (a shared machine), % of one core."
-	[[ $NOISY_RUNS -gt 0 ]] && echo "**Warning: $NOISY_RUNS run(s) measured while other processes kept the machine busy: see the 'other' column.**"
+	[[ $NOISY -gt 0 ]] && echo "**Warning: $NOISY run(s) measured while other processes kept the machine busy: see the 'other' column.**"
 	echo
 	echo "| case | method | conns | requests/s | p50 | p99 | non-2xx | proxy CPU | store CPU | load core | other |"
 	echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -7,44 +7,31 @@
 # Needs: scripts/test.sh run once (tests/peers/venv with moto and boto3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+LOG_TAG=s3-large-object
+# shellcheck source=../lib.sh source-path=SCRIPTDIR
+source benches/lib.sh # cleanup traps (PIDS, WORK), BIN, s3_route_toml
 SIZE_MIB=${SIZE_MIB:-1024}
 PY=tests/peers/venv/bin/python
 [ -x "$PY" ] || { echo "run scripts/test.sh first (tests/peers/venv)" >&2; exit 1; }
 cargo build --release -q
-BIN=${CARGO_TARGET_DIR:-target}/release/envelope-proxy
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-printf testing >"$work/ak"; printf testing >"$work/sk"; printf bench-secret >"$work/csk"; chmod 600 "$work"/*
-tests/peers/venv/bin/moto_server -H 127.0.0.1 -p 18501 >/dev/null 2>&1 & pids+=($!)
-cat >"$work/c.toml" <<TOML
+WORK=$(mktemp -d)
+printf testing >"$WORK/ak"; printf testing >"$WORK/sk"; printf bench-secret >"$WORK/csk"; chmod 600 "$WORK"/*
+tests/peers/venv/bin/moto_server -H 127.0.0.1 -p 18501 >/dev/null 2>&1 & PIDS+=($!)
+{
+	cat <<TOML
 [server]
 listen = "127.0.0.1:18500"
 [keyring]
-path = "$work/kr.json"
-master_key_file = "$work/m.key"
+path = "$WORK/kr.json"
+master_key_file = "$WORK/m.key"
 create_missing_keys = true
-[[route]]
-name = "objects"
-kind = "s3"
-path = "/**"
-upstream = "http://127.0.0.1:18501"
-key = "objects"
-context = { bucket = "{s3.bucket}" }
-[route.s3]
-region = "us-east-1"
-upstream_access_key_id_file = "$work/ak"
-upstream_secret_access_key_file = "$work/sk"
-[[route.s3.client]]
-access_key_id = "AKIABENCH"
-secret_access_key_file = "$work/csk"
-identity = "bench"
 TOML
-ENVELOPE_PROXY_LOG=warn "$BIN" serve --config "$work/c.toml" & pids+=($!)
+	s3_route_toml "http://127.0.0.1:18501" us-east-1 "$WORK/ak" "$WORK/sk" AKIABENCH "$WORK/csk"
+} >"$WORK/c.toml"
+ENVELOPE_PROXY_LOG=warn "$BIN" serve --config "$WORK/c.toml" & PIDS+=($!)
 proxy=$!
 sleep 2
-"$PY" - "$SIZE_MIB" "$work" <<'PY'
+"$PY" - "$SIZE_MIB" "$WORK" <<'PY'
 import hashlib, os, sys, time
 import boto3
 from boto3.s3.transfer import TransferConfig

@@ -56,7 +56,9 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
+LOG_TAG=s3-throughput
+# shellcheck source=../lib.sh source-path=SCRIPTDIR
+source "$HERE/../lib.sh" # log/die, cleanup traps, watchdog, pinning, CPU accounting, ROOT, BIN
 
 SIZE_MIB=${SIZE_MIB:-1024}
 RUNS=${RUNS:-3}
@@ -80,20 +82,11 @@ UP_PORT=$BASE_PORT
 PASS_PORT=$((BASE_PORT + 1))
 ENC_PORT=$((BASE_PORT + 2))
 NGINX_PORT=$((BASE_PORT + 3))
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET_DIR/release/envelope-proxy
 SIZE=$((SIZE_MIB << 20))
 BUCKET=bench
 REGION=us-east-1
 CLIENT_AK=AKIABENCHCLIENT
 CLIENT_SK=bench-client-secret
-CLK_TCK=$(getconf CLK_TCK)
-
-log() { printf '[s3-throughput] %s\n' "$*" >&2; }
-die() {
-	printf '[s3-throughput] error: %s\n' "$*" >&2
-	exit 1
-}
 
 [[ $SIZE_MIB =~ ^[1-9][0-9]*$ ]] || die "SIZE_MIB must be a positive integer"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
@@ -103,78 +96,14 @@ done
 has_case() { [[ " $CASES " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------------------------------------
-# Process bookkeeping: every background process is recorded and stopped on exit.
-
-PIDS=()
-WORK=""
-WATCHDOG=""
-
-stop_pid() {
-	local pid=$1
-	kill -0 "$pid" 2>/dev/null || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	for _ in $(seq 1 50); do
-		kill -0 "$pid" 2>/dev/null || {
-			wait "$pid" 2>/dev/null || true
-			return 0
-		}
-		sleep 0.1
-	done
-	log "pid $pid did not stop on TERM; killing it"
-	kill -KILL "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	local i
-	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-		stop_pid "${PIDS[$i]}"
-	done
-	if [[ -n $WATCHDOG ]]; then
-		local sleeper
-		sleeper=$(pgrep -P "$WATCHDOG" 2>/dev/null || true)
-		kill -KILL "$WATCHDOG" 2>/dev/null || true
-		wait "$WATCHDOG" 2>/dev/null || true
-		[[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null || true
-	fi
-	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $rc -ne 0 ]]; then
-			log "logs of the failed run:"
-			for f in "$WORK"/*.log; do
-				[[ -s $f ]] || continue
-				log "--- $(basename "$f") (last 20 lines)"
-				tail -n 20 "$f" >&2 || true
-			done
-		fi
-		rm -rf "$WORK"
-	fi
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# ---------------------------------------------------------------------------------------------
-# Tools.
+# Tools and setup (benches/lib.sh).
 
 command -v curl >/dev/null || die "curl is missing (apt-get install curl)"
 curl --help all 2>/dev/null | grep -q -- '--aws-sigv4' || die "this curl has no --aws-sigv4 (needs 7.75+)"
 NGINX=""
 if has_case nginx; then
-	if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
-		command -v apt-get >/dev/null || die "nginx is missing and there is no apt-get"
-		log "apt-get install nginx-light (or nginx)"
-		if ! apt-cache policy nginx-light nginx 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-			apt-get update -qq
-		fi
-		pkg=nginx
-		apt-cache policy nginx-light 2>/dev/null | grep -q 'Candidate: [0-9]' && pkg=nginx-light
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
-	fi
-	NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-	[[ -x $NGINX ]] || die "nginx not found"
+	install_missing nginx
+	find_nginx
 fi
 
 UPSTREAM_VERSION=""
@@ -202,37 +131,12 @@ s3s-fs)
 *) die "UPSTREAM must be sink or s3s-fs" ;;
 esac
 
-if [[ $PIN -eq 1 ]] && command -v taskset >/dev/null && [[ $(nproc --all) -ge 2 ]]; then
-	PIN_PROXY=(taskset -c "$PROXY_CPU")
-	PIN_LOAD=(taskset -c "$LOAD_CPU")
-	PINNING="proxy/nginx on cpu $PROXY_CPU; curl and the upstream on cpu $LOAD_CPU"
-else
-	PIN_PROXY=()
-	PIN_LOAD=()
-	PINNING="none (taskset missing, fewer than 2 cores, or PIN=0)"
-fi
-
+setup_pinning "curl and the upstream"
 if has_case passthrough || has_case encrypting; then
-	if [[ $BUILD -eq 1 ]]; then
-		log "cargo build --release"
-		(cd "$ROOT" && cargo build --release --quiet --bin envelope-proxy)
-	fi
-	[[ -x $BIN ]] || die "$BIN not found: run cargo build --release"
+	build_binary
 fi
-
-# The whole run is bounded: a watchdog ends it after MAX_SECONDS.
-(
-	sleep "$MAX_SECONDS"
-	printf '[s3-throughput] error: MAX_SECONDS=%s reached, stopping\n' "$MAX_SECONDS" >&2
-	kill -TERM $$ 2>/dev/null
-) &
-WATCHDOG=$!
-
-for port in $UP_PORT $PASS_PORT $ENC_PORT $NGINX_PORT; do
-	if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-		die "127.0.0.1:$port is already in use (set BASE_PORT)"
-	fi
-done
+start_watchdog # the whole run is bounded: MAX_SECONDS
+check_ports_free "$UP_PORT" "$PASS_PORT" "$ENC_PORT" "$NGINX_PORT"
 
 # Everything (source object, upstream storage) on tmpfs: the disk is not what is measured.
 SHM=/dev/shm
@@ -280,23 +184,8 @@ EOF
 } >"$WORK/passthrough.toml"
 {
 	common_toml "$ENC_PORT" encrypting
-	cat <<EOF
-[[route]]
-name = "objects"
-kind = "s3"
-path = "/**"
-upstream = "http://127.0.0.1:$UP_PORT"
-key = "objects"
-context = { bucket = "{s3.bucket}" }
-[route.s3]
-region = "$REGION"
-upstream_access_key_id_file = "$WORK/proxy/upstream-ak"
-upstream_secret_access_key_file = "$WORK/proxy/upstream-sk"
-[[route.s3.client]]
-access_key_id = "$CLIENT_AK"
-secret_access_key_file = "$WORK/proxy/client-sk"
-identity = "bench"
-EOF
+	s3_route_toml "http://127.0.0.1:$UP_PORT" "$REGION" "$WORK/proxy/upstream-ak" "$WORK/proxy/upstream-sk" \
+		"$CLIENT_AK" "$WORK/proxy/client-sk"
 } >"$WORK/encrypting.toml"
 sed -e "s|@PREFIX@|$WORK|g" -e "s|@UPSTREAM_PORT@|$UP_PORT|g" -e "s|@NGINX_PORT@|$NGINX_PORT|g" \
 	-e "s|@NGINX_BUFFER@|$NGINX_BUFFER|g" "$HERE/nginx.conf.template" >"$WORK/nginx.conf"
@@ -304,48 +193,30 @@ sed -e "s|@PREFIX@|$WORK|g" -e "s|@UPSTREAM_PORT@|$UP_PORT|g" -e "s|@NGINX_PORT@
 # ---------------------------------------------------------------------------------------------
 # Starting the pieces (all of them at once: the idle ones cost nothing).
 
-wait_port() {
-	local port=$1 pid=$2 what=$3
-	for _ in $(seq 1 100); do
-		kill -0 "$pid" 2>/dev/null || die "$what exited at start (see its log)"
-		if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-			return 0
-		fi
-		sleep 0.1
-	done
-	die "$what did not listen on 127.0.0.1:$port within 10 s"
-}
-
 declare -A SUT_PID=()
 UP_PID=""
 
 start_upstream() {
 	case $UPSTREAM in
-	sink) "${PIN_LOAD[@]}" python3 "$HERE/sink_s3.py" --port "$UP_PORT" "$WORK/store" \
-		>>"$WORK/upstream.log" 2>&1 & ;;
-	s3s-fs) "${PIN_LOAD[@]}" "$S3S_FS" --host 127.0.0.1 --port "$UP_PORT" --access-key "$UP_AK" \
-		--secret-key "$UP_SK" "$WORK/store" >>"$WORK/upstream.log" 2>&1 & ;;
+	sink) start_bg "$WORK/upstream.log" "$UP_PORT" "$UPSTREAM" \
+		"${PIN_LOAD[@]}" python3 "$HERE/sink_s3.py" --port "$UP_PORT" "$WORK/store" ;;
+	s3s-fs) start_bg "$WORK/upstream.log" "$UP_PORT" "$UPSTREAM" \
+		"${PIN_LOAD[@]}" "$S3S_FS" --host 127.0.0.1 --port "$UP_PORT" --access-key "$UP_AK" \
+		--secret-key "$UP_SK" "$WORK/store" ;;
 	esac
-	UP_PID=$!
-	PIDS+=("$UP_PID")
-	wait_port "$UP_PORT" "$UP_PID" "$UPSTREAM"
+	UP_PID=$BG_PID
 }
 
 start_proxy() {
 	local case=$1 port=$2
-	"${PIN_PROXY[@]}" "$BIN" serve --config "$WORK/$case.toml" >>"$WORK/$case.log" 2>&1 &
-	SUT_PID[$case]=$!
-	PIDS+=("$!")
-	wait_port "$port" "$!" "envelope-proxy ($case)"
+	start_bg "$WORK/$case.log" "$port" "envelope-proxy ($case)" \
+		"${PIN_PROXY[@]}" "$BIN" serve --config "$WORK/$case.toml"
+	SUT_PID[$case]=$BG_PID
 }
 
 start_nginx() {
-	"$NGINX" -t -q -c "$WORK/nginx.conf" -p "$WORK" -e stderr >>"$WORK/nginx.log" 2>&1 ||
-		die "nginx rejected its configuration"
-	"${PIN_PROXY[@]}" "$NGINX" -c "$WORK/nginx.conf" -p "$WORK" -e stderr >>"$WORK/nginx.log" 2>&1 &
-	SUT_PID[nginx]=$!
-	PIDS+=("$!")
-	wait_port "$NGINX_PORT" "$!" "nginx"
+	start_nginx_on "$NGINX_PORT"
+	SUT_PID[nginx]=$BG_PID
 }
 
 start_upstream
@@ -391,68 +262,11 @@ code=$(upstream_call PUT "/$BUCKET") || die "CreateBucket failed"
 # ---------------------------------------------------------------------------------------------
 # Measurements.
 
-# "utime stime" (ticks) of processes, summed (all their threads).
-proc_ticks() {
-	local u=0 s=0 pid t
-	for pid in "$@"; do
-		[[ -r /proc/$pid/stat ]] || continue
-		read -r -a t < <(sed 's/^.*) //' "/proc/$pid/stat")
-		u=$((u + t[11]))
-		s=$((s + t[12]))
-	done
-	echo "$u $s"
-}
-
-# "user+nice+system of all cores, busy of the load core, total of the load core" (ticks).
-cpu_sample() {
-	awk -v c="cpu$LOAD_CPU" '
-		$1 == "cpu" { u = $2 + $3 + $4 }
-		$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; lb = t - $5 - $6; lt = t }
-		END { print u, lb, lt }' /proc/stat
-}
-
-all_busy() {
-	awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat
-}
-
-# The machine may be shared (builds): wait until it is quiet before a transfer.
-NOISY=0
-QUIET_SPENT=0
-wait_quiet() {
-	[[ $QUIET_WAIT -gt 0 ]] || return 0
-	local start=$SECONDS a b busy
-	if ((QUIET_SPENT >= QUIET_BUDGET)); then
-		NOISY=$((NOISY + 1))
-		return 0
-	fi
-	while :; do
-		a=$(all_busy)
-		sleep 1
-		b=$(all_busy)
-		busy=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); print (y[2] > x[2] ? int(100 * (y[1] - x[1]) / (y[2] - x[2])) : 0) }')
-		if [[ $busy -le $QUIET_MAX ]]; then
-			# Only the waiting counts against the budget, not the one-second sample.
-			((SECONDS - start > 1)) && QUIET_SPENT=$((QUIET_SPENT + SECONDS - start - 1))
-			return 0
-		fi
-		if ((SECONDS - start >= QUIET_WAIT || QUIET_SPENT + SECONDS - start >= QUIET_BUDGET)); then
-			QUIET_SPENT=$((QUIET_SPENT + SECONDS - start))
-			log "    the machine is still busy ($busy% of all cores): measuring anyway (QUIET_WAIT/QUIET_BUDGET)"
-			NOISY=$((NOISY + 1))
-			return 0
-		fi
-		log "    the machine is busy ($busy% of all cores, not this run): waiting"
-		sleep 4
-	done
-}
+# The quiet-machine wait (wait_quiet) and the CPU accounting (proc_ticks, cpu_sample) are in
+# benches/lib.sh; QUIET_BUDGET caps the waiting of the whole run.
 
 # The proxy or nginx (master + workers) of a case; none for direct.
-sut_pids() {
-	local p=${SUT_PID[$1]:-}
-	[[ -n $p ]] || return 0
-	# shellcheck disable=SC2046 # one pid per word
-	echo "$p" $(pgrep -P "$p" || true)
-}
+sut_pids() { with_children "${SUT_PID[$1]:-}"; }
 
 # One timed transfer: CASE PUT|GET RUN. Appends a row to $RESULTS.
 transfer() {
@@ -467,16 +281,16 @@ transfer() {
 	else
 		args+=(-o /dev/null)
 	fi
-	wait_quiet
+	wait_quiet "    "
 	sut=$(sut_pids "$case")
 	local s0 s1 u0 u1 c0 c1
 	# shellcheck disable=SC2086
 	s0=$(proc_ticks $sut)
 	u0=$(proc_ticks "$UP_PID")
-	c0=$(cpu_sample)
+	c0=$(cpu_sample user+system)
 	local TIMEFORMAT='%R %U %S'
 	{ time "${PIN_LOAD[@]}" curl "${args[@]}" "$url" >"$WORK/curl.out" 2>"$WORK/curl.err"; } 2>"$WORK/time.out" || rc=$?
-	c1=$(cpu_sample)
+	c1=$(cpu_sample user+system)
 	u1=$(proc_ticks "$UP_PID")
 	# shellcheck disable=SC2086
 	s1=$(proc_ticks $sut)
@@ -576,9 +390,9 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 report() {
 	echo "## envelope-proxy S3 throughput"
 	echo
-	echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc --all) cores ($(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')),"
+	echo "$(machine_summary),"
 	echo "$(curl --version | head -1 | awk '{ print $1, $2 }'), ${NGINX:+$("$NGINX" -v 2>&1 | sed 's/.*: //'), }upstream $UPSTREAM_VERSION on tmpfs,"
-	echo "git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (dirty)'), binary $BIN ($(date -u -r "$BIN" +%Y-%m-%dT%H:%MZ 2>/dev/null || echo '?'))."
+	echo "git $(git_revision), binary $BIN ($(date -u -r "$BIN" +%Y-%m-%dT%H:%MZ 2>/dev/null || echo '?'))."
 	echo "Object: $SIZE_MIB MiB of random bytes, one PutObject (UNSIGNED-PAYLOAD) and one GetObject by curl, $RUNS runs per case (median; cases interleaved)."
 	echo "Pinning: $PINNING. nginx buffers: $NGINX_BUFFER."
 	echo "MB/s = 10^6 bytes/s over curl's total time. CPU: seconds of CPU time for one transfer; load core: how busy cpu $LOAD_CPU (curl + upstream) was."
