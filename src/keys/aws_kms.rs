@@ -115,9 +115,13 @@ where
             | Some("ExpiredTokenException") => {
                 return BackendError::AccessDenied(key_id.to_string());
             }
+            // A key id or ARN KMS will not parse comes from a stored EDK (or a typo): the
+            // ciphertext is at fault, and retrying cannot help.
             Some("InvalidCiphertextException")
             | Some("IncorrectKeyException")
-            | Some("InvalidKeyUsageException") => {
+            | Some("InvalidKeyUsageException")
+            | Some("ValidationException")
+            | Some("InvalidArnException") => {
                 return BackendError::InvalidCiphertext;
             }
             _ => {}
