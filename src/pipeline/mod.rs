@@ -16,6 +16,7 @@ pub mod route;
 pub mod upstream;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -55,7 +56,7 @@ pub async fn handle<B>(
     client: ClientInfo,
 ) -> Response<ProxyBody>
 where
-    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B: Body<Data = Bytes> + Send + Sync + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     // botocore sends `Expect: 100-continue` even with an empty body. hyper sends no interim
@@ -71,14 +72,55 @@ where
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() == b"0");
-    let mut resp = handle_request(state, req, client).await;
-    if empty_expect {
+    // A request answered before its body was read to the end (an early refusal) leaves the
+    // connection in an unknown state: the client may still send the rest (after a timeout, if
+    // it waited for `100 Continue`), which would be read as the next request. Closing it after
+    // this response (with the lingering close of `server`) keeps every client's next request
+    // on a clean connection.
+    let (parts, body) = req.into_parts();
+    let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
+    let body = Tracked {
+        inner: body,
+        finished: finished.clone(),
+    };
+    let mut resp = handle_request(state, Request::from_parts(parts, body), client).await;
+    if empty_expect || !finished.load(Ordering::Relaxed) {
         resp.headers_mut().insert(
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
         );
     }
     resp
+}
+
+/// A request body that records when it has been read to its end.
+struct Tracked<B> {
+    inner: B,
+    finished: Arc<AtomicBool>,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.finished.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn handle_request<B>(
