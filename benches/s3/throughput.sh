@@ -82,13 +82,13 @@ UP_PORT=$BASE_PORT
 PASS_PORT=$((BASE_PORT + 1))
 ENC_PORT=$((BASE_PORT + 2))
 NGINX_PORT=$((BASE_PORT + 3))
-SIZE=$((SIZE_MIB << 20))
 BUCKET=bench
 REGION=us-east-1
 CLIENT_AK=AKIABENCHCLIENT
 CLIENT_SK=bench-client-secret
 
 [[ $SIZE_MIB =~ ^[1-9][0-9]*$ ]] || die "SIZE_MIB must be a positive integer"
+SIZE=$((SIZE_MIB << 20))
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
 for c in $CASES; do
 	case $c in direct | passthrough | encrypting | nginx) ;; *) die "unknown case $c" ;; esac
