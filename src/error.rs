@@ -42,6 +42,10 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("missing {0}, needed for the encryption context")]
     MissingContext(String),
+    #[error(
+        "a member name differs from an encrypted field's only by case; the store would take it as that field"
+    )]
+    CaseVariant,
     #[error("reading the request body failed")]
     ClientBody,
 
@@ -93,6 +97,8 @@ impl ProxyError {
             MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json", false),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", false),
             MissingContext(_) => (StatusCode::BAD_REQUEST, "missing_context", false),
+            // A store that ignores case would store it as the encrypted field, in clear.
+            CaseVariant => (StatusCode::BAD_REQUEST, "case_variant_field", false),
             ClientBody => (StatusCode::BAD_REQUEST, "bad_body", false),
             // What storage returned does not decrypt: the proxy cannot serve it.
             DecryptFailed(_) => (StatusCode::BAD_GATEWAY, "decrypt_failed", false),

@@ -733,3 +733,41 @@ async fn a_thousand_concurrent_cold_writes_make_one_backend_call() {
     assert_eq!(proxy.state().metrics.backend_calls_for("local") - before, 1);
     let _ = http;
 }
+
+/// In front of a store that ignores case in member names, a write whose member differs from an
+/// encrypted field's name only by case is refused (the store would take it as that field, in
+/// clear); exact names still seal, and other routes are unaffected.
+#[tokio::test]
+async fn case_variants_of_encrypted_names_are_refused_for_a_case_insensitive_store() {
+    let js = JsonServer::start();
+    let strict = users_route(&js.url(), "case_insensitive_upstream = true");
+    let proxy = Proxy::start(&strict, "").await;
+    let http = Http::default();
+    let url = proxy.url("/tenants/acme/users");
+    let ct = ("content-type", "application/json");
+    for (body, variant) in [
+        (r#"{"id":"c1","SSN":"123-45-6789"}"#, "SSN"),
+        (
+            r#"{"id":"c2","card":{"Number":4111111111111111}}"#,
+            "Number",
+        ),
+        (r#"{"id":"c3","\u017fsn":"123-45-6789"}"#, "long s, escaped"),
+        (r#"{"id":"c6","Ssn":"123-45-6789"}"#, "Ssn"),
+        (r#"{"id":"c4","notes":[{"TEXT":"likes tea"}]}"#, "TEXT"),
+    ] {
+        let r = http
+            .send(Method::POST, &url, &[REGION, ct], body.to_string())
+            .await;
+        assert_eq!(r.status.as_u16(), 400, "{variant}: {}", r.text());
+        assert_eq!(r.error_code(), "case_variant_field", "{variant}");
+    }
+    assert!(
+        !js.db_file().contains("6789"),
+        "nothing may reach the store"
+    );
+    let r = http
+        .send(Method::POST, &url, &[REGION, ct], sample("c5").to_string())
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    assert!(!js.db_file().contains("123-45-6789"));
+}

@@ -160,6 +160,8 @@ struct FileRoute {
     #[serde(default)]
     message_context: BTreeMap<String, String>,
     on_decrypt_error: Option<String>,
+    #[serde(default)]
+    case_insensitive_upstream: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,6 +335,10 @@ pub struct JsonRoute {
     pub key_context: Vec<(String, Template)>,
     pub message_context: Vec<(String, Template)>,
     pub on_decrypt_error: OnDecryptError,
+    /// The store matches member names without regard to case (Go's `encoding/json`, some
+    /// .NET settings): a write with a case variant of an encrypted field's name (`SSN`,
+    /// `ſsn` for `ssn`) is refused, since the store would take it as that field, in clear.
+    pub case_insensitive_upstream: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -932,6 +938,7 @@ fn resolve_route(
                 ("response_documents", !r.response_documents.is_empty()),
                 ("message_context", !r.message_context.is_empty()),
                 ("on_decrypt_error", r.on_decrypt_error.is_some()),
+                ("case_insensitive_upstream", r.case_insensitive_upstream),
                 ("passthrough", r.passthrough),
             ] {
                 if set {
@@ -980,6 +987,7 @@ fn resolve_route(
             (!r.context.is_empty(), "context"),
             (!r.message_context.is_empty(), "message_context"),
             (r.on_decrypt_error.is_some(), "on_decrypt_error"),
+            (r.case_insensitive_upstream, "case_insensitive_upstream"),
         ] {
             if set {
                 errors.push(format!(
@@ -1064,6 +1072,7 @@ fn resolve_route(
             key_context,
             message_context,
             on_decrypt_error,
+            case_insensitive_upstream: r.case_insensitive_upstream,
         }),
     })
 }

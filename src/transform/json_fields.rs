@@ -332,6 +332,35 @@ pub fn scan_body(body: &[u8], max_depth: usize) -> Result<Scanned<'_>, JsonError
     json_scan::scan(body, max_depth)
 }
 
+/// For a store that ignores case in member names: refuse a body with a member named like an
+/// encrypted field but for case (`SSN`, `Ssn`, `ſsn` for `ssn`), which the store would take as
+/// that field although it was not sealed. Names are compared after Unicode lowercasing, with
+/// `ſ` as `s` (Go's `encoding/json` folds it so; the Kelvin sign lowercases to `k`).
+fn refuse_case_variants(route: &JsonRoute, doc: &Scanned) -> Result<(), ProxyError> {
+    if !route.case_insensitive_upstream {
+        return Ok(());
+    }
+    let fold = |s: &str| -> String {
+        s.chars()
+            .flat_map(char::to_lowercase)
+            .map(|c| if c == 'ſ' { 's' } else { c })
+            .collect()
+    };
+    let names: Vec<&str> = route
+        .fields
+        .iter()
+        .chain(&route.documents)
+        .flat_map(|f| f.compiled.names())
+        .collect();
+    let folded: Vec<String> = names.iter().map(|n| fold(n)).collect();
+    for member in doc.member_names() {
+        if !names.contains(&member.as_ref()) && folded.contains(&fold(&member)) {
+            return Err(ProxyError::CaseVariant);
+        }
+    }
+    Ok(())
+}
+
 /// [`estimate_messages`] on a scanned body.
 pub fn estimate_messages_scanned(route: &JsonRoute, doc: &Scanned) -> u64 {
     let root = doc.root();
@@ -439,6 +468,7 @@ pub fn seal_scanned(
     doc: &Scanned,
     max_depth: usize,
 ) -> Result<(Vec<u8>, usize), ProxyError> {
+    refuse_case_variants(route, doc)?;
     let docs = scanned_documents(route, doc);
     let Some(matches) = splice_plan(route, doc, &docs) else {
         let mut body = strict_json::parse(doc.source().as_bytes(), max_depth)

@@ -297,6 +297,13 @@ impl<'a> Scanned<'a> {
     }
 }
 
+impl<'a> Scanned<'a> {
+    /// Every object member's name in the document (unescaped), in document order.
+    pub fn member_names(&self) -> impl Iterator<Item = Cow<'a, str>> + '_ {
+        (0..self.nodes.len() as u32).filter_map(|i| self.key(NodeId(i)))
+    }
+}
+
 impl Scanned<'_> {
     /// The locations of many nodes at once. One pass over the arena finds every node's parent
     /// and position; each location is then a walk up: O(size + Σ depth), where calling
@@ -1010,6 +1017,16 @@ enum CSelector {
 }
 
 impl CompiledPath {
+    /// The member names the path selects by name (`$.card.number`: `card`, `number`).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().flat_map(|s| {
+            s.selectors.iter().filter_map(|sel| match sel {
+                CSelector::Name(n) => Some(n.as_str()),
+                _ => None,
+            })
+        })
+    }
+
     /// Compiles a parsed path; slices, filters, and shapes the parser never produces (empty
     /// unions, nested descendant segments) are refused.
     pub fn compile(q: &JpQuery) -> Result<CompiledPath, String> {
