@@ -272,31 +272,8 @@ async fn object_requests_the_gateway_cannot_seal_are_refused() {
 async fn copies_stay_within_their_route_and_never_copy_plaintext() {
     let moto = Moto::start();
     let dir = tempfile::tempdir().unwrap();
-    let route = |name: &str, path: &str| {
-        format!(
-            r#"
-[[route]]
-name = "{name}"
-kind = "s3"
-path = "{path}"
-upstream = "{upstream}"
-key = "objects"
-context = {{ bucket = "{{s3.bucket}}" }}
-[route.s3]
-region = "us-east-1"
-upstream_access_key_id_file = "{ak}"
-upstream_secret_access_key_file = "{sk}"
-[[route.s3.client]]
-access_key_id = "{CLIENT_KEY}"
-secret_access_key_file = "{client}"
-identity = "app"
-"#,
-            upstream = moto.endpoint(),
-            ak = common::s3::secret_file(dir.path(), "up-ak", "testing").display(),
-            sk = common::s3::secret_file(dir.path(), "up-sk", "testing").display(),
-            client = common::s3::secret_file(dir.path(), "client-sk", CLIENT_SECRET).display(),
-        )
-    };
+    let route =
+        |name: &str, path: &str| common::s3::route(name, path, &moto.endpoint(), dir.path(), "");
     let routes = route("hr", "/hr-docs/**") + &route("objects", "/**");
     let proxy = Proxy::start(&routes, "").await;
     let base = format!("http://{}", proxy.addr);

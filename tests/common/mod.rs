@@ -367,12 +367,19 @@ pub mod s3 {
 
     /// The gateway in front of any S3 endpoint whose credentials are testing/testing.
     pub async fn gateway_at(upstream: &str, secrets: &Path, server: &str, s3_extra: &str) -> Proxy {
-        let routes = format!(
+        let routes = route("objects", "/**", upstream, secrets, s3_extra);
+        Proxy::start(&routes, server).await
+    }
+
+    /// An S3 route (`name`, `path`) to `upstream` (credentials testing/testing) with the test
+    /// client, key `objects` and the bucket as key context; secrets are written to `secrets`.
+    pub fn route(name: &str, path: &str, upstream: &str, secrets: &Path, s3_extra: &str) -> String {
+        format!(
             r#"
 [[route]]
-name = "objects"
+name = "{name}"
 kind = "s3"
-path = "/**"
+path = "{path}"
 upstream = "{upstream}"
 key = "objects"
 context = {{ bucket = "{{s3.bucket}}" }}
@@ -389,8 +396,7 @@ identity = "app"
             ak = secret_file(secrets, "up-ak", "testing").display(),
             sk = secret_file(secrets, "up-sk", "testing").display(),
             client = secret_file(secrets, "client-sk", CLIENT_SECRET).display(),
-        );
-        Proxy::start(&routes, server).await
+        )
     }
 
     /// GET an object straight from storage (signed as moto's own user): what reached it.
