@@ -29,6 +29,11 @@ pub struct Lingering<S> {
 
 enum State {
     Open,
+    /// Sending TLS `close_notify` and FIN; a client that never reads could stall this, so it
+    /// counts against the same deadline as the drain.
+    ShuttingDown {
+        deadline: Pin<Box<Sleep>>,
+    },
     Draining {
         deadline: Pin<Box<Sleep>>,
         discarded: usize,
@@ -85,15 +90,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<S> {
         loop {
             match &mut this.state {
                 State::Open => {
-                    // A peer that already reset the connection: nothing left to drain.
-                    if ready!(Pin::new(&mut this.inner).poll_shutdown(cx)).is_err() {
+                    this.state = State::ShuttingDown {
+                        deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
+                    };
+                }
+                State::ShuttingDown { deadline } => {
+                    if deadline.as_mut().poll(cx).is_ready() {
                         this.state = State::Closed;
                         continue;
                     }
-                    this.state = State::Draining {
-                        deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
-                        discarded: 0,
+                    let shut = ready!(Pin::new(&mut this.inner).poll_shutdown(cx));
+                    let State::ShuttingDown { deadline } =
+                        std::mem::replace(&mut this.state, State::Closed)
+                    else {
+                        continue;
                     };
+                    // A peer that already reset the connection: nothing left to drain.
+                    if shut.is_ok() {
+                        this.state = State::Draining {
+                            deadline,
+                            discarded: 0,
+                        };
+                    }
                 }
                 State::Draining {
                     deadline,
@@ -158,5 +176,33 @@ mod tests {
             .expect("the exchange finishes");
         assert_eq!(answer.expect("no reset"), b"refused");
         server.await.unwrap();
+    }
+
+    /// A client that keeps a closing connection busy (trickling bytes) holds it for at most
+    /// `LINGER_TIME`.
+    #[tokio::test]
+    async fn draining_is_bounded_in_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            for _ in 0..400 {
+                if s.write_all(b"x").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut s = Lingering::new(stream);
+        let started = tokio::time::Instant::now();
+        s.shutdown().await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= LINGER_TIME - Duration::from_millis(100)
+                && took < LINGER_TIME + Duration::from_secs(2),
+            "{took:?}"
+        );
+        client.abort();
     }
 }
