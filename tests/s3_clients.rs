@@ -162,6 +162,17 @@ async fn rclone_copy_sync_cat_ranges_and_server_side_copy() {
         &env,
     )
     .await;
+    // Server-side copy to another bucket (another key context): re-encrypted by the gateway.
+    run("rclone", &["mkdir", "ep:rclone-other"], &env).await;
+    run(
+        "rclone",
+        &["copyto", &remote, "ep:rclone-other/copied.bin"],
+        &env,
+    )
+    .await;
+    let copied = run("rclone", &["cat", "ep:rclone-other/copied.bin"], &env).await;
+    assert_eq!(copied.as_bytes(), String::from_utf8_lossy(body).as_bytes());
+    assert_stored_encrypted(&proxy, &moto, "rclone-other", "copied.bin", body).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -236,4 +247,35 @@ async fn s3cmd_put_get_ls_cp_del() {
         &[],
     )
     .await;
+    // A copy to another bucket (another key context): re-encrypted by the gateway.
+    let (key, body) = files.iter().max_by_key(|(_, b)| b.len()).expect("files");
+    run("s3cmd", &["-c", c, "mb", "s3://s3cmd-other"], &[]).await;
+    run(
+        "s3cmd",
+        &[
+            "-c",
+            c,
+            "cp",
+            &format!("s3://s3cmd-bucket/{key}"),
+            "s3://s3cmd-other/copied.bin",
+        ],
+        &[],
+    )
+    .await;
+    let out = dir.path().join("copied.bin");
+    run(
+        "s3cmd",
+        &[
+            "-c",
+            c,
+            "get",
+            "--force",
+            "s3://s3cmd-other/copied.bin",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(&std::fs::read(&out).unwrap(), body);
+    assert_stored_encrypted(&proxy, &moto, "s3cmd-other", "copied.bin", body).await;
 }
