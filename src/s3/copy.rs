@@ -141,6 +141,12 @@ impl Ctx<'_> {
                     }
                 }
             }
+            // Copy what was checked: an object replaced since the HEAD fails the copy instead.
+            if !headers.contains_key("x-amz-copy-source-if-match")
+                && let Some(etag) = head.headers().get(header::ETAG)
+            {
+                headers.insert("x-amz-copy-source-if-match", etag.clone());
+            }
         } else if replace {
             return Ok(Self::forward(head));
         }
