@@ -17,8 +17,7 @@ use async_trait::async_trait;
 use envelope_proxy::envelope::token::{self, ParsedToken};
 use envelope_proxy::envelope::{Context, WrappedKey, context::FIELD_KEY, fill_random};
 use envelope_proxy::keys::{
-    BackendError, CacheLimits, DataKey, GeneratedKey, KeyDescription, KeyRef, KeyService,
-    RootKeyProvider,
+    BackendError, CacheLimits, DataKey, KeyDescription, KeyRef, KeyService, RootKeyProvider,
 };
 use envelope_proxy::metrics::Metrics;
 use sha2::{Digest, Sha256};
@@ -58,15 +57,7 @@ impl RootKeyProvider for DemoProvider {
         "demo"
     }
 
-    async fn generate_data_key(
-        &self,
-        key_id: &str,
-        key_context: &Context,
-    ) -> Result<GeneratedKey, BackendError> {
-        let plaintext = DataKey::generate();
-        let wrapped = self.wrap_data_key(key_id, &plaintext, key_context).await?;
-        Ok(GeneratedKey { plaintext, wrapped })
-    }
+    // generate_data_key: the trait's default (a fresh key from the OS CSPRNG, wrapped below).
 
     /// blob = nonce (12) ‖ AES-256-GCM(root key, nonce, aad, data key) (32 + 16).
     async fn wrap_data_key(

@@ -131,6 +131,19 @@ where
     BackendError::Unavailable(format!("KMS: {}", DisplayErrorContext(&e)))
 }
 
+impl AwsKms {
+    /// An EDK from a KMS answer. The key id is the ARN KMS used (when it says): unambiguous in
+    /// the header and the audit log, even for aliases.
+    fn wrapped(&self, asked: &str, used: Option<&str>, blob: Option<&Blob>) -> WrappedKey {
+        WrappedKey {
+            backend: self.name.clone(),
+            key_id: used.unwrap_or(asked).to_string(),
+            key_version: 0,
+            blob: blob.map(|b| b.as_ref().to_vec()).unwrap_or_default(),
+        }
+    }
+}
+
 #[async_trait]
 impl RootKeyProvider for AwsKms {
     fn name(&self) -> &str {
@@ -151,16 +164,7 @@ impl RootKeyProvider for AwsKms {
             .send()
             .await
             .map_err(|e| map_err(key_id, e))?;
-        let wrapped = WrappedKey {
-            backend: self.name.clone(),
-            // The ARN KMS used: unambiguous in the header and the audit log, even for aliases.
-            key_id: out.key_id().unwrap_or(key_id).to_string(),
-            key_version: 0,
-            blob: out
-                .ciphertext_blob()
-                .map(|b| b.as_ref().to_vec())
-                .unwrap_or_default(),
-        };
+        let wrapped = self.wrapped(key_id, out.key_id(), out.ciphertext_blob());
         self.learn(key_id, &wrapped.key_id);
         let plaintext = data_key(out.plaintext)?;
         Ok(GeneratedKey { plaintext, wrapped })
@@ -181,15 +185,7 @@ impl RootKeyProvider for AwsKms {
             .send()
             .await
             .map_err(|e| map_err(key_id, e))?;
-        Ok(WrappedKey {
-            backend: self.name.clone(),
-            key_id: out.key_id().unwrap_or(key_id).to_string(),
-            key_version: 0,
-            blob: out
-                .ciphertext_blob()
-                .map(|b| b.as_ref().to_vec())
-                .unwrap_or_default(),
-        })
+        Ok(self.wrapped(key_id, out.key_id(), out.ciphertext_blob()))
     }
 
     async fn unwrap_data_key(

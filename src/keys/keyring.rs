@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{BackendError, DataKey, GeneratedKey, KeyDescription, RootKeyProvider};
+use super::{BackendError, DataKey, KeyDescription, RootKeyProvider};
 use crate::envelope::{Context, WrappedKey, fill_random};
 
 const FORMAT: &str = "envelope-proxy.keyring.v1";
@@ -475,16 +475,6 @@ impl Keyring {
 impl RootKeyProvider for Keyring {
     fn name(&self) -> &str {
         &self.name
-    }
-
-    async fn generate_data_key(
-        &self,
-        key_id: &str,
-        ctx: &Context,
-    ) -> Result<GeneratedKey, BackendError> {
-        let plaintext = DataKey::generate();
-        let wrapped = self.wrap(key_id, &plaintext, ctx)?;
-        Ok(GeneratedKey { plaintext, wrapped })
     }
 
     async fn wrap_data_key(

@@ -68,7 +68,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{BackendError, DataKey, GeneratedKey, KeyDescription, RootKeyProvider};
+use super::{BackendError, DataKey, KeyDescription, RootKeyProvider};
 use crate::config::{Pkcs11Settings, SecretSource};
 use crate::envelope::{Context, WrappedKey};
 
@@ -267,16 +267,6 @@ impl Pkcs11 {
 impl RootKeyProvider for Pkcs11 {
     fn name(&self) -> &str {
         &self.name
-    }
-
-    async fn generate_data_key(
-        &self,
-        key_id: &str,
-        ctx: &Context,
-    ) -> Result<GeneratedKey, BackendError> {
-        let plaintext = DataKey::generate();
-        let wrapped = self.wrap(key_id, plaintext.expose(), ctx).await?;
-        Ok(GeneratedKey { plaintext, wrapped })
     }
 
     async fn wrap_data_key(

@@ -808,12 +808,7 @@ impl Ctx<'_> {
             Method::GET
         };
         let mut resp = self
-            .send(
-                method.clone(),
-                uri.clone(),
-                headers,
-                crate::pipeline::full_body(Bytes::new()),
-            )
+            .send_empty(method.clone(), uri.clone(), headers)
             .await?;
         if let Some(n) = part
             && !super::multipart::is_multipart(resp.headers())
@@ -825,12 +820,7 @@ impl Ctx<'_> {
             if !head {
                 // Read it with a GET (errors then come with their XML body).
                 resp = self
-                    .send(
-                        Method::GET,
-                        uri.clone(),
-                        base_headers.clone(),
-                        crate::pipeline::full_body(Bytes::new()),
-                    )
+                    .send_empty(Method::GET, uri.clone(), base_headers.clone())
                     .await?;
             }
         }
@@ -1008,12 +998,7 @@ impl Ctx<'_> {
         stored_total: u64,
     ) -> Option<u64> {
         let head = self
-            .send(
-                Method::HEAD,
-                uri.clone(),
-                headers.clone(),
-                crate::pipeline::full_body(Bytes::new()),
-            )
+            .send_empty(Method::HEAD, uri.clone(), headers.clone())
             .await
             .ok()
             .filter(|r| r.status().is_success());

@@ -1186,14 +1186,7 @@ impl Ctx<'_> {
                 q.push_str(&encode_component(m));
             }
             let uri = self.upstream_uri_with_query(Some(&q))?;
-            let resp = self
-                .send(
-                    Method::GET,
-                    uri,
-                    HeaderMap::new(),
-                    crate::pipeline::full_body(Bytes::new()),
-                )
-                .await?;
+            let resp = self.send_empty(Method::GET, uri, HeaderMap::new()).await?;
             if !resp.status().is_success() {
                 return Err(upstream_error(resp).await);
             }
@@ -1295,14 +1288,7 @@ impl Ctx<'_> {
             HeaderValue::from_str(&format!("bytes={}-{}", base, base + HEADER_LEN as u64 - 1))
                 .map_err(internal)?,
         );
-        let resp = self
-            .send(
-                Method::GET,
-                uri.clone(),
-                headers,
-                crate::pipeline::full_body(Bytes::new()),
-            )
-            .await?;
+        let resp = self.send_empty(Method::GET, uri.clone(), headers).await?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {}
             StatusCode::PRECONDITION_FAILED => return Err(changed_while_reading()),
@@ -1428,12 +1414,7 @@ impl Ctx<'_> {
             None => {
                 drop(first_body);
                 let resp = self
-                    .send(
-                        Method::GET,
-                        g.uri.clone(),
-                        follow_up,
-                        crate::pipeline::full_body(Bytes::new()),
-                    )
+                    .send_empty(Method::GET, g.uri.clone(), follow_up)
                     .await?;
                 match resp.status() {
                     StatusCode::OK => {}
@@ -1462,14 +1443,7 @@ impl Ctx<'_> {
                     header::RANGE,
                     HeaderValue::from_str(&format!("bytes={start}-{end}")).map_err(internal)?,
                 );
-                let resp = self
-                    .send(
-                        Method::GET,
-                        g.uri.clone(),
-                        headers,
-                        crate::pipeline::full_body(Bytes::new()),
-                    )
-                    .await?;
+                let resp = self.send_empty(Method::GET, g.uri.clone(), headers).await?;
                 let fetched_start = match resp.status() {
                     StatusCode::PARTIAL_CONTENT => resp
                         .headers()
