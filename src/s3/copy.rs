@@ -21,8 +21,8 @@ use http::{Method, StatusCode};
 use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
 
 use super::gateway::{
-    Ctx, META_ENVELOPE, META_OBJECT_ID, Target, internal, strip_request_headers,
-    unmark_conditionals,
+    Ctx, META_ENVELOPE, META_OBJECT_ID, Target, internal, remove_headers_where,
+    strip_request_headers, unmark_conditionals,
 };
 use super::{etag, multipart};
 use crate::config::template::Source;
@@ -206,23 +206,11 @@ impl Ctx<'_> {
         ] {
             headers.remove(name);
         }
-        let copy_source_headers: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("x-amz-copy-source-"))
-            .cloned()
-            .collect();
-        for k in copy_source_headers {
-            headers.remove(k);
-        }
+        remove_headers_where(&mut headers, |k| {
+            k.as_str().starts_with("x-amz-copy-source-")
+        });
         if !replace {
-            let own: Vec<HeaderName> = headers
-                .keys()
-                .filter(|k| is_object_metadata(k))
-                .cloned()
-                .collect();
-            for k in own {
-                headers.remove(k);
-            }
+            remove_headers_where(&mut headers, is_object_metadata);
             for (k, v) in read.headers.iter().filter(|(k, _)| is_object_metadata(k)) {
                 headers.append(k.clone(), v.clone());
             }

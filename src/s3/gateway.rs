@@ -456,14 +456,7 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap) {
             headers.insert(header::CONTENT_ENCODING, v);
         }
     }
-    let reserved: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(RESERVED_META_PREFIX))
-        .cloned()
-        .collect();
-    for k in reserved {
-        headers.remove(k);
-    }
+    remove_headers_where(headers, |k| k.as_str().starts_with(RESERVED_META_PREFIX));
 }
 
 /// The client's query string without its presigned-URL authentication (SigV4 `X-Amz-*` auth
@@ -492,18 +485,19 @@ pub(super) fn strip_auth_params(query: &str) -> String {
         .join("&")
 }
 
+/// Remove every header whose name `matches`.
+pub(super) fn remove_headers_where(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|k| matches(k)).cloned().collect();
+    for k in names {
+        headers.remove(k);
+    }
+}
+
 /// Upstream response headers the client must not see: checksums of ciphertext, our metadata.
 pub(super) fn clean_response_headers(headers: &mut HeaderMap) {
     crate::pipeline::upstream::strip_hop_by_hop(headers);
     checksum::strip_checksum_headers(headers);
-    let reserved: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(RESERVED_META_PREFIX))
-        .cloned()
-        .collect();
-    for k in reserved {
-        headers.remove(k);
-    }
+    remove_headers_where(headers, |k| k.as_str().starts_with(RESERVED_META_PREFIX));
     if let Some(v) = headers.get(header::ETAG).and_then(|v| v.to_str().ok())
         && let Ok(marked) = HeaderValue::from_str(&etag::mark(v))
     {
