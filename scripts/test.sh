@@ -51,6 +51,10 @@ if [ -f scripts/softhsm-setup.sh ]; then
   bash scripts/softhsm-setup.sh
 fi
 
+echo "==> cargo fmt --check, cargo clippy"
+cargo fmt --all -- --check
+cargo clippy -q --all-targets -- -D warnings
+
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
