@@ -771,3 +771,89 @@ async fn case_variants_of_encrypted_names_are_refused_for_a_case_insensitive_sto
     assert!(r.status.is_success(), "{}", r.text());
     assert!(!js.db_file().contains("123-45-6789"));
 }
+
+/// Disable the route's root key the way `envelope-proxy keys disable` does (through the sealed
+/// file), and wait for the running proxy to pick it up.
+async fn disable_users_key(proxy: &Proxy, http: &Http, id: &str) {
+    use envelope_proxy::keys::keyring::{Keyring, MasterKeySource};
+    let dir = proxy.dir.path();
+    let kr = Keyring::open(
+        "local",
+        &dir.join("keyring.json"),
+        &MasterKeySource::File(dir.join("master.key")),
+    )
+    .unwrap();
+    kr.set_enabled("users", false).unwrap();
+    for _ in 0..40 {
+        let r = http
+            .get(&proxy.url(&format!("/tenants/acme/users/{id}")), &[REGION])
+            .await;
+        if r.status != StatusCode::OK {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the proxy never noticed the disabled key");
+}
+
+#[tokio::test]
+async fn a_disabled_key_fails_the_read_and_never_redacts() {
+    let (js, proxy, http) = setup(r#"on_decrypt_error = "redact""#).await;
+    let doc = sample("k1");
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[REGION], &doc)
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    let stored = http
+        .get(&format!("{}/users/k1", js.url()), &[])
+        .await
+        .json();
+    disable_users_key(&proxy, &http, "k1").await;
+
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/k1"), &[REGION])
+        .await;
+    // Not 200 with `"ssn": null`, which a client's read-modify-write would store for good.
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert_eq!(r.error_code(), "key_disabled");
+    assert!(r.headers.get("x-envelope-redacted").is_none());
+    assert!(!r.text().contains("123-45-6789"));
+    // Lists too.
+    let r = http.get(&proxy.url("/tenants/acme/users"), &[REGION]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+
+    // Storage still holds every token as written.
+    let now = http
+        .get(&format!("{}/users/k1", js.url()), &[])
+        .await
+        .json();
+    assert_eq!(now, stored);
+    assert!(is_token(&now["ssn"]));
+
+    // Audited and counted as what it is, not as tampering.
+    let last = proxy.audit_lines().pop().unwrap();
+    assert_eq!(last["outcome"], "error");
+    assert_eq!(last["reason"], "key_disabled", "{last}");
+    assert!(!proxy.audit_text().contains("decrypt_failed"));
+    assert!(
+        proxy
+            .state()
+            .metrics
+            .backend_errors_of("local", "key_disabled")
+            > 0
+    );
+}
+
+#[tokio::test]
+async fn a_disabled_key_on_an_error_route_is_not_reported_as_tampering() {
+    let (_js, proxy, http) = setup("").await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("k2"))
+        .await;
+    disable_users_key(&proxy, &http, "k2").await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/k2"), &[REGION])
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert_eq!(r.error_code(), "key_disabled");
+    assert!(!proxy.audit_text().contains("decrypt_failed"));
+}

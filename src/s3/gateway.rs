@@ -1094,15 +1094,59 @@ impl Ctx<'_> {
     }
 }
 
+/// A key backend error as S3 answers it for SSE-KMS, with the same statuses the JSON routes
+/// use (src/error.rs): an outage or rejected credentials is `503 ServiceUnavailable` with
+/// `Retry-After` (SDKs retry it), access denied is `403 AccessDenied`, a disabled key is `403
+/// KMS.DisabledException`, a missing key `500 KMS.NotFoundException`. An invalid wrapped key
+/// is the caller's to map (it blames the stored object; see [`decrypt_error`]).
 pub(super) fn backend_error(e: crate::keys::BackendError) -> S3Error {
-    if e.retryable() {
-        S3Error::with_message(
-            S3ErrorCode::ServiceUnavailable,
-            "the key backend is unavailable; retry later",
-        )
-    } else {
-        tracing::warn!(error = %e, "key backend refused");
-        S3Error::with_message(S3ErrorCode::AccessDenied, "the root key cannot be used")
+    use crate::keys::BackendError as B;
+    let custom = |code: &str, status: http::StatusCode, msg: &str| {
+        let mut err =
+            S3Error::with_message(S3ErrorCode::Custom(code.to_owned().into()), msg.to_owned());
+        err.set_status_code(status);
+        err
+    };
+    match &e {
+        B::Unavailable(_) | B::Credentials(_) => {
+            tracing::warn!(error = %e, "key backend unavailable");
+            let mut err = S3Error::with_message(
+                S3ErrorCode::ServiceUnavailable,
+                "the key backend is unavailable; retry later",
+            );
+            let mut h = HeaderMap::new();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            err.set_headers(h);
+            err
+        }
+        B::AccessDenied(_) => {
+            tracing::warn!(error = %e, "key backend refused");
+            S3Error::with_message(
+                S3ErrorCode::AccessDenied,
+                "the proxy is not allowed to use the root key",
+            )
+        }
+        B::KeyDisabled(_) => {
+            tracing::warn!(error = %e, "root key disabled");
+            custom(
+                "KMS.DisabledException",
+                http::StatusCode::FORBIDDEN,
+                "the root key is disabled",
+            )
+        }
+        B::KeyNotFound(_) => {
+            tracing::error!(error = %e, "root key not found");
+            custom(
+                "KMS.NotFoundException",
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "the root key was not found",
+            )
+        }
+        B::InvalidCiphertext => decrypt_error("data key does not unwrap for this context"),
+        B::Refused(_) | B::UnknownBackend(_) => {
+            tracing::error!(error = %e, "key backend refused");
+            S3Error::with_message(S3ErrorCode::InternalError, "the root key cannot be used")
+        }
     }
 }
 
