@@ -52,6 +52,7 @@ struct FileTls {
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     listen: String,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,7 +194,7 @@ struct FileS3Client {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerSettings,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminSettings>,
     pub keyring: KeyringSettings,
     /// Remote root-key backends by name (the keyring is always there as `local`).
     pub backends: Vec<BackendConfig>,
@@ -252,6 +253,15 @@ pub struct KmsSettings {
     pub profile: Option<String>,
     /// A credentials file to read `profile` from instead of ~/.aws/credentials.
     pub credentials_file: Option<PathBuf>,
+}
+
+/// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    /// A bearer token file: `/metrics` and `/readyz`'s details need `Authorization: Bearer`.
+    /// Required when `listen` is not a loopback address.
+    pub token: Option<SecretSource>,
 }
 
 #[derive(Debug, Clone)]
@@ -416,7 +426,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
     let demo: Option<FileDemoStore> = section(&table, "demo_store", &mut errors, false);
 
     let server = server.map(|s| resolve_server(s, &mut errors));
-    let admin = admin.and_then(|a| socket_addr("admin.listen", &a.listen, &mut errors));
+    let admin = admin.and_then(|a| resolve_admin(a, &mut errors));
     let demo_store = demo.and_then(|d| socket_addr("demo_store.listen", &d.listen, &mut errors));
     let keyring = keyring.and_then(|k| resolve_keyring(k, &mut errors));
     let cache = resolve_cache(cache.unwrap_or_default(), &mut errors);
@@ -488,6 +498,24 @@ fn section<T: DeserializeOwned>(
             }
         },
     }
+}
+
+/// The admin endpoints have no other protection than where they listen: anything but a
+/// loopback address needs a bearer token file.
+fn resolve_admin(a: FileAdmin, errors: &mut Vec<String>) -> Option<AdminSettings> {
+    let listen = socket_addr("admin.listen", &a.listen, errors)?;
+    if !listen.ip().is_loopback() && a.token_file.is_none() {
+        errors.push(format!(
+            "admin.listen: {listen} is not a loopback address and the admin endpoints would be \
+             open to the network; bind 127.0.0.1 (or ::1), or set admin.token_file to a bearer \
+             token file (mode 0600)"
+        ));
+        return None;
+    }
+    Some(AdminSettings {
+        listen,
+        token: a.token_file.map(SecretSource::File),
+    })
 }
 
 fn socket_addr(place: &str, s: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {

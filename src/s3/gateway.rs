@@ -28,12 +28,11 @@ use hyper::body::Frame;
 use s3s::auth::{S3Auth, SecretKey};
 use s3s::route::S3Route;
 use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
-use zeroize::Zeroizing;
 
 use super::sign::{UpstreamCredentials, sign_request};
 use super::{checksum, etag, listing, range};
 use crate::config::template::{Lookup, Source};
-use crate::config::{Route, RouteKind, S3RouteConfig, SecretSource};
+use crate::config::{Route, RouteKind, S3RouteConfig};
 use crate::envelope::chunked;
 use crate::envelope::stream::{Opener, Sealer};
 use crate::envelope::{Context, Header, binding};
@@ -93,33 +92,7 @@ impl Gateway {
     }
 }
 
-fn read_secret(source: &SecretSource) -> Result<Zeroizing<String>, String> {
-    match source {
-        SecretSource::Env(var) => std::env::var(var)
-            .map(Zeroizing::new)
-            .map_err(|_| format!("environment variable {var} is not set")),
-        SecretSource::File(path) => {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(format!(
-                        "{}: is accessible by group or others; run `chmod 600 {}`",
-                        path.display(),
-                        path.display()
-                    ));
-                }
-            }
-            std::fs::read_to_string(path)
-                .map(|s| Zeroizing::new(s.trim().to_string()))
-                .map_err(|e| format!("{}: {e}", path.display()))
-        }
-    }
-}
+use crate::secret::read_secret;
 
 /// Virtual-host addressing (`bucket.suffix[:port]`). s3s's `MultiDomain` matches the Host
 /// header with its port, so `bucket.s3.local:9000` would not match `s3.local`; the port is
