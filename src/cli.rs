@@ -95,6 +95,9 @@ enum KeysAction {
     Disable { name: String },
     /// Enable a disabled root key.
     Enable { name: String },
+    /// Knowingly go back to an older keyring (a restored backup): record its generation N as
+    /// the high-water mark. Running proxies keep refusing it until they are restarted.
+    AcceptGeneration { generation: u64 },
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -155,6 +158,16 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Keys { action } => {
             let cfg = load(&cli.config)?;
+            if let KeysAction::AcceptGeneration { generation } = action {
+                // The keyring cannot be opened normally: that is why this command exists.
+                Keyring::accept_generation(&cfg.keyring.path, &cfg.keyring.master_key, generation)
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "{}: generation {generation} accepted; restart running proxies to load it",
+                    cfg.keyring.path.display()
+                );
+                return Ok(());
+            }
             let keyring = open_keyring(&cfg)?;
             match action {
                 KeysAction::List => {
@@ -199,6 +212,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         k.name, k.current_version, k.current_version
                     );
                 }
+                KeysAction::AcceptGeneration { .. } => {}
             }
             Ok(())
         }

@@ -857,3 +857,66 @@ async fn a_disabled_key_on_an_error_route_is_not_reported_as_tampering() {
     assert_eq!(r.error_code(), "key_disabled");
     assert!(!proxy.audit_text().contains("decrypt_failed"));
 }
+
+#[tokio::test]
+async fn a_running_proxy_refuses_a_restored_older_keyring() {
+    let (_js, proxy, http) = setup("").await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("b1"))
+        .await;
+    let path = proxy.dir.path().join("keyring.json");
+    let backup = std::fs::read(&path).unwrap();
+    disable_users_key(&proxy, &http, "b1").await;
+
+    // Someone puts the older sealed file back (no master key needed for that).
+    std::fs::write(&path, &backup).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/b1"), &[REGION])
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::FORBIDDEN,
+        "the disabled key must stay disabled: {}",
+        r.text()
+    );
+    assert_eq!(r.error_code(), "key_disabled");
+    assert!(
+        proxy
+            .state()
+            .metrics
+            .encode()
+            .contains("envelope_proxy_keyring_rollbacks_refused_total 1"),
+        "the refused rollback is counted"
+    );
+
+    // The CLI refuses it too, naming the fix; accepting it on purpose works.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+            .arg("--config")
+            .arg(&proxy.config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["keys", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("keys accept-generation"), "{err}");
+    let generation = err
+        .split("keys accept-generation ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .unwrap()
+        .to_string();
+    assert!(
+        cli(&["keys", "accept-generation", &generation])
+            .status
+            .success()
+    );
+    let out = cli(&["keys", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

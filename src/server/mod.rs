@@ -53,6 +53,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let metrics = Arc::new(Metrics::new());
     let (keyring, backends) = crate::keys::connect_backends(&config).await?;
     check_route_keys(&config, &keyring, &backends).await?;
+    keyring.report_to(metrics.clone());
     keyring.watch(Duration::from_secs(1));
     let keys = KeyService::new(backends, config.cache.clone(), metrics.clone());
     let audit = match &config.audit_path {
