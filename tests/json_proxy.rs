@@ -116,7 +116,7 @@ async fn every_json_type_round_trips_and_storage_holds_only_tokens() {
             .iter()
             .any(|l| l["action"] == "open" && l["outcome"] == "ok")
     );
-    envelope_proxy::audit::verify(&proxy.dir.path().join("audit.log")).unwrap();
+    proxy.verify_audit();
 }
 
 #[tokio::test]

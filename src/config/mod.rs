@@ -79,6 +79,8 @@ struct FileCache {
 #[serde(deny_unknown_fields)]
 struct FileAudit {
     path: PathBuf,
+    key_file: Option<PathBuf>,
+    checkpoint_every: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +202,10 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     pub cache: CacheLimits,
     pub audit_path: Option<PathBuf>,
+    /// The secret the audit chain's key is derived from (default: the keyring master key).
+    pub audit_key: Option<SecretSource>,
+    /// Lines between audit checkpoints (default 1000).
+    pub audit_checkpoint_every: u64,
     pub demo_store: Option<SocketAddr>,
     pub routes: Vec<Route>,
 }
@@ -423,6 +429,9 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
     let keyring: Option<FileKeyring> = section(&table, "keyring", &mut errors, true);
     let cache: Option<FileCache> = section(&table, "cache", &mut errors, false);
     let audit: Option<FileAudit> = section(&table, "audit", &mut errors, false);
+    if audit.as_ref().and_then(|a| a.checkpoint_every) == Some(0) {
+        errors.push("audit.checkpoint_every: must be greater than 0".into());
+    }
     let demo: Option<FileDemoStore> = section(&table, "demo_store", &mut errors, false);
 
     let server = server.map(|s| resolve_server(s, &mut errors));
@@ -469,6 +478,14 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             keyring,
             backends,
             cache,
+            audit_checkpoint_every: audit
+                .as_ref()
+                .and_then(|a| a.checkpoint_every)
+                .unwrap_or(1000),
+            audit_key: audit
+                .as_ref()
+                .and_then(|a| a.key_file.clone())
+                .map(SecretSource::File),
             audit_path: audit.map(|a| a.path),
             demo_store,
             routes,

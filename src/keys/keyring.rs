@@ -269,6 +269,11 @@ impl Keyring {
         let _ = self.metrics.set(metrics);
     }
 
+    /// The audit chain's key, derived from the master key (which it cannot reveal).
+    pub fn audit_key(&self) -> crate::audit::AuditKey {
+        crate::audit::AuditKey::derive(self.master.as_ref())
+    }
+
     /// The keyring's generation as loaded.
     pub fn generation(&self) -> u64 {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner())

@@ -57,7 +57,12 @@ pub async fn start(config: Config) -> Result<Running, String> {
     keyring.watch(Duration::from_secs(1));
     let keys = KeyService::new(backends, config.cache.clone(), metrics.clone());
     let audit = match &config.audit_path {
-        Some(p) => AuditLog::to_file(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
+        Some(p) => AuditLog::to_file(
+            p,
+            crate::audit::key_for(&config, &keyring)?,
+            config.audit_checkpoint_every,
+        )
+        .map_err(|e| format!("audit log: {e}"))?,
         None => AuditLog::to_tracing(),
     };
     let upstream = UpstreamClient::new(&config.server)?;
