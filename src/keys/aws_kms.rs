@@ -253,16 +253,20 @@ impl RootKeyProvider for AwsKms {
     /// kept for the process's life (a re-pointed alias needs a restart, as the data-key cache
     /// does). Errors are the backend's: an outage here fails the request as an outage.
     async fn resolve_key(&self, key_id: &str) -> Result<(), BackendError> {
-        let is_alias = key_id.starts_with("alias/") || key_id.contains(":alias/");
-        let known = self
-            .arns
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(key_id);
-        if is_alias && !known {
+        if !self.resolved(key_id) {
             self.describe_key(key_id).await?;
         }
         Ok(())
+    }
+
+    fn resolved(&self, key_id: &str) -> bool {
+        let is_alias = key_id.starts_with("alias/") || key_id.contains(":alias/");
+        !is_alias
+            || self
+                .arns
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(key_id)
     }
 
     async fn describe_key(&self, key_id: &str) -> Result<KeyDescription, BackendError> {

@@ -225,6 +225,13 @@ pub trait RootKeyProvider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether [`resolve_key`](Self::resolve_key) has nothing left to learn about `key_id`
+    /// (checked first, so a known name costs no call and passes an open circuit breaker).
+    fn resolved(&self, key_id: &str) -> bool {
+        let _ = key_id;
+        true
+    }
+
     /// Whether the backend is reachable, as far as the caller can tell (for `/readyz`).
     fn health(&self) -> resilience::Health {
         resilience::Health::Up
@@ -438,6 +445,7 @@ impl KeyService {
         for k in allowed {
             if header.edks.iter().any(|edk| edk.backend == k.backend)
                 && let Ok(backend) = self.backend(&k.backend)
+                && !backend.resolved(&k.key_id)
                 && let Err(e) = backend.resolve_key(&k.key_id).await
             {
                 self.metrics.backend_error(&k.backend, "resolve", e.kind());

@@ -201,6 +201,10 @@ impl<P: RootKeyProvider> RootKeyProvider for Resilient<P> {
         self.call(|| self.inner.resolve_key(key_id)).await
     }
 
+    fn resolved(&self, key_id: &str) -> bool {
+        self.inner.resolved(key_id)
+    }
+
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.changes()
     }
