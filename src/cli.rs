@@ -79,8 +79,14 @@ enum Command {
         #[arg(long)]
         metadata: PathBuf,
     },
-    /// Check the hash chain of an audit log file.
-    AuditVerify { file: PathBuf },
+    /// Check an audit log: its keyed chain (the audit key comes from --config) and, with
+    /// --checkpoints, that no line named by a checkpoint was cut off the end.
+    AuditVerify {
+        file: PathBuf,
+        /// A copy of the checkpoints (shipped off the host; default: FILE.checkpoints if present).
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,6 +101,9 @@ enum KeysAction {
     Disable { name: String },
     /// Enable a disabled root key.
     Enable { name: String },
+    /// Knowingly go back to an older keyring (a restored backup): record its generation N as
+    /// the high-water mark. Running proxies keep refusing it until they are restarted.
+    AcceptGeneration { generation: u64 },
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -155,6 +164,16 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Keys { action } => {
             let cfg = load(&cli.config)?;
+            if let KeysAction::AcceptGeneration { generation } = action {
+                // The keyring cannot be opened normally: that is why this command exists.
+                Keyring::accept_generation(&cfg.keyring.path, &cfg.keyring.master_key, generation)
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "{}: generation {generation} accepted; restart running proxies to load it",
+                    cfg.keyring.path.display()
+                );
+                return Ok(());
+            }
             let keyring = open_keyring(&cfg)?;
             match action {
                 KeysAction::List => {
@@ -199,6 +218,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         k.name, k.current_version, k.current_version
                     );
                 }
+                KeysAction::AcceptGeneration { .. } => {}
             }
             Ok(())
         }
@@ -244,9 +264,41 @@ async fn run(cli: Cli) -> Result<(), String> {
             eprintln!("decrypted {n} bytes");
             Ok(())
         }
-        Command::AuditVerify { file } => {
-            let n = crate::audit::verify(&file)?;
-            println!("{}: {n} lines, hash chain intact", file.display());
+        Command::AuditVerify { file, checkpoints } => {
+            // The key comes from the configuration; an unkeyed (old) log verifies without it.
+            let key = match load(&cli.config) {
+                Ok(cfg) => Some(crate::audit::key_for(&cfg, &*open_keyring(&cfg)?)?),
+                Err(e) => {
+                    eprintln!("no audit key ({e}); only unkeyed lines can be checked");
+                    None
+                }
+            };
+            let local = crate::audit::checkpoint_path(&file);
+            let checkpoints = checkpoints.or_else(|| local.exists().then_some(local));
+            let r = crate::audit::verify(&file, key.as_ref(), checkpoints.as_deref())?;
+            println!(
+                "{}: {} lines, keyed chain intact (sequence 1..{})",
+                file.display(),
+                r.keyed,
+                r.last_seq
+            );
+            if let Some(cp) = &checkpoints {
+                println!(
+                    "{}: {} checkpoints verified; the log holds every line up to sequence {}",
+                    cp.display(),
+                    r.checkpoints,
+                    r.checkpoint_seq
+                );
+            } else {
+                println!("no checkpoints given: lines cut off the end would not show");
+            }
+            if r.unkeyed > 0 {
+                println!(
+                    "warning: {} unkeyed lines before the keyed chain (written by an older \
+                     version): their SHA-256 chain is intact, but anyone can recompute it",
+                    r.unkeyed
+                );
+            }
             Ok(())
         }
     }

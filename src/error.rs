@@ -23,6 +23,8 @@ pub enum DecryptFailure {
     Message,
     #[error("a context value for this record is missing")]
     MissingContext,
+    /// Not about the value: never redacted, never reported as `decrypt_failed`; it becomes
+    /// [`ProxyError::KeyBackend`].
     #[error("key backend: {0}")]
     Backend(BackendError),
 }
@@ -105,19 +107,35 @@ impl ProxyError {
             UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable", true),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", true),
             UpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "bad_upstream_response", false),
-            // The key is gone or off: nothing to retry. Access denied is the caller's problem.
-            KeyBackend(BackendError::AccessDenied(_)) => {
-                (StatusCode::FORBIDDEN, "key_access_denied", false)
-            }
+            // Only a wrapped key its backend refused as invalid blames the stored data.
             KeyBackend(BackendError::InvalidCiphertext) => {
                 (StatusCode::BAD_GATEWAY, "decrypt_failed", false)
             }
-            KeyBackend(e) if e.retryable() => (
+            // Outage, throttling, expired or unrecognized credentials: retry later (the
+            // credential chain refreshes); the data is fine.
+            KeyBackend(BackendError::Credentials(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "key_backend_credentials",
+                true,
+            ),
+            KeyBackend(BackendError::Unavailable(_)) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "key_backend_unavailable",
                 true,
             ),
-            KeyBackend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "key_unusable", false),
+            // The proxy may not use the key, or the key is off: an operator must act.
+            KeyBackend(BackendError::AccessDenied(_)) => {
+                (StatusCode::FORBIDDEN, "key_access_denied", false)
+            }
+            KeyBackend(BackendError::KeyDisabled(_)) => {
+                (StatusCode::FORBIDDEN, "key_disabled", false)
+            }
+            KeyBackend(BackendError::KeyNotFound(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "key_not_found", false)
+            }
+            KeyBackend(BackendError::Refused(_) | BackendError::UnknownBackend(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "key_unusable", false)
+            }
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", false),
         }
     }
@@ -140,6 +158,12 @@ impl ProxyError {
             ProxyError::Internal(_) => "internal error".into(),
             ProxyError::KeyBackend(e) if e.retryable() => {
                 "the key backend is unavailable; retry later".into()
+            }
+            ProxyError::KeyBackend(BackendError::KeyDisabled(_)) => {
+                "the root key is disabled".into()
+            }
+            ProxyError::KeyBackend(BackendError::AccessDenied(_)) => {
+                "the proxy is not allowed to use the root key".into()
             }
             ProxyError::KeyBackend(_) => "the configured root key cannot be used".into(),
             ProxyError::UpstreamUnavailable(_) => "upstream unavailable".into(),

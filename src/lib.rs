@@ -28,5 +28,6 @@ pub mod keys;
 pub mod metrics;
 pub mod pipeline;
 pub mod s3;
+pub mod secret;
 pub mod server;
 pub mod transform;

@@ -19,6 +19,14 @@ pub struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendErrorLabels {
+    pub backend: String,
+    pub operation: String,
+    /// [`crate::keys::BackendError::kind`]: `unavailable`, `credentials`, `key_disabled`, ...
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
 }
@@ -30,6 +38,8 @@ pub struct Metrics {
     cache_hits: Counter,
     cache_misses: Counter,
     backend_calls: Family<BackendLabels, Counter>,
+    backend_errors: Family<BackendErrorLabels, Counter>,
+    keyring_rollbacks: Counter,
     fields_sealed: Family<RouteLabels, Counter>,
     fields_opened: Family<RouteLabels, Counter>,
     decrypt_failures: Family<RouteLabels, Counter>,
@@ -52,6 +62,8 @@ impl Metrics {
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let backend_calls = Family::<BackendLabels, Counter>::default();
+        let backend_errors = Family::<BackendErrorLabels, Counter>::default();
+        let keyring_rollbacks = Counter::default();
         let fields_sealed = Family::<RouteLabels, Counter>::default();
         let fields_opened = Family::<RouteLabels, Counter>::default();
         let decrypt_failures = Family::<RouteLabels, Counter>::default();
@@ -82,6 +94,16 @@ impl Metrics {
             backend_calls.clone(),
         );
         registry.register(
+            "backend_errors",
+            "Root-key backend errors, by backend, operation and kind",
+            backend_errors.clone(),
+        );
+        registry.register(
+            "keyring_rollbacks_refused",
+            "Keyring reloads refused because the file's generation went backwards",
+            keyring_rollbacks.clone(),
+        );
+        registry.register(
             "fields_sealed",
             "JSON values encrypted",
             fields_sealed.clone(),
@@ -108,6 +130,8 @@ impl Metrics {
             cache_hits,
             cache_misses,
             backend_calls,
+            backend_errors,
+            keyring_rollbacks,
             fields_sealed,
             fields_opened,
             decrypt_failures,
@@ -144,6 +168,36 @@ impl Metrics {
                 operation: operation.to_string(),
             })
             .inc();
+    }
+
+    pub fn backend_error(&self, backend: &str, operation: &str, kind: &str) {
+        self.backend_errors
+            .get_or_create(&BackendErrorLabels {
+                backend: backend.to_string(),
+                operation: operation.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Backend errors of one kind so far (every operation).
+    pub fn backend_errors_of(&self, backend: &str, kind: &str) -> u64 {
+        ["generate", "wrap", "unwrap", "resolve"]
+            .iter()
+            .map(|op| {
+                self.backend_errors
+                    .get_or_create(&BackendErrorLabels {
+                        backend: backend.into(),
+                        operation: (*op).into(),
+                        kind: kind.into(),
+                    })
+                    .get()
+            })
+            .sum()
+    }
+
+    pub fn keyring_rollback_refused(&self) {
+        self.keyring_rollbacks.inc();
     }
 
     /// Calls made to one backend so far (generate, wrap and unwrap).

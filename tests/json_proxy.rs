@@ -116,7 +116,7 @@ async fn every_json_type_round_trips_and_storage_holds_only_tokens() {
             .iter()
             .any(|l| l["action"] == "open" && l["outcome"] == "ok")
     );
-    envelope_proxy::audit::verify(&proxy.dir.path().join("audit.log")).unwrap();
+    proxy.verify_audit();
 }
 
 #[tokio::test]
@@ -770,4 +770,153 @@ async fn case_variants_of_encrypted_names_are_refused_for_a_case_insensitive_sto
         .await;
     assert!(r.status.is_success(), "{}", r.text());
     assert!(!js.db_file().contains("123-45-6789"));
+}
+
+/// Disable the route's root key the way `envelope-proxy keys disable` does (through the sealed
+/// file), and wait for the running proxy to pick it up.
+async fn disable_users_key(proxy: &Proxy, http: &Http, id: &str) {
+    use envelope_proxy::keys::keyring::{Keyring, MasterKeySource};
+    let dir = proxy.dir.path();
+    let kr = Keyring::open(
+        "local",
+        &dir.join("keyring.json"),
+        &MasterKeySource::File(dir.join("master.key")),
+    )
+    .unwrap();
+    kr.set_enabled("users", false).unwrap();
+    for _ in 0..40 {
+        let r = http
+            .get(&proxy.url(&format!("/tenants/acme/users/{id}")), &[REGION])
+            .await;
+        if r.status != StatusCode::OK {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the proxy never noticed the disabled key");
+}
+
+#[tokio::test]
+async fn a_disabled_key_fails_the_read_and_never_redacts() {
+    let (js, proxy, http) = setup(r#"on_decrypt_error = "redact""#).await;
+    let doc = sample("k1");
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[REGION], &doc)
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    let stored = http
+        .get(&format!("{}/users/k1", js.url()), &[])
+        .await
+        .json();
+    disable_users_key(&proxy, &http, "k1").await;
+
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/k1"), &[REGION])
+        .await;
+    // Not 200 with `"ssn": null`, which a client's read-modify-write would store for good.
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert_eq!(r.error_code(), "key_disabled");
+    assert!(r.headers.get("x-envelope-redacted").is_none());
+    assert!(!r.text().contains("123-45-6789"));
+    // Lists too.
+    let r = http.get(&proxy.url("/tenants/acme/users"), &[REGION]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+
+    // Storage still holds every token as written.
+    let now = http
+        .get(&format!("{}/users/k1", js.url()), &[])
+        .await
+        .json();
+    assert_eq!(now, stored);
+    assert!(is_token(&now["ssn"]));
+
+    // Audited and counted as what it is, not as tampering.
+    let last = proxy.audit_lines().pop().unwrap();
+    assert_eq!(last["outcome"], "error");
+    assert_eq!(last["reason"], "key_disabled", "{last}");
+    assert!(!proxy.audit_text().contains("decrypt_failed"));
+    assert!(
+        proxy
+            .state()
+            .metrics
+            .backend_errors_of("local", "key_disabled")
+            > 0
+    );
+}
+
+#[tokio::test]
+async fn a_disabled_key_on_an_error_route_is_not_reported_as_tampering() {
+    let (_js, proxy, http) = setup("").await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("k2"))
+        .await;
+    disable_users_key(&proxy, &http, "k2").await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/k2"), &[REGION])
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert_eq!(r.error_code(), "key_disabled");
+    assert!(!proxy.audit_text().contains("decrypt_failed"));
+}
+
+#[tokio::test]
+async fn a_running_proxy_refuses_a_restored_older_keyring() {
+    let (_js, proxy, http) = setup("").await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("b1"))
+        .await;
+    let path = proxy.dir.path().join("keyring.json");
+    let backup = std::fs::read(&path).unwrap();
+    disable_users_key(&proxy, &http, "b1").await;
+
+    // Someone puts the older sealed file back (no master key needed for that).
+    std::fs::write(&path, &backup).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/b1"), &[REGION])
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::FORBIDDEN,
+        "the disabled key must stay disabled: {}",
+        r.text()
+    );
+    assert_eq!(r.error_code(), "key_disabled");
+    assert!(
+        proxy
+            .state()
+            .metrics
+            .encode()
+            .contains("envelope_proxy_keyring_rollbacks_refused_total 1"),
+        "the refused rollback is counted"
+    );
+
+    // The CLI refuses it too, naming the fix; accepting it on purpose works.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+            .arg("--config")
+            .arg(&proxy.config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["keys", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("keys accept-generation"), "{err}");
+    let generation = err
+        .split("keys accept-generation ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .unwrap()
+        .to_string();
+    assert!(
+        cli(&["keys", "accept-generation", &generation])
+            .status
+            .success()
+    );
+    let out = cli(&["keys", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -421,3 +421,64 @@ async fn write_latency_cold_versus_warm() {
         "one KMS call per cold write"
     );
 }
+
+#[tokio::test]
+async fn an_alias_not_yet_resolved_matches_only_its_own_key() {
+    use envelope_proxy::envelope::Header;
+    use envelope_proxy::keys::{CacheLimits, KeyService};
+    use envelope_proxy::metrics::Metrics;
+    let moto = Moto::start();
+    let users_arn = moto.create_key("alias/users").await;
+    let other_arn = moto.create_key("alias/other").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ctx: Context = [("tenant", "acme")].into_iter().collect();
+    // Sealed by someone else under another key this account can use.
+    let writer = provider(&moto, dir.path()).await;
+    let foreign = writer.generate_data_key("alias/other", &ctx).await.unwrap();
+    assert_eq!(foreign.wrapped.key_id, other_arn);
+    let own = writer.generate_data_key("alias/users", &ctx).await.unwrap();
+
+    // A fresh process whose route names `alias/users`: nothing learned about the alias yet.
+    let fresh = || async {
+        let metrics = Arc::new(Metrics::new());
+        let kms: Arc<dyn RootKeyProvider> = Arc::new(provider(&moto, dir.path()).await);
+        (
+            KeyService::new(vec![kms], CacheLimits::default(), metrics.clone()),
+            metrics,
+        )
+    };
+    let allowed = [KeyRef::parse("kms:alias/users").unwrap()];
+    let (service, metrics) = fresh().await;
+    let e = service
+        .opening_key_for(
+            &Header {
+                edks: vec![foreign.wrapped.clone()],
+            },
+            &ctx,
+            &allowed,
+        )
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, BackendError::InvalidCiphertext), "{e:?}");
+    assert_eq!(
+        metrics.backend_calls_for("kms"),
+        0,
+        "an EDK naming another key is never sent to KMS under this route's key"
+    );
+
+    // Its own EDK opens in a fresh process (the alias is resolved first).
+    let (service, _) = fresh().await;
+    let k = service
+        .opening_key_for(
+            &Header {
+                edks: vec![foreign.wrapped.clone(), own.wrapped.clone()],
+            },
+            &ctx,
+            &allowed,
+        )
+        .await
+        .unwrap();
+    assert_eq!(k.expose(), own.plaintext.expose());
+    assert_eq!(own.wrapped.key_id, users_arn);
+}

@@ -676,3 +676,38 @@ fn group_or_world_readable_pin_file_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn a_logged_out_or_reset_token_is_an_outage_never_invalid() {
+    softhsm_test(
+        "a_logged_out_or_reset_token_is_an_outage_never_invalid",
+        |hsm| async move {
+            hsm.create_root_key("root1", true, true);
+            let p = hsm.connect(1);
+            let g = p.generate_data_key("root1", &ctx("acme")).await.unwrap();
+            // Another part of the application logs out: login state is per application, so
+            // the backend's pooled session drops to the public state and finds no private key.
+            let other = hsm.ctx().open_ro_session(hsm.slot()).unwrap();
+            other.logout().unwrap();
+            let e = p
+                .unwrap_data_key(&g.wrapped, &ctx("acme"))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, BackendError::Unavailable(_)) && e.retryable(),
+                "a lost login is an outage, not a missing key or a bad blob: {e:?}"
+            );
+            // The broken session was discarded: the next call logs in again and opens it.
+            let k = p.unwrap_data_key(&g.wrapped, &ctx("acme")).await.unwrap();
+            assert_eq!(k.expose(), g.plaintext.expose());
+
+            // A finalized library (device reset): also an outage.
+            hsm.reset();
+            let e = p
+                .unwrap_data_key(&g.wrapped, &ctx("acme"))
+                .await
+                .unwrap_err();
+            assert!(!e.proves_invalid() && e.retryable(), "{e:?}");
+        },
+    );
+}

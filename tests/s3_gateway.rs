@@ -151,7 +151,7 @@ async fn boto3_round_trips_ranges_listings_copies_and_tampering() {
     check_offline_decrypt(&proxy, "suite-checksums");
     // The audit log names the key for each object written and read, and never the data.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    envelope_proxy::audit::verify(&proxy.dir.path().join("audit.log")).unwrap();
+    proxy.verify_audit();
 }
 
 #[tokio::test(flavor = "multi_thread")]

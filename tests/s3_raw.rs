@@ -339,3 +339,44 @@ async fn copies_stay_within_their_route_and_never_copy_plaintext() {
     assert_eq!(r.status, 403, "{}", r.text());
     assert_eq!(raw_get(&moto, "fin-docs", "legacy-copy.txt").await.0, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disabled_root_key_is_answered_as_s3_answers_sse_kms_not_as_a_bad_object() {
+    use envelope_proxy::keys::keyring::{Keyring, MasterKeySource};
+    let (moto, _dir, proxy) = setup("").await;
+    let url = format!("http://{}/raw-bucket/k.txt", proxy.addr);
+    let r = signed(http::Method::PUT, &url, None, Bytes::from_static(b"hello")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let stored = raw_get(&moto, "raw-bucket", "k.txt").await;
+
+    let d = proxy.dir.path();
+    Keyring::open(
+        "local",
+        &d.join("keyring.json"),
+        &MasterKeySource::File(d.join("master.key")),
+    )
+    .unwrap()
+    .set_enabled("objects", false)
+    .unwrap();
+    let mut r = signed(http::Method::GET, &url, None, Bytes::new()).await;
+    for _ in 0..40 {
+        if r.status != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        r = signed(http::Method::GET, &url, None, Bytes::new()).await;
+    }
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(
+        r.text().contains("<Code>KMS.DisabledException</Code>"),
+        "{}",
+        r.text()
+    );
+    assert!(!r.text().contains("hello"));
+    // Nothing changed in storage.
+    assert_eq!(raw_get(&moto, "raw-bucket", "k.txt").await, stored);
+    // Writes say the same.
+    let r = signed(http::Method::PUT, &url, None, Bytes::from_static(b"again")).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("KMS.DisabledException"), "{}", r.text());
+}

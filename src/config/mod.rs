@@ -52,6 +52,7 @@ struct FileTls {
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     listen: String,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +79,8 @@ struct FileCache {
 #[serde(deny_unknown_fields)]
 struct FileAudit {
     path: PathBuf,
+    key_file: Option<PathBuf>,
+    checkpoint_every: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,12 +196,16 @@ struct FileS3Client {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerSettings,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminSettings>,
     pub keyring: KeyringSettings,
     /// Remote root-key backends by name (the keyring is always there as `local`).
     pub backends: Vec<BackendConfig>,
     pub cache: CacheLimits,
     pub audit_path: Option<PathBuf>,
+    /// The secret the audit chain's key is derived from (default: the keyring master key).
+    pub audit_key: Option<SecretSource>,
+    /// Lines between audit checkpoints (default 1000).
+    pub audit_checkpoint_every: u64,
     pub demo_store: Option<SocketAddr>,
     pub routes: Vec<Route>,
 }
@@ -252,6 +259,15 @@ pub struct KmsSettings {
     pub profile: Option<String>,
     /// A credentials file to read `profile` from instead of ~/.aws/credentials.
     pub credentials_file: Option<PathBuf>,
+}
+
+/// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    /// A bearer token file: `/metrics` and `/readyz`'s details need `Authorization: Bearer`.
+    /// Required when `listen` is not a loopback address.
+    pub token: Option<SecretSource>,
 }
 
 #[derive(Debug, Clone)]
@@ -413,10 +429,13 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
     let keyring: Option<FileKeyring> = section(&table, "keyring", &mut errors, true);
     let cache: Option<FileCache> = section(&table, "cache", &mut errors, false);
     let audit: Option<FileAudit> = section(&table, "audit", &mut errors, false);
+    if audit.as_ref().and_then(|a| a.checkpoint_every) == Some(0) {
+        errors.push("audit.checkpoint_every: must be greater than 0".into());
+    }
     let demo: Option<FileDemoStore> = section(&table, "demo_store", &mut errors, false);
 
     let server = server.map(|s| resolve_server(s, &mut errors));
-    let admin = admin.and_then(|a| socket_addr("admin.listen", &a.listen, &mut errors));
+    let admin = admin.and_then(|a| resolve_admin(a, &mut errors));
     let demo_store = demo.and_then(|d| socket_addr("demo_store.listen", &d.listen, &mut errors));
     let keyring = keyring.and_then(|k| resolve_keyring(k, &mut errors));
     let cache = resolve_cache(cache.unwrap_or_default(), &mut errors);
@@ -459,6 +478,14 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             keyring,
             backends,
             cache,
+            audit_checkpoint_every: audit
+                .as_ref()
+                .and_then(|a| a.checkpoint_every)
+                .unwrap_or(1000),
+            audit_key: audit
+                .as_ref()
+                .and_then(|a| a.key_file.clone())
+                .map(SecretSource::File),
             audit_path: audit.map(|a| a.path),
             demo_store,
             routes,
@@ -488,6 +515,24 @@ fn section<T: DeserializeOwned>(
             }
         },
     }
+}
+
+/// The admin endpoints have no other protection than where they listen: anything but a
+/// loopback address needs a bearer token file.
+fn resolve_admin(a: FileAdmin, errors: &mut Vec<String>) -> Option<AdminSettings> {
+    let listen = socket_addr("admin.listen", &a.listen, errors)?;
+    if !listen.ip().is_loopback() && a.token_file.is_none() {
+        errors.push(format!(
+            "admin.listen: {listen} is not a loopback address and the admin endpoints would be \
+             open to the network; bind 127.0.0.1 (or ::1), or set admin.token_file to a bearer \
+             token file (mode 0600)"
+        ));
+        return None;
+    }
+    Some(AdminSettings {
+        listen,
+        token: a.token_file.map(SecretSource::File),
+    })
 }
 
 fn socket_addr(place: &str, s: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {

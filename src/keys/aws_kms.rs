@@ -102,33 +102,59 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,
 {
-    if let SdkError::ServiceError(se) = &e {
-        match se.err().code() {
-            Some("NotFoundException") => return BackendError::KeyNotFound(key_id.to_string()),
-            Some("DisabledException") | Some("KMSInvalidStateException") => {
-                return BackendError::KeyDisabled(key_id.to_string());
-            }
-            // Bad or missing credentials are configuration, not an outage: no retry.
-            Some("AccessDeniedException")
-            | Some("UnrecognizedClientException")
-            | Some("InvalidSignatureException")
-            | Some("ExpiredTokenException") => {
-                return BackendError::AccessDenied(key_id.to_string());
-            }
-            // A key id or ARN KMS will not parse comes from a stored EDK (or a typo): the
-            // ciphertext is at fault, and retrying cannot help.
-            Some("InvalidCiphertextException")
-            | Some("IncorrectKeyException")
-            | Some("InvalidKeyUsageException")
-            | Some("ValidationException")
-            | Some("InvalidArnException") => {
-                return BackendError::InvalidCiphertext;
-            }
-            _ => {}
-        }
+    let code = match &e {
+        SdkError::ServiceError(se) => se.err().code(),
+        _ => None,
+    };
+    classify(key_id, code, || format!("KMS: {}", DisplayErrorContext(&e)))
+}
+
+/// What a KMS error code means for the proxy. Every code KMS documents for GenerateDataKey,
+/// Encrypt, Decrypt and DescribeKey, plus the common AWS errors, is named here; anything else
+/// (network failures, timeouts, codes added later) is an outage, never bad data.
+///
+/// Only `InvalidCiphertextException` and `IncorrectKeyException` blame the ciphertext: KMS
+/// authenticated the request, found the key usable and refused the blob (tampered, another
+/// encryption context, or made under another key).
+pub(crate) fn classify(
+    key_id: &str,
+    code: Option<&str>,
+    detail: impl FnOnce() -> String,
+) -> BackendError {
+    let key = || key_id.to_string();
+    match code.unwrap_or("") {
+        "InvalidCiphertextException" | "IncorrectKeyException" => BackendError::InvalidCiphertext,
+        // Disabled, pending deletion, pending import, unavailable custom key store state.
+        "DisabledException" | "KMSInvalidStateException" => BackendError::KeyDisabled(key()),
+        // An asymmetric or HMAC key configured for envelope encryption.
+        "InvalidKeyUsageException" => BackendError::KeyDisabled(key()),
+        "NotFoundException" => BackendError::KeyNotFound(key()),
+        "AccessDeniedException"
+        | "AccessDenied"
+        | "InvalidGrantTokenException"
+        | "InvalidGrantIdException" => BackendError::AccessDenied(key()),
+        // The proxy's credentials, not the data: the chain refreshes expired tokens, so retry.
+        "ExpiredTokenException"
+        | "ExpiredToken"
+        | "UnrecognizedClientException"
+        | "InvalidClientTokenId"
+        | "InvalidSignatureException"
+        | "SignatureDoesNotMatch"
+        | "IncompleteSignature"
+        | "MissingAuthenticationToken"
+        | "MissingAuthenticationTokenException"
+        | "RequestExpired" => BackendError::Credentials(detail()),
+        // A request KMS will not take that a retry cannot fix: a key id it will not parse
+        // (configuration), a parameter out of range, a dry run.
+        "ValidationException"
+        | "InvalidArnException"
+        | "DryRunOperationException"
+        | "UnsupportedOperationException"
+        | "CustomKeyStoreInvalidStateException" => BackendError::Refused(detail()),
+        // Throttling, KMS internal errors, dependency timeouts, key unavailable (CloudHSM,
+        // external key stores), network failures, unknown codes: worth a retry.
+        _ => BackendError::Unavailable(detail()),
     }
-    // Throttling, internal errors, dependency timeouts, network failures: worth a retry.
-    BackendError::Unavailable(format!("KMS: {}", DisplayErrorContext(&e)))
 }
 
 impl AwsKms {
@@ -208,22 +234,39 @@ impl RootKeyProvider for AwsKms {
         data_key(out.plaintext)
     }
 
-    /// A key has several names in KMS (alias, key id, ARN); EDKs record the ARN. An alias whose
-    /// ARN this process has not seen yet (startup looks every route key up) is accepted and left
-    /// to KMS, which decrypts only with the key that made the ciphertext.
+    /// A key has several names in KMS (alias, key id, ARN); EDKs record the ARN. An alias is
+    /// compared by the ARN KMS reported for it ([`resolve_key`](RootKeyProvider::resolve_key)
+    /// learns it before any EDK is matched); while it is unknown, no EDK matches (an EDK
+    /// naming another key is never sent to KMS under this route's name).
     fn same_key(&self, configured: &str, wrapped_key_id: &str) -> bool {
         if configured == wrapped_key_id || wrapped_key_id.ends_with(&format!(":key/{configured}")) {
             return true;
         }
-        match self
-            .arns
+        self.arns
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(configured)
-        {
-            Some(arn) => arn == wrapped_key_id,
-            None => configured.starts_with("alias/"),
+            .is_some_and(|arn| arn == wrapped_key_id)
+    }
+
+    /// An alias (`alias/x` or an alias ARN) is looked up once with DescribeKey; its ARN is
+    /// kept for the process's life (a re-pointed alias needs a restart, as the data-key cache
+    /// does). Errors are the backend's: an outage here fails the request as an outage.
+    async fn resolve_key(&self, key_id: &str) -> Result<(), BackendError> {
+        if !self.resolved(key_id) {
+            self.describe_key(key_id).await?;
         }
+        Ok(())
+    }
+
+    fn resolved(&self, key_id: &str) -> bool {
+        let is_alias = key_id.starts_with("alias/") || key_id.contains(":alias/");
+        !is_alias
+            || self
+                .arns
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(key_id)
     }
 
     async fn describe_key(&self, key_id: &str) -> Result<KeyDescription, BackendError> {
@@ -245,5 +288,93 @@ impl RootKeyProvider for AwsKms {
             enabled: meta.enabled(),
             current_version: 0,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_kms::error::ErrorMetadata;
+    use aws_sdk_kms::operation::decrypt::DecryptError;
+    use aws_smithy_runtime_api::http::{Response, StatusCode};
+    use aws_smithy_types::body::SdkBody;
+
+    /// A KMS service error with `code`, as the SDK hands it over.
+    fn service_error(code: &str) -> SdkError<DecryptError, Response> {
+        let err = DecryptError::generic(ErrorMetadata::builder().code(code).message("m").build());
+        let raw = Response::new(StatusCode::try_from(400).unwrap(), SdkBody::empty());
+        SdkError::service_error(err, raw)
+    }
+
+    fn kind(code: &str) -> &'static str {
+        map_err("arn:aws:kms:eu-west-1:1:key/k", service_error(code)).kind()
+    }
+
+    #[test]
+    fn only_ciphertext_errors_blame_the_ciphertext() {
+        assert_eq!(kind("InvalidCiphertextException"), "invalid_ciphertext");
+        assert_eq!(kind("IncorrectKeyException"), "invalid_ciphertext");
+        for code in [
+            "ExpiredTokenException",
+            "UnrecognizedClientException",
+            "InvalidSignatureException",
+            "AccessDeniedException",
+            "KMSInvalidStateException",
+            "DisabledException",
+            "NotFoundException",
+            "InvalidKeyUsageException",
+            "ValidationException",
+            "InvalidArnException",
+            "ThrottlingException",
+            "LimitExceededException",
+            "KMSInternalException",
+            "DependencyTimeoutException",
+            "KeyUnavailableException",
+            "SomethingNewException",
+        ] {
+            let e = map_err("k", service_error(code));
+            assert!(
+                !e.proves_invalid(),
+                "{code} must not prove the ciphertext bad: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn expired_or_unknown_credentials_are_retryable() {
+        for code in ["ExpiredTokenException", "UnrecognizedClientException"] {
+            let e = map_err("k", service_error(code));
+            assert!(matches!(e, BackendError::Credentials(_)), "{code}: {e:?}");
+            assert!(e.retryable(), "{code}");
+        }
+    }
+
+    #[test]
+    fn key_states_and_policy_are_named() {
+        assert_eq!(kind("AccessDeniedException"), "access_denied");
+        assert_eq!(kind("DisabledException"), "key_disabled");
+        assert_eq!(kind("KMSInvalidStateException"), "key_disabled");
+        assert_eq!(kind("NotFoundException"), "key_not_found");
+        assert_eq!(kind("ValidationException"), "refused");
+        for code in [
+            "ThrottlingException",
+            "KMSInternalException",
+            "DependencyTimeoutException",
+            "KeyUnavailableException",
+        ] {
+            assert_eq!(kind(code), "unavailable", "{code}");
+            assert!(map_err("k", service_error(code)).retryable(), "{code}");
+        }
+    }
+
+    #[test]
+    fn transport_failures_are_outages() {
+        let e: SdkError<DecryptError, Response> =
+            SdkError::timeout_error("deadline passed".to_string());
+        let e = map_err("k", e);
+        assert!(
+            matches!(e, BackendError::Unavailable(_)) && e.retryable(),
+            "{e:?}"
+        );
     }
 }

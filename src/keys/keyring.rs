@@ -15,6 +15,26 @@
 //! Files are written atomically (temp file, fsync, rename, fsync of the directory) under an
 //! advisory lock, and refused when group- or world-accessible. A running proxy polls the file
 //! and picks up `keys create` / `keys rotate` from the CLI within a second.
+//!
+//! Rollback protection: the sealed document carries a `generation`, raised by every write (a
+//! keyring written before generations existed reads as generation 0 and is upgraded by its next
+//! write). Nobody without the master key can change it. Next to the keyring, `PATH.generation`
+//! holds the highest generation seen, MACed under a key derived from the master key so it
+//! cannot be rewritten to a lower number:
+//!
+//! ```text
+//! PATH.generation = {"format": "envelope-proxy.keyring-generation.v1", "generation": N,
+//!                    "mac": hex(HMAC-SHA-256(HMAC-SHA-256(master key, LABEL), LABEL ‖ u64be(N)))}
+//! ```
+//!
+//! Opening (CLI or proxy) a keyring whose generation is below that mark is refused with an
+//! error naming the fix (`keys accept-generation N` to go back to a backup on purpose). A
+//! running proxy also keeps the highest generation it has loaded in memory: a reload to a lower
+//! generation is refused (the keys in memory stay), logged as an error and counted
+//! (`envelope_proxy_keyring_rollbacks_refused`). What this does not stop: someone who can
+//! replace both files with older copies (or delete the mark) and restart the proxy. The mark
+//! defends against restoring the keyring file alone; keep backups of the mark with the
+//! keyring's and treat write access to the directory as access to the keys' states.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -38,6 +58,53 @@ use crate::envelope::{Context, WrappedKey, fill_random};
 const FORMAT: &str = "envelope-proxy.keyring.v1";
 const WRAP_LABEL: &[u8] = b"envelope-proxy.local-wrap.v1";
 const BLOB_LEN: usize = 12 + 32 + 16;
+const MARK_FORMAT: &str = "envelope-proxy.keyring-generation.v1";
+const KEYRING_NAME: &str = "local";
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkDoc {
+    format: String,
+    generation: u64,
+    mac: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn mark_path(keyring: &Path) -> PathBuf {
+    let mut p = keyring.as_os_str().to_owned();
+    p.push(".generation");
+    PathBuf::from(p)
+}
+
+/// HMAC-SHA-256 of the mark under a key derived from the master key (never the master key
+/// itself): `HMAC(HMAC(master, LABEL), LABEL ‖ u64be(generation))`.
+fn mark_hmac(master: &[u8; 32], generation: u64) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::{KeyInit, Mac};
+    let mut derive = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(master)
+        .expect("HMAC takes any key length");
+    derive.update(MARK_FORMAT.as_bytes());
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&derive.finalize().into_bytes());
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key.as_ref())
+        .expect("HMAC takes any key length");
+    mac.update(MARK_FORMAT.as_bytes());
+    mac.update(&generation.to_be_bytes());
+    mac
+}
+
+fn mark_mac_into(master: &[u8; 32], generation: u64, out: &mut [u8; 32]) {
+    use hmac::Mac;
+    out.copy_from_slice(&mark_hmac(master, generation).finalize().into_bytes());
+}
+
+/// Whether `given` is the mark's MAC (constant time).
+fn mark_mac(master: &[u8; 32], generation: u64, given: Option<&[u8]>) -> bool {
+    use hmac::Mac;
+    given.is_some_and(|g| mark_hmac(master, generation).verify_slice(g).is_ok())
+}
 
 /// Where the master key comes from.
 #[derive(Debug, Clone)]
@@ -58,6 +125,19 @@ pub enum KeyringError {
     NotFound(String),
     #[error("root key {0} already exists")]
     Exists(String),
+    /// The keyring file is older than one already seen: a backup was restored over it.
+    #[error(
+        "{path}: keyring generation {found} is older than generation {seen} already seen ({mark}): \
+         an older copy of the keyring was restored, which would re-enable disabled keys or undo \
+         rotations. Restore the newest keyring; to go back to this copy on purpose, run \
+         `envelope-proxy keys accept-generation {found}` and restart the proxies"
+    )]
+    Rollback {
+        path: PathBuf,
+        mark: String,
+        found: u64,
+        seen: u64,
+    },
 }
 
 fn file_err(path: &Path, message: impl Into<String>) -> KeyringError {
@@ -99,6 +179,9 @@ pub struct KeySummary {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InnerDoc {
+    /// Raised by every write; absent (0) in keyrings written before rollback protection.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    generation: u64,
     keys: BTreeMap<String, InnerKey>,
 }
 
@@ -139,6 +222,10 @@ pub struct Keyring {
     keys: RwLock<BTreeMap<String, RootKey>>,
     stamp: std::sync::Mutex<Option<(SystemTime, u64)>>,
     changes: watch::Sender<u64>,
+    /// The highest generation this process has loaded (never goes down).
+    seen: std::sync::Mutex<u64>,
+    /// Where refused rollbacks are counted (set by the server).
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl Keyring {
@@ -158,6 +245,8 @@ impl Keyring {
             keys: RwLock::new(BTreeMap::new()),
             stamp: std::sync::Mutex::new(None),
             changes: watch::channel(0).0,
+            seen: std::sync::Mutex::new(0),
+            metrics: std::sync::OnceLock::new(),
         };
         if fresh {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -165,7 +254,9 @@ impl Keyring {
             }
             let _lock = keyring.lock()?;
             if !path.exists() {
-                keyring.write(&BTreeMap::new())?;
+                let generation = keyring.high_water()? + 1;
+                keyring.write(&BTreeMap::new(), generation)?;
+                keyring.write_high_water(generation)?;
                 tracing::warn!(path = %path.display(), "created a new, empty keyring");
             }
         }
@@ -173,13 +264,38 @@ impl Keyring {
         Ok(Arc::new(keyring))
     }
 
-    /// Re-read the file if it changed on disk; tell the cache when it did.
+    /// Count refused rollbacks in `metrics`.
+    pub fn report_to(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// The audit chain's key, derived from the master key (which it cannot reveal).
+    pub fn audit_key(&self) -> crate::audit::AuditKey {
+        crate::audit::AuditKey::derive(self.master.as_ref())
+    }
+
+    /// The keyring's generation as loaded.
+    pub fn generation(&self) -> u64 {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-read the file if it changed on disk; tell the cache when it did. A file older than
+    /// what was loaded before is refused (the keys in memory stay) and not re-read until it
+    /// changes again.
     pub fn reload_if_changed(&self) -> Result<bool, KeyringError> {
         let stamp = file_stamp(&self.path)?;
         if *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) == Some(stamp) {
             return Ok(false);
         }
-        self.reload()?;
+        if let Err(e) = self.reload() {
+            if matches!(e, KeyringError::Rollback { .. }) {
+                *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp);
+                if let Some(m) = self.metrics.get() {
+                    m.keyring_rollback_refused();
+                }
+            }
+            return Err(e);
+        }
         self.changes.send_modify(|n| *n += 1);
         Ok(true)
     }
@@ -195,6 +311,9 @@ impl Keyring {
                 match k.reload_if_changed() {
                     Ok(true) => tracing::info!(path = %k.path.display(), "keyring reloaded"),
                     Ok(false) => {}
+                    Err(e @ KeyringError::Rollback { .. }) => {
+                        tracing::error!(error = %e, "keyring rollback refused; keeping the keys in memory")
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "keyring reload failed; keeping the keys in memory")
                     }
@@ -205,10 +324,100 @@ impl Keyring {
 
     fn reload(&self) -> Result<(), KeyringError> {
         let stamp = file_stamp(&self.path)?;
-        let keys = self.read()?;
+        let (keys, generation) = self.read()?;
+        let high_water = self.high_water()?;
+        let seen = self.generation().max(high_water);
+        if generation < seen {
+            return Err(KeyringError::Rollback {
+                path: self.path.clone(),
+                mark: if high_water == seen {
+                    self.mark_path().display().to_string()
+                } else {
+                    "in this process's memory".into()
+                },
+                found: generation,
+                seen,
+            });
+        }
+        if generation > high_water
+            && let Err(e) = self.write_high_water(generation)
+        {
+            // A read-only keyring (a mounted Secret): memory still protects this process.
+            tracing::warn!(error = %e, "cannot record the keyring generation; rollback protection is in memory only");
+        }
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
         *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp);
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = generation;
         Ok(())
+    }
+
+    /// `PATH.generation`: the highest generation recorded next to the keyring.
+    fn mark_path(&self) -> PathBuf {
+        mark_path(&self.path)
+    }
+
+    /// The recorded high-water mark (0 when there is none yet). A mark whose MAC does not
+    /// verify under this master key is an error, never ignored.
+    fn high_water(&self) -> Result<u64, KeyringError> {
+        let path = self.mark_path();
+        let raw = match fs::read(&path) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(file_err(&path, e.to_string())),
+        };
+        let doc: MarkDoc = serde_json::from_slice(&raw)
+            .map_err(|_| file_err(&path, "is not a keyring generation mark (malformed JSON)"))?;
+        let mac = hex::decode(&doc.mac).unwrap_or_default();
+        if doc.format != MARK_FORMAT || !mark_mac(&self.master, doc.generation, Some(&mac)) {
+            return Err(file_err(
+                &path,
+                "the keyring generation mark does not verify under this master key (modified, \
+                 or from another keyring); restore it, or run `envelope-proxy keys \
+                 accept-generation N` with the keyring's generation",
+            ));
+        }
+        Ok(doc.generation)
+    }
+
+    fn write_high_water(&self, generation: u64) -> Result<(), KeyringError> {
+        let mut mac = [0u8; 32];
+        mark_mac_into(&self.master, generation, &mut mac);
+        let doc = MarkDoc {
+            format: MARK_FORMAT.into(),
+            generation,
+            mac: hex::encode(mac),
+        };
+        let json =
+            serde_json::to_vec_pretty(&doc).map_err(|e| KeyringError::Invalid(e.to_string()))?;
+        write_atomically(&self.mark_path(), &json)
+    }
+
+    /// Knowingly go back to the keyring file as it is (a restored backup): set the mark to its
+    /// generation, which must be `expected`. Running proxies keep refusing it until restarted.
+    pub fn accept_generation(
+        path: &Path,
+        master: &MasterKeySource,
+        expected: u64,
+    ) -> Result<(), KeyringError> {
+        let keyring = Keyring {
+            name: KEYRING_NAME.into(),
+            path: path.to_path_buf(),
+            master: load_master_key(master, false)?,
+            keys: RwLock::new(BTreeMap::new()),
+            stamp: std::sync::Mutex::new(None),
+            changes: watch::channel(0).0,
+            seen: std::sync::Mutex::new(0),
+            metrics: std::sync::OnceLock::new(),
+        };
+        let _lock = keyring.lock()?;
+        let (_, generation) = keyring.read()?;
+        if generation != expected {
+            return Err(KeyringError::Invalid(format!(
+                "{}: the keyring is generation {generation}, not {expected}",
+                path.display()
+            )));
+        }
+        keyring.write_high_water(generation)
     }
 
     pub fn list(&self) -> Vec<KeySummary> {
@@ -276,9 +485,13 @@ impl Keyring {
         change: impl FnOnce(&mut BTreeMap<String, RootKey>) -> Result<(), KeyringError>,
     ) -> Result<KeySummary, KeyringError> {
         let _lock = self.lock()?;
-        let mut keys = self.read()?;
+        // Refuses a rolled-back file before changing anything.
+        self.reload()?;
+        let (mut keys, generation) = self.read()?;
         change(&mut keys)?;
-        self.write(&keys)?;
+        let next = generation.max(self.generation()).max(self.high_water()?) + 1;
+        self.write(&keys, next)?;
+        self.write_high_water(next)?;
         self.reload()?;
         self.changes.send_modify(|n| *n += 1);
         self.list()
@@ -299,7 +512,7 @@ impl Keyring {
         Ok(f)
     }
 
-    fn read(&self) -> Result<BTreeMap<String, RootKey>, KeyringError> {
+    fn read(&self) -> Result<(BTreeMap<String, RootKey>, u64), KeyringError> {
         let path = &self.path;
         check_private(path)?;
         let raw = fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
@@ -339,6 +552,7 @@ impl Keyring {
             })?;
         let inner: InnerDoc = serde_json::from_slice(body)
             .map_err(|_| file_err(path, "sealed keyring content is malformed"))?;
+        let generation = inner.generation;
         let mut keys = BTreeMap::new();
         for (name, k) in inner.keys {
             let mut versions = BTreeMap::new();
@@ -372,11 +586,12 @@ impl Keyring {
                 },
             );
         }
-        Ok(keys)
+        Ok((keys, generation))
     }
 
-    fn write(&self, keys: &BTreeMap<String, RootKey>) -> Result<(), KeyringError> {
+    fn write(&self, keys: &BTreeMap<String, RootKey>, generation: u64) -> Result<(), KeyringError> {
         let inner = InnerDoc {
+            generation,
             keys: keys
                 .iter()
                 .map(|(name, k)| {
@@ -793,6 +1008,70 @@ mod tests {
         .unwrap()
         .to_string();
         assert!(err.contains("malformed"), "{err}");
+    }
+
+    #[test]
+    fn restoring_an_older_keyring_is_refused_until_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let master = MasterKeySource::File(dir.path().join("master.key"));
+        let kr = open_tmp(dir.path());
+        kr.create_key("k").unwrap();
+        let backup = fs::read(&path).unwrap();
+        let old = kr.generation();
+        kr.set_enabled("k", false).unwrap();
+        assert!(kr.generation() > old);
+
+        // The backup goes back over the file: the running keyring refuses it and keeps the key
+        // disabled; a fresh open (CLI, restarted proxy) refuses it, naming the fix.
+        fs::write(&path, &backup).unwrap();
+        let e = kr.reload_if_changed().unwrap_err();
+        assert!(matches!(e, KeyringError::Rollback { .. }), "{e}");
+        assert!(!kr.list()[0].enabled, "the disabled key stays disabled");
+        assert!(
+            !kr.reload_if_changed().unwrap(),
+            "refused once, not re-read every second"
+        );
+        let e = Keyring::open("local", &path, &master)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(&format!("keys accept-generation {old}")), "{e}");
+
+        // A mark rewritten to a lower number without the master key does not verify.
+        let mark = mark_path(&path);
+        let mut doc: serde_json::Value = serde_json::from_slice(&fs::read(&mark).unwrap()).unwrap();
+        doc["generation"] = old.into();
+        fs::write(&mark, serde_json::to_vec(&doc).unwrap()).unwrap();
+        let e = Keyring::open("local", &path, &master)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("does not verify"), "{e}");
+
+        // Knowingly accepting the backup (with the master key) opens it again.
+        assert!(Keyring::accept_generation(&path, &master, old + 5).is_err());
+        Keyring::accept_generation(&path, &master, old).unwrap();
+        let restored = Keyring::open("local", &path, &master).unwrap();
+        assert!(restored.list()[0].enabled);
+        assert_eq!(restored.generation(), old);
+    }
+
+    #[test]
+    fn a_keyring_without_a_generation_reads_as_zero_and_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let kr = open_tmp(dir.path());
+        kr.create_key("k").unwrap();
+        // As written before generations existed: no field in the sealed document, no mark.
+        let keys = kr.read().unwrap().0;
+        kr.write(&keys, 0).unwrap();
+        fs::remove_file(mark_path(&path)).unwrap();
+        let old = open_tmp(dir.path());
+        assert_eq!(old.generation(), 0);
+        old.rotate_key("k").unwrap();
+        assert_eq!(old.generation(), 1);
+        assert_eq!(old.high_water().unwrap(), 1);
     }
 
     #[test]

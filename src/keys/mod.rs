@@ -83,29 +83,80 @@ pub struct KeyDescription {
 
 /// Errors from a root-key backend. Each says whose fault it is and whether a retry may help.
 ///
+/// Only [`InvalidCiphertext`](Self::InvalidCiphertext) says anything about the stored data: it
+/// is the one answer that proves a wrapped key bad, and so the only one that may lead to a
+/// value being redacted or reported as tampering. Every other variant is about the backend
+/// (an outage, credentials, a key's state or policy) and fails the request as what it is:
+/// an outage must never look like bad data, or a client writing back what it read loses it.
+///
 /// Key names can come from stored data (the key id in an EDK), so they are printed quoted and
 /// escaped (`{:?}`): a crafted name cannot forge log or audit lines.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     #[error("root key {0:?} not found")]
     KeyNotFound(String),
+    /// Disabled, pending deletion or import, or not usable for wrapping.
     #[error("root key {0:?} is disabled")]
     KeyDisabled(String),
     #[error("access to root key {0:?} denied")]
     AccessDenied(String),
-    /// The wrapped key did not unwrap: tampered, foreign, or a different key context.
+    /// The wrapped key did not unwrap: tampered, foreign, or a different key context. The
+    /// backend proved it (the one error that blames the ciphertext).
     #[error("wrapped data key is invalid for this key and context")]
     InvalidCiphertext,
     #[error("no configured backend named {0:?}")]
     UnknownBackend(String),
-    /// The backend could not be reached or failed; a retry may help.
+    /// The backend did not accept the proxy's credentials (expired or not yet valid tokens,
+    /// unrecognized access keys, signature errors). Retryable: the credential chain refreshes.
+    #[error("backend credentials rejected: {0:?}")]
+    Credentials(String),
+    /// The backend refused the request for a reason that is not the ciphertext and that a
+    /// retry will not fix (a parameter it will not take, a key not meant for encryption).
+    #[error("backend refused the request: {0:?}")]
+    Refused(String),
+    /// The backend could not be reached, throttled us, or failed; a retry may help.
     #[error("backend unavailable: {0:?}")]
     Unavailable(String),
 }
 
 impl BackendError {
+    /// Whether a retry may help (counted by the circuit breaker; 503 with `Retry-After`).
     pub fn retryable(&self) -> bool {
-        matches!(self, BackendError::Unavailable(_))
+        matches!(
+            self,
+            BackendError::Unavailable(_) | BackendError::Credentials(_)
+        )
+    }
+
+    /// Whether the backend proved the ciphertext invalid (the only error that may redact).
+    pub fn proves_invalid(&self) -> bool {
+        matches!(self, BackendError::InvalidCiphertext)
+    }
+
+    /// A stable name for metrics and audit lines.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::KeyNotFound(_) => "key_not_found",
+            BackendError::KeyDisabled(_) => "key_disabled",
+            BackendError::AccessDenied(_) => "access_denied",
+            BackendError::InvalidCiphertext => "invalid_ciphertext",
+            BackendError::UnknownBackend(_) => "unknown_backend",
+            BackendError::Credentials(_) => "credentials",
+            BackendError::Refused(_) => "refused",
+            BackendError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// Which of two errors from the EDKs of one message to report: an outage first (a retry
+    /// may open the message), then any other backend error, and "invalid" only when nothing
+    /// else went wrong.
+    fn rank(&self) -> u8 {
+        match self {
+            e if e.retryable() => 3,
+            BackendError::InvalidCiphertext => 0,
+            BackendError::UnknownBackend(_) => 1,
+            _ => 2,
+        }
     }
 }
 
@@ -164,6 +215,21 @@ pub trait RootKeyProvider: Send + Sync + 'static {
     /// Backends whose keys have several names (KMS aliases, ids, ARNs) override this.
     fn same_key(&self, configured: &str, wrapped_key_id: &str) -> bool {
         configured == wrapped_key_id
+    }
+
+    /// Learn what [`same_key`](Self::same_key) needs to know about the configured `key_id`
+    /// (KMS: an alias's key ARN). Called before stored EDKs are matched against configured
+    /// keys; a backend whose names are final does nothing.
+    async fn resolve_key(&self, key_id: &str) -> Result<(), BackendError> {
+        let _ = key_id;
+        Ok(())
+    }
+
+    /// Whether [`resolve_key`](Self::resolve_key) has nothing left to learn about `key_id`
+    /// (checked first, so a known name costs no call and passes an open circuit breaker).
+    fn resolved(&self, key_id: &str) -> bool {
+        let _ = key_id;
+        true
     }
 
     /// Whether the backend is reachable, as far as the caller can tell (for `/readyz`).
@@ -340,14 +406,19 @@ impl KeyService {
         let generated = self
             .backend(&first.backend)?
             .generate_data_key(&first.key_id, key_context)
-            .await?;
+            .await
+            .inspect_err(|e| {
+                self.metrics
+                    .backend_error(&first.backend, "generate", e.kind())
+            })?;
         let mut edks = vec![generated.wrapped];
         for other in rest {
             self.metrics.backend_call(&other.backend, "wrap");
             let wrapped = self
                 .backend(&other.backend)?
                 .wrap_data_key(&other.key_id, &generated.plaintext, key_context)
-                .await?;
+                .await
+                .inspect_err(|e| self.metrics.backend_error(&other.backend, "wrap", e.kind()))?;
             edks.push(wrapped);
         }
         Ok(SealingKey {
@@ -366,6 +437,23 @@ impl KeyService {
         key_context: &Context,
         allowed: &[KeyRef],
     ) -> Result<Arc<DataKey>, BackendError> {
+        // Names the backend has not resolved yet (a KMS alias before its ARN is known) are
+        // resolved first, so the filter below compares exact names. A key that cannot be
+        // resolved (an outage) matches nothing, but then the message is not "invalid": if no
+        // other EDK opens it, the resolution error is what the caller gets.
+        let mut unresolved: Option<BackendError> = None;
+        for k in allowed {
+            if header.edks.iter().any(|edk| edk.backend == k.backend)
+                && let Ok(backend) = self.backend(&k.backend)
+                && !backend.resolved(&k.key_id)
+                && let Err(e) = backend.resolve_key(&k.key_id).await
+            {
+                self.metrics.backend_error(&k.backend, "resolve", e.kind());
+                if unresolved.as_ref().is_none_or(|w| e.rank() > w.rank()) {
+                    unresolved = Some(e);
+                }
+            }
+        }
         let edks: Vec<WrappedKey> = header
             .edks
             .iter()
@@ -381,9 +469,12 @@ impl KeyService {
             .cloned()
             .collect();
         if edks.is_empty() {
-            return Err(BackendError::InvalidCiphertext);
+            return Err(unresolved.unwrap_or(BackendError::InvalidCiphertext));
         }
-        self.opening_key(&Header { edks }, key_context).await
+        match self.opening_key(&Header { edks }, key_context).await {
+            Err(e) if e.proves_invalid() => Err(unresolved.unwrap_or(e)),
+            other => other,
+        }
     }
 
     /// The data key inside `header`: the first EDK that unwraps wins, so a message stays
@@ -394,31 +485,35 @@ impl KeyService {
         header: &Header,
         key_context: &Context,
     ) -> Result<Arc<DataKey>, BackendError> {
-        let mut last_error = BackendError::InvalidCiphertext;
+        // The message is invalid only if every EDK was proved invalid: one EDK refused as
+        // invalid and another hit by an outage is an outage (a retry may open it).
+        let mut worst: Option<BackendError> = None;
         for edk in &header.edks {
-            let backend = match self.backend(&edk.backend) {
-                Ok(b) => b,
-                Err(e) => {
-                    last_error = e;
-                    continue;
+            let result = match self.backend(&edk.backend) {
+                Ok(backend) => {
+                    self.cache
+                        .opening_key(edk, key_context, || {
+                            self.metrics.backend_call(&edk.backend, "unwrap");
+                            backend.unwrap_data_key(edk, key_context)
+                        })
+                        .await
                 }
+                Err(e) => Err(e),
             };
-            let result = self
-                .cache
-                .opening_key(edk, key_context, || {
-                    self.metrics.backend_call(&edk.backend, "unwrap");
-                    backend.unwrap_data_key(edk, key_context)
-                })
-                .await;
             match result {
                 Ok((key, hit)) => {
                     self.metrics.record_cache(hit);
                     return Ok(key);
                 }
-                Err(e) => last_error = e,
+                Err(e) => {
+                    self.metrics.backend_error(&edk.backend, "unwrap", e.kind());
+                    if worst.as_ref().is_none_or(|w| e.rank() > w.rank()) {
+                        worst = Some(e);
+                    }
+                }
             }
         }
-        Err(last_error)
+        Err(worst.unwrap_or(BackendError::InvalidCiphertext))
     }
 
     /// Whether `key` exists and is usable (for `/readyz`).
@@ -446,5 +541,89 @@ impl KeyService {
 
     pub fn cache(&self) -> &DataKeyCache {
         &self.cache
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend that answers every unwrap with one error.
+    struct Answers(&'static str, BackendError);
+
+    #[async_trait]
+    impl RootKeyProvider for Answers {
+        fn name(&self) -> &str {
+            self.0
+        }
+        async fn wrap_data_key(
+            &self,
+            _: &str,
+            _: &DataKey,
+            _: &Context,
+        ) -> Result<WrappedKey, BackendError> {
+            Err(self.1.clone())
+        }
+        async fn unwrap_data_key(
+            &self,
+            _: &WrappedKey,
+            _: &Context,
+        ) -> Result<DataKey, BackendError> {
+            Err(self.1.clone())
+        }
+        async fn describe_key(&self, _: &str) -> Result<KeyDescription, BackendError> {
+            Err(self.1.clone())
+        }
+    }
+
+    fn edk(backend: &str) -> WrappedKey {
+        WrappedKey {
+            backend: backend.into(),
+            key_id: "k".into(),
+            key_version: 0,
+            blob: vec![1; 40],
+        }
+    }
+
+    fn service() -> Arc<KeyService> {
+        KeyService::new(
+            vec![
+                Arc::new(Answers("bad", BackendError::InvalidCiphertext)),
+                Arc::new(Answers("down", BackendError::Unavailable("x".into()))),
+                Arc::new(Answers("off", BackendError::KeyDisabled("k".into()))),
+            ],
+            CacheLimits::default(),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    async fn open(s: &KeyService, backends: &[&str]) -> BackendError {
+        let header = Header {
+            edks: backends.iter().map(|b| edk(b)).collect(),
+        };
+        s.opening_key(&header, &Context::new()).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_message_is_invalid_only_if_every_edk_proved_it() {
+        let s = service();
+        for order in [["bad", "down"], ["down", "bad"]] {
+            let e = open(&s, &order).await;
+            assert!(
+                e.retryable(),
+                "{order:?}: one outage makes it an outage: {e:?}"
+            );
+        }
+        for order in [["bad", "off"], ["off", "bad"]] {
+            let e = open(&s, &order).await;
+            assert!(
+                matches!(e, BackendError::KeyDisabled(_)),
+                "{order:?}: {e:?}"
+            );
+        }
+        let e = open(&s, &["bad", "bad"]).await;
+        assert!(e.proves_invalid(), "{e:?}");
+        assert_eq!(s.metrics.backend_errors_of("down", "unavailable"), 2);
+        assert_eq!(s.metrics.backend_errors_of("bad", "invalid_ciphertext"), 6);
     }
 }

@@ -30,11 +30,15 @@
 //!
 //! Attacker model: `wrapped.blob` is attacker controlled, must be panic-proof (and so are
 //! `key_id` and `key_version`, which come from the same stored header). The blob must be exactly
-//! 72 bytes and the version 0 before the HSM sees anything; every PKCS#11 error on unwrap is an
-//! answer (`InvalidCiphertext`) unless the session or device is at fault. Some tokens (SoftHSM2)
-//! report a failed RFC 5649 integrity check as `CKR_GENERAL_ERROR`, so after a general error on
-//! unwrap the session is asked for its state: still logged in means the token answered and the
-//! blob is bad; anything else is an outage. `key_id` only selects which AES key the token tries,
+//! 72 bytes and the version 0 before the HSM sees anything. Only errors in which the token
+//! refuses the wrapped bytes (`CKR_WRAPPED_KEY_INVALID`, `CKR_WRAPPED_KEY_LEN_RANGE`,
+//! `CKR_ENCRYPTED_DATA_*`, `CKR_DATA_*`) prove the blob bad (`InvalidCiphertext`); session,
+//! device and every other error is an outage (`Unavailable`), so an outage never redacts a
+//! value. Some tokens (SoftHSM2) report a failed RFC 5649 integrity check as
+//! `CKR_GENERAL_ERROR`, which a failing device says too: after a general error (or
+//! `CKR_FUNCTION_FAILED`) on unwrap, a control round trip (wrap and unwrap a fresh random secret
+//! under the same key in the same session) decides: it works, so the blob was bad; it fails, so
+//! the token is, and the session is discarded. `key_id` only selects which AES key the token tries,
 //! and is bound into the wrapped secret, so pointing an EDK at another key does not open it.
 //!
 //! Operation: the PIN comes from a file (refused when group- or world-accessible) or an
@@ -480,6 +484,16 @@ impl Inner {
             .map_err(|e| self.op_error(s, key_id, e, Op::Describe))?;
         match found.as_slice() {
             [key] => Ok(*key),
+            // Root keys are private objects: a session that lost its login (another part of
+            // the application logged out, the token was re-initialized) finds none. That is an
+            // outage, not a missing key.
+            [] if !self.logged_in(s) => {
+                s.broken(None);
+                Err(BackendError::Unavailable(format!(
+                    "PKCS#11 token {}: the session is no longer logged in",
+                    self.token_label
+                )))
+            }
             [] => Err(BackendError::KeyNotFound(key_id.to_string())),
             many => Err(BackendError::Unavailable(format!(
                 "token {} holds {} AES keys labelled {key_id:?}; labels must be unique",
@@ -583,35 +597,89 @@ impl Inner {
             return BackendError::KeyDisabled(key_id.to_string());
         }
         match op {
-            Op::Unwrap => {
-                if matches!(rv, RvError::GeneralError | RvError::FunctionFailed) {
-                    // Some tokens (SoftHSM2) report a failed RFC 5649 integrity check as a
-                    // general error. Ask the session whether it is still healthy and logged in:
-                    // if so the token answered and the blob is bad; if not, the device is.
-                    let healthy = matches!(
-                        s.session.get_session_info().map(|i| i.session_state()),
-                        Ok(SessionState::RoUser | SessionState::RwUser)
-                    );
-                    if !healthy {
+            // The token looked at the blob and refused it: proof it is bad.
+            Op::Unwrap if proves_blob_invalid(rv) => BackendError::InvalidCiphertext,
+            Op::Unwrap if matches!(rv, RvError::GeneralError | RvError::FunctionFailed) => {
+                // Some tokens (SoftHSM2) report a failed RFC 5649 integrity check as a general
+                // error, which is also what a failing device says. A general error proves
+                // nothing by itself; a control round trip does: wrap and unwrap a fresh random
+                // secret under the same root key in the same session. If that works, the token
+                // and the key are fine and it was the blob; if not, it is an outage.
+                match self.control_round_trip(s, key_id) {
+                    Ok(()) => BackendError::InvalidCiphertext,
+                    Err(why) => {
                         s.broken(None);
-                        return BackendError::Unavailable(format!(
-                            "PKCS#11 token {}: {}",
+                        BackendError::Unavailable(format!(
+                            "PKCS#11 token {}: {} (control round trip: {why})",
                             self.token_label,
                             short(&e)
-                        ));
+                        ))
                     }
                 }
-                // Wrapped-key / encrypted-data / key errors, and anything else the token says
-                // about an attacker-controlled blob.
-                BackendError::InvalidCiphertext
             }
-            Op::Wrap | Op::Describe => BackendError::Unavailable(format!(
+            // Anything else (a template or attribute the token will not take, a handle it
+            // lost, an unexpected code) is the token's, not the blob's: an outage, so the
+            // value is never redacted or reported as tampered.
+            Op::Unwrap | Op::Wrap | Op::Describe => BackendError::Unavailable(format!(
                 "PKCS#11 token {}: {}",
                 self.token_label,
                 short(&e)
             )),
         }
     }
+
+    /// Whether the session still acts for the logged-in user.
+    fn logged_in(&self, s: &Use) -> bool {
+        matches!(
+            s.session.get_session_info().map(|i| i.session_state()),
+            Ok(SessionState::RoUser | SessionState::RwUser)
+        )
+    }
+
+    /// Wrap a fresh random secret under `key_id` and unwrap it again, in this session. `Ok`
+    /// only when the same bytes come back: the token, the session and the root key all work.
+    fn control_round_trip(&self, s: &mut Use, key_id: &str) -> Result<(), String> {
+        let root = self.find_key(s, key_id).map_err(|e| e.to_string())?;
+        let mut secret = Zeroizing::new([0u8; SECRET_LEN]);
+        crate::envelope::fill_random(secret.as_mut());
+        let mut template = temp_key_template();
+        template.push(Attribute::Value(secret.to_vec()));
+        let created = s.session.create_object(&template);
+        wipe(&mut template);
+        let object = created.map_err(|e| short(&e))?;
+        let wrapped = s.session.wrap_key(&Mechanism::AesKeyWrapPad, root, object);
+        self.destroy(s, object);
+        let blob = wrapped.map_err(|e| short(&e))?;
+        let back = s
+            .session
+            .unwrap_key(&Mechanism::AesKeyWrapPad, root, &blob, &temp_key_template())
+            .map_err(|e| short(&e))?;
+        let attrs = s.session.get_attributes(back, &[AttributeType::Value]);
+        self.destroy(s, back);
+        let mut attrs = attrs.map_err(|e| short(&e))?;
+        let same = attrs.iter().any(|a| {
+            matches!(a, Attribute::Value(v) if bool::from(v.as_slice().ct_eq(secret.as_slice())))
+        });
+        wipe(&mut attrs);
+        if same {
+            Ok(())
+        } else {
+            Err("the secret did not come back".into())
+        }
+    }
+}
+
+/// Errors in which the token refuses the wrapped bytes themselves.
+fn proves_blob_invalid(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::WrappedKeyInvalid
+            | RvError::WrappedKeyLenRange
+            | RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange
+            | RvError::DataInvalid
+            | RvError::DataLenRange
+    )
 }
 
 /// Errors that say the session, login or device is gone, not the input.

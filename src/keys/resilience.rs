@@ -3,8 +3,8 @@
 //! backend fails fast (and `/readyz` can say so) instead of holding every request for the full
 //! timeout. Recovery is automatic: after the cool-down one trial call goes through.
 //!
-//! Only [`BackendError::Unavailable`] counts as a failure: a wrong context or a disabled key
-//! is an answer, not an outage.
+//! Only retryable errors ([`BackendError::Unavailable`], [`BackendError::Credentials`]) count
+//! as failures: a wrong context or a disabled key is an answer, not an outage.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -195,6 +195,14 @@ impl<P: RootKeyProvider> RootKeyProvider for Resilient<P> {
 
     async fn describe_key(&self, key_id: &str) -> Result<KeyDescription, BackendError> {
         self.call(|| self.inner.describe_key(key_id)).await
+    }
+
+    async fn resolve_key(&self, key_id: &str) -> Result<(), BackendError> {
+        self.call(|| self.inner.resolve_key(key_id)).await
+    }
+
+    fn resolved(&self, key_id: &str) -> bool {
+        self.inner.resolved(key_id)
     }
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

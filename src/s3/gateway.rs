@@ -28,12 +28,11 @@ use hyper::body::Frame;
 use s3s::auth::{S3Auth, SecretKey};
 use s3s::route::S3Route;
 use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
-use zeroize::Zeroizing;
 
 use super::sign::{UpstreamCredentials, sign_request};
 use super::{checksum, etag, listing, range};
 use crate::config::template::{Lookup, Source};
-use crate::config::{Route, RouteKind, S3RouteConfig, SecretSource};
+use crate::config::{Route, RouteKind, S3RouteConfig};
 use crate::envelope::chunked;
 use crate::envelope::stream::{Opener, Sealer};
 use crate::envelope::{Context, Header, binding};
@@ -93,33 +92,7 @@ impl Gateway {
     }
 }
 
-fn read_secret(source: &SecretSource) -> Result<Zeroizing<String>, String> {
-    match source {
-        SecretSource::Env(var) => std::env::var(var)
-            .map(Zeroizing::new)
-            .map_err(|_| format!("environment variable {var} is not set")),
-        SecretSource::File(path) => {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(format!(
-                        "{}: is accessible by group or others; run `chmod 600 {}`",
-                        path.display(),
-                        path.display()
-                    ));
-                }
-            }
-            std::fs::read_to_string(path)
-                .map(|s| Zeroizing::new(s.trim().to_string()))
-                .map_err(|e| format!("{}: {e}", path.display()))
-        }
-    }
-}
+use crate::secret::read_secret;
 
 /// Virtual-host addressing (`bucket.suffix[:port]`). s3s's `MultiDomain` matches the Host
 /// header with its port, so `bucket.s3.local:9000` would not match `s3.local`; the port is
@@ -1094,15 +1067,59 @@ impl Ctx<'_> {
     }
 }
 
+/// A key backend error as S3 answers it for SSE-KMS, with the same statuses the JSON routes
+/// use (src/error.rs): an outage or rejected credentials is `503 ServiceUnavailable` with
+/// `Retry-After` (SDKs retry it), access denied is `403 AccessDenied`, a disabled key is `403
+/// KMS.DisabledException`, a missing key `500 KMS.NotFoundException`. An invalid wrapped key
+/// is the caller's to map (it blames the stored object; see [`decrypt_error`]).
 pub(super) fn backend_error(e: crate::keys::BackendError) -> S3Error {
-    if e.retryable() {
-        S3Error::with_message(
-            S3ErrorCode::ServiceUnavailable,
-            "the key backend is unavailable; retry later",
-        )
-    } else {
-        tracing::warn!(error = %e, "key backend refused");
-        S3Error::with_message(S3ErrorCode::AccessDenied, "the root key cannot be used")
+    use crate::keys::BackendError as B;
+    let custom = |code: &str, status: http::StatusCode, msg: &str| {
+        let mut err =
+            S3Error::with_message(S3ErrorCode::Custom(code.to_owned().into()), msg.to_owned());
+        err.set_status_code(status);
+        err
+    };
+    match &e {
+        B::Unavailable(_) | B::Credentials(_) => {
+            tracing::warn!(error = %e, "key backend unavailable");
+            let mut err = S3Error::with_message(
+                S3ErrorCode::ServiceUnavailable,
+                "the key backend is unavailable; retry later",
+            );
+            let mut h = HeaderMap::new();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            err.set_headers(h);
+            err
+        }
+        B::AccessDenied(_) => {
+            tracing::warn!(error = %e, "key backend refused");
+            S3Error::with_message(
+                S3ErrorCode::AccessDenied,
+                "the proxy is not allowed to use the root key",
+            )
+        }
+        B::KeyDisabled(_) => {
+            tracing::warn!(error = %e, "root key disabled");
+            custom(
+                "KMS.DisabledException",
+                http::StatusCode::FORBIDDEN,
+                "the root key is disabled",
+            )
+        }
+        B::KeyNotFound(_) => {
+            tracing::error!(error = %e, "root key not found");
+            custom(
+                "KMS.NotFoundException",
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "the root key was not found",
+            )
+        }
+        B::InvalidCiphertext => decrypt_error("data key does not unwrap for this context"),
+        B::Refused(_) | B::UnknownBackend(_) => {
+            tracing::error!(error = %e, "key backend refused");
+            S3Error::with_message(S3ErrorCode::InternalError, "the root key cannot be used")
+        }
     }
 }
 

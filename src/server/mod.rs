@@ -18,6 +18,7 @@ use hyper_util::server::conn::auto;
 use linger::Lingering;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, RouteKind};
@@ -52,10 +53,16 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let metrics = Arc::new(Metrics::new());
     let (keyring, backends) = crate::keys::connect_backends(&config).await?;
     check_route_keys(&config, &keyring, &backends).await?;
+    keyring.report_to(metrics.clone());
     keyring.watch(Duration::from_secs(1));
     let keys = KeyService::new(backends, config.cache.clone(), metrics.clone());
     let audit = match &config.audit_path {
-        Some(p) => AuditLog::to_file(p).map_err(|e| format!("audit log {}: {e}", p.display()))?,
+        Some(p) => AuditLog::to_file(
+            p,
+            crate::audit::key_for(&config, &keyring)?,
+            config.audit_checkpoint_every,
+        )
+        .map_err(|e| format!("audit log: {e}"))?,
         None => AuditLog::to_tracing(),
     };
     let upstream = UpstreamClient::new(&config.server)?;
@@ -84,7 +91,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
 
     let listener = bind(config.server.listen).await?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let admin = config.admin;
+    let admin = match &config.admin {
+        Some(a) => Some((a.listen, admin_token(a)?)),
+        None => None,
+    };
     let mut gateways = std::collections::HashMap::new();
     for route in &config.routes {
         if let RouteKind::S3(cfg) = &route.kind {
@@ -103,11 +113,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
     });
 
     let admin_addr = match admin {
-        Some(a) => {
+        Some((a, token)) => {
             let l = bind(a).await?;
             let bound = l.local_addr().map_err(|e| e.to_string())?;
             let st = state.clone();
-            tasks.push(tokio::spawn(serve_admin(l, st, shutdown_rx.clone())));
+            tasks.push(tokio::spawn(serve_admin(l, st, token, shutdown_rx.clone())));
             Some(bound)
         }
         None => None,
@@ -272,9 +282,35 @@ async fn accept_loop(
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 
+/// The admin bearer token, read once at start through the one secret reader (0600 check).
+fn admin_token(a: &crate::config::AdminSettings) -> Result<Option<Arc<Zeroizing<String>>>, String> {
+    let Some(source) = &a.token else {
+        return Ok(None);
+    };
+    let token = crate::secret::read_secret(source).map_err(|e| format!("admin.token_file: {e}"))?;
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "admin.token_file: the token must be at least 16 printable characters \
+             without spaces (e.g. `openssl rand -hex 32`)"
+                .into(),
+        );
+    }
+    Ok(Some(Arc::new(token)))
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes())))
+}
+
 async fn serve_admin(
     listener: TcpListener,
     state: Arc<AppState>,
+    token: Option<Arc<Zeroizing<String>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -283,10 +319,16 @@ async fn serve_admin(
             _ = shutdown.changed() => break,
         };
         let st = state.clone();
+        let token = token.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let st = st.clone();
-                async move { Ok::<_, Infallible>(admin(&st, req).await) }
+                let token = token.clone();
+                async move {
+                    // Without a token configured, the listener is on loopback (config checks).
+                    let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
+                    Ok::<_, Infallible>(admin(&st, req, authorized).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -295,7 +337,10 @@ async fn serve_admin(
     }
 }
 
-async fn admin(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> {
+/// The admin endpoints. `/healthz` is open (liveness says nothing); `/readyz` answers its
+/// status to anyone (probes need no token) but names backends and problems only to an
+/// authorized caller; `/metrics` needs authorization (401 without it).
+async fn admin(state: &AppState, req: Request<Incoming>, authorized: bool) -> Response<ProxyBody> {
     let (status, ctype, body) = match req.uri().path() {
         "/healthz" => (
             StatusCode::OK,
@@ -326,6 +371,11 @@ async fn admin(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> 
                 }
             }
             let ready = problems.is_empty();
+            let body = if authorized {
+                serde_json::json!({ "ready": ready, "backends": backends, "problems": problems })
+            } else {
+                serde_json::json!({ "ready": ready })
+            };
             (
                 if ready {
                     StatusCode::OK
@@ -333,10 +383,14 @@ async fn admin(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> 
                     StatusCode::SERVICE_UNAVAILABLE
                 },
                 "application/json",
-                serde_json::json!({ "ready": ready, "backends": backends, "problems": problems })
-                    .to_string(),
+                body.to_string(),
             )
         }
+        "/metrics" if !authorized => (
+            StatusCode::UNAUTHORIZED,
+            "application/json",
+            r#"{"error":"unauthorized: send Authorization: Bearer <admin token>"}"#.to_string(),
+        ),
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -354,5 +408,11 @@ async fn admin(state: &AppState, req: Request<Incoming>) -> Response<ProxyBody> 
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static(ctype),
     );
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+    }
     resp
 }

@@ -569,19 +569,25 @@ pub async fn open_scanned(
 }
 
 /// A value that did not open: `Ok` to redact it (it becomes `null`), per the route, or the
-/// error that fails the whole response. A backend that is unavailable always fails it (a
-/// client writing a redacted document back would lose data).
+/// error that fails the whole response. Only a value proven bad may be redacted: not a token,
+/// a wrapped key its backend refused as invalid, a message that failed authentication. A
+/// backend error of any other kind (outage, credentials, access denied, disabled key) and a
+/// record whose context is missing say nothing about the value: they fail the response as
+/// what they are (a client writing a redacted document back would erase the value for good).
 fn redact_or_fail(
     route: &JsonRoute,
     field: &FieldPath,
     failure: DecryptFailure,
 ) -> Result<(), ProxyError> {
     match failure {
-        DecryptFailure::Backend(e) if e.retryable() => Err(ProxyError::KeyBackend(e)),
-        failure => match route.on_decrypt_error {
-            OnDecryptError::Error => Err(ProxyError::DecryptFailed(failure)),
+        DecryptFailure::Backend(e) => Err(ProxyError::KeyBackend(e)),
+        DecryptFailure::MissingContext => Err(ProxyError::DecryptFailed(failure)),
+        proven @ (DecryptFailure::NotAToken
+        | DecryptFailure::WrappedKey
+        | DecryptFailure::Message) => match route.on_decrypt_error {
+            OnDecryptError::Error => Err(ProxyError::DecryptFailed(proven)),
             OnDecryptError::Redact => {
-                tracing::warn!(field = field.source(), reason = %failure, "value redacted: it did not decrypt");
+                tracing::warn!(field = field.source(), reason = %proven, "value redacted: it did not decrypt");
                 Ok(())
             }
         },
@@ -599,8 +605,8 @@ pub struct OpenReport {
 ///
 /// A value at a configured path that does not open (not a token, tampered, foreign, other
 /// context) is a [`DecryptFailure`]: per the route, the whole response fails or the value
-/// becomes `null`. A backend that is unavailable always fails the response (never redacts:
-/// a client writing the redacted document back would lose data).
+/// becomes `null`. A backend error that does not prove the value bad always fails the
+/// response (never redacts: a client writing the redacted document back would lose data).
 pub async fn open_body(
     route: &JsonRoute,
     meta: &RequestMeta<'_>,

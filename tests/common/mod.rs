@@ -157,6 +157,20 @@ path = "{d}/audit.log"
             .collect()
     }
 
+    /// Check the audit log's keyed chain with the proxy's own audit key.
+    pub fn verify_audit(&self) -> envelope_proxy::audit::Report {
+        let config = envelope_proxy::config::load(&self.config_path).unwrap();
+        let keyring = envelope_proxy::keys::keyring::Keyring::open(
+            "local",
+            &config.keyring.path,
+            &config.keyring.master_key,
+        )
+        .unwrap();
+        let key = envelope_proxy::audit::key_for(&config, &keyring).unwrap();
+        envelope_proxy::audit::verify(&self.dir.path().join("audit.log"), Some(&key), None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     pub fn audit_text(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
     }
