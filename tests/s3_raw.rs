@@ -448,6 +448,17 @@ async fn unsigned_amz_headers_are_refused() {
     .await;
     assert_eq!(r.status, 403, "{}", r.text());
     assert_eq!(raw_get(&moto, "raw-bucket", "public/copy.txt").await.0, 404);
+    // Hoisted into the query string (where S3 reads x-amz-* as headers), even signed: the
+    // gateway would not see the copy, so it is refused.
+    let r = signed(
+        http::Method::PUT,
+        &format!("{endpoint}/raw-bucket/public/copy.txt?x-amz-copy-source=raw-bucket%2Fprivate%2Fpayroll.csv"),
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(raw_get(&moto, "raw-bucket", "public/copy.txt").await.0, 404);
     // Signed, the same copy is allowed (the headers are the signer's intent).
     let r = signed_with(
         http::Method::PUT,

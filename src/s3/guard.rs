@@ -26,6 +26,17 @@ use s3s::{S3Error, S3ErrorCode, S3Result};
 /// (so it is signed anyway), and with a presigned URL s3s checks it against the body.
 const UNSIGNED_ALLOWED: [&str; 1] = ["x-amz-content-sha256"];
 
+/// SigV4's presigned-URL parameters (stripped before anything goes upstream).
+const SIGV4_QUERY: [&str; 7] = [
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+];
+
 fn unsigned_refused(names: &[&str]) -> S3Error {
     S3Error::with_message(
         S3ErrorCode::AccessDenied,
@@ -91,6 +102,22 @@ pub(super) fn check_signed_headers(
         .get_all(http::header::AUTHORIZATION)
         .iter()
         .collect();
+    // `x-amz-*` in the query string: S3 reads some of them as the header of that name (SDKs
+    // "hoist" headers into presigned URLs). The gateway decides what a request is from its
+    // headers, so such a parameter would act upstream behind the gateway's back (a copy
+    // source, a metadata directive). Only SigV4's own parameters are accepted.
+    if let Some((name, _)) = query.iter().find(|(k, _)| {
+        k.len() >= 6
+            && k.as_bytes()[..6].eq_ignore_ascii_case(b"x-amz-")
+            && !SIGV4_QUERY.iter().any(|p| k.eq_ignore_ascii_case(p))
+    }) {
+        return Err(S3Error::with_message(
+            S3ErrorCode::InvalidRequest,
+            format!(
+                "the query parameter {name} is not accepted by the encrypting gateway; send it as a signed header"
+            ),
+        ));
+    }
     let (v2_query, v4_query) = (count("Signature"), count("X-Amz-Signature"));
     if v2_query + v4_query + authorizations.len() != 1 {
         return Err(auth_refused(
@@ -518,6 +545,15 @@ mod tests {
         // Case matters as it does to s3s: `X-Amz-Acl` in the list does not sign `x-amz-acl`.
         let q = "/b/k?X-Amz-Signature=ab&X-Amz-SignedHeaders=host%3BX-Amz-Acl";
         assert!(check(q, &[("x-amz-acl", "private")]).is_err());
+        // x-amz-* query parameters other than SigV4's are refused (S3 reads them as headers).
+        assert!(
+            check(
+                "/b/k?X-Amz-Signature=ab&X-Amz-SignedHeaders=host&x-amz-copy-source=b%2Fp",
+                &[]
+            )
+            .is_err()
+        );
+        assert!(check("/b/k?X-AMZ-ACL=public-read", &[("authorization", AUTH)]).is_err());
         // SigV2 signs every x-amz-* header.
         assert!(check("/b/k?Signature=x&AWSAccessKeyId=A", &[("x-amz-acl", "p")]).is_ok());
         assert!(
