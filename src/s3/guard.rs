@@ -298,126 +298,60 @@ pub(super) enum PassBody {
     Empty,
 }
 
-/// Subresources whose request body is a small document, never object data: (method on a
-/// bucket or on a key, query parameter, body). A body on any other pass-through request is
-/// refused: if the storage read that request differently than the gateway (a Host-based
-/// bucket, a path prefix), it could store the body as an object, in clear.
-const BODIES: [(&str, bool, &str, PassBody); 24] = [
-    ("PUT", true, "acl", PassBody::Xml("AccessControlPolicy")),
-    ("PUT", true, "tagging", PassBody::Xml("Tagging")),
-    ("PUT", true, "retention", PassBody::Xml("Retention")),
-    ("PUT", true, "legal-hold", PassBody::Xml("LegalHold")),
-    ("POST", true, "restore", PassBody::Xml("RestoreRequest")),
-    ("POST", false, "delete", PassBody::Xml("Delete")),
-    ("PUT", false, "acl", PassBody::Xml("AccessControlPolicy")),
-    ("PUT", false, "tagging", PassBody::Xml("Tagging")),
-    (
-        "PUT",
-        false,
-        "versioning",
-        PassBody::Xml("VersioningConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "lifecycle",
-        PassBody::Xml("LifecycleConfiguration"),
-    ),
-    ("PUT", false, "cors", PassBody::Xml("CORSConfiguration")),
-    ("PUT", false, "policy", PassBody::Json),
-    (
-        "PUT",
-        false,
-        "encryption",
-        PassBody::Xml("ServerSideEncryptionConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "website",
-        PassBody::Xml("WebsiteConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "logging",
-        PassBody::Xml("BucketLoggingStatus"),
-    ),
-    (
-        "PUT",
-        false,
-        "notification",
-        PassBody::Xml("NotificationConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "replication",
-        PassBody::Xml("ReplicationConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "object-lock",
-        PassBody::Xml("ObjectLockConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "publicAccessBlock",
-        PassBody::Xml("PublicAccessBlockConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "ownershipControls",
-        PassBody::Xml("OwnershipControls"),
-    ),
-    (
-        "PUT",
-        false,
-        "accelerate",
-        PassBody::Xml("AccelerateConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "requestPayment",
-        PassBody::Xml("RequestPaymentConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "intelligent-tiering",
-        PassBody::Xml("IntelligentTieringConfiguration"),
-    ),
-    (
-        "PUT",
-        false,
-        "inventory",
-        PassBody::Xml("InventoryConfiguration"),
-    ),
-];
+/// Subresources whose request body is a small document, never object data. A body on any
+/// other pass-through request is refused: if the storage read that request differently than
+/// the gateway (a Host-based bucket, a path prefix), it could store the body as an object,
+/// in clear.
+fn subresource_body(method: &http::Method, on_key: bool, sub: &str) -> Option<PassBody> {
+    use PassBody::Xml;
+    let put = *method == http::Method::PUT;
+    let post = *method == http::Method::POST;
+    Some(match (on_key, sub) {
+        (_, "acl") if put => Xml("AccessControlPolicy"),
+        (_, "tagging") if put => Xml("Tagging"),
+        (true, "retention") if put => Xml("Retention"),
+        (true, "legal-hold") if put => Xml("LegalHold"),
+        (true, "restore") if post => Xml("RestoreRequest"),
+        (false, "delete") if post => Xml("Delete"),
+        (false, "policy") if put => PassBody::Json,
+        (false, sub) if put => Xml(match sub {
+            "versioning" => "VersioningConfiguration",
+            "lifecycle" => "LifecycleConfiguration",
+            "cors" => "CORSConfiguration",
+            "encryption" => "ServerSideEncryptionConfiguration",
+            "website" => "WebsiteConfiguration",
+            "logging" => "BucketLoggingStatus",
+            "notification" => "NotificationConfiguration",
+            "replication" => "ReplicationConfiguration",
+            "object-lock" => "ObjectLockConfiguration",
+            "publicAccessBlock" => "PublicAccessBlockConfiguration",
+            "ownershipControls" => "OwnershipControls",
+            "accelerate" => "AccelerateConfiguration",
+            "requestPayment" => "RequestPaymentConfiguration",
+            "intelligent-tiering" => "IntelligentTieringConfiguration",
+            "inventory" => "InventoryConfiguration",
+            "analytics" => "AnalyticsConfiguration",
+            "metrics" => "MetricsConfiguration",
+            _ => return None,
+        }),
+        _ => return None,
+    })
+}
 
 /// The body a pass-through request may carry.
 pub(super) fn pass_body(method: &http::Method, has_key: bool, query: Option<&str>) -> PassBody {
-    let names: Vec<String> = query
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, _)| k.into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    for (m, key, sub, body) in BODIES {
-        if method.as_str() == m && has_key == key && names.iter().any(|n| n == sub) {
-            return body;
-        }
-    }
-    if *method == http::Method::PUT && !has_key {
+    let known = query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find_map(|(k, _)| subresource_body(method, has_key, &k))
+    });
+    match known {
+        Some(body) => body,
         // CreateBucket (its optional CreateBucketConfiguration).
-        return PassBody::Xml("CreateBucketConfiguration");
+        None if *method == http::Method::PUT && !has_key => {
+            PassBody::Xml("CreateBucketConfiguration")
+        }
+        None => PassBody::Empty,
     }
-    PassBody::Empty
 }
 
 /// Check a pass-through body (already read, at most [`MAX_PASSTHROUGH_BODY`]) against what
