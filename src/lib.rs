@@ -25,6 +25,7 @@ pub mod devstore;
 pub mod envelope;
 pub mod error;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod s3;

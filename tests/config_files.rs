@@ -51,3 +51,68 @@ fields = ["$.x"]
         assert!(err.contains(needle), "missing {needle:?} in {err}");
     }
 }
+
+/// An S3 upstream with a path would turn `PUT /reports` (a bucket-level request, whose body
+/// the gateway does not seal) into `PUT /uploads/reports`, an object stored in clear.
+/// check-config refuses it, and bad host names and clear_metadata values.
+#[test]
+fn check_config_refuses_s3_upstreams_with_a_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s3.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[keyring]
+path = "k.json"
+master_key_env = "NOT_NEEDED_FOR_CHECKS"
+[[route]]
+name = "objects"
+kind = "s3"
+path = "/**"
+upstream = "http://127.0.0.1:5000/uploads"
+key = "objects"
+[route.s3]
+region = "us-east-1"
+path_style_hosts = ["gateway.internal:9000"]
+clear_metadata = "encrypt"
+upstream_access_key_id_env = "A"
+upstream_secret_access_key_env = "B"
+[[route.s3.client]]
+access_key_id = "AK"
+secret_access_key_env = "C"
+identity = "app"
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "route[0] (\"objects\").upstream: an S3 upstream is the storage's endpoint, without a path",
+        "path_style_hosts: \"gateway.internal:9000\" is not a host name",
+        "clear_metadata: \"encrypt\" is not one of",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in {err}");
+    }
+    // The same route without a path is fine.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("5000/uploads", "5000/")
+        .replace("gateway.internal:9000", "gateway.internal")
+        .replace("\"encrypt\"", "\"refuse\"");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

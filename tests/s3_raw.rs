@@ -380,3 +380,302 @@ async fn a_disabled_root_key_is_answered_as_s3_answers_sse_kms_not_as_a_bad_obje
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.text().contains("KMS.DisabledException"), "{}", r.text());
 }
+
+/// A request signed as the client, then given `unsigned` headers the signature does not cover.
+async fn signed_then_added(
+    method: http::Method,
+    url: &str,
+    signed_headers: &[(&str, &str)],
+    unsigned: &[(&str, &str)],
+    body: Bytes,
+) -> common::Reply {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in signed_headers {
+        req = req.header(*k, *v);
+    }
+    let mut req = req.body(http_body_util::Full::new(body)).unwrap();
+    sign_request(&mut req, &client_creds(), "us-east-1").unwrap();
+    for (k, v) in unsigned {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = client.request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    common::Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// A presigned URL made by boto3 (path-style, against the proxy).
+fn boto3_presign(endpoint: &str, method: &str, bucket: &str, key: &str) -> String {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/venv/bin/python");
+    let script = format!(
+        "import boto3; from botocore.config import Config\n\
+         c = boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{CLIENT_KEY}', \
+         aws_secret_access_key='{CLIENT_SECRET}', region_name='us-east-1', \
+         config=Config(signature_version='s3v4', s3={{'addressing_style': 'path'}}))\n\
+         print(c.generate_presigned_url('{method}', Params={{'Bucket': '{bucket}', 'Key': '{key}'}}, ExpiresIn=300))"
+    );
+    let out = std::process::Command::new(&python)
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Issue #8, item 1: an `x-amz-*` header outside the signature changes what a signed request
+/// does (a presigned PUT becomes a CopyObject of the payroll). It is refused, as AWS does.
+#[tokio::test(flavor = "multi_thread")]
+async fn unsigned_amz_headers_are_refused() {
+    let (moto, _dir, proxy) = setup("").await;
+    let endpoint = format!("http://{}", proxy.addr);
+    let put = signed(
+        http::Method::PUT,
+        &format!("{endpoint}/raw-bucket/private/payroll.csv"),
+        None,
+        Bytes::from_static(b"ada,100000\n"),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let http = Http::default();
+    // A presigned PUT (SignedHeaders=host) for public/upload.txt, with an added copy source.
+    let url = boto3_presign(&endpoint, "put_object", "raw-bucket", "public/upload.txt");
+    assert!(url.contains("X-Amz-SignedHeaders=host&"), "{url}");
+    for extra in [
+        ("x-amz-copy-source", "raw-bucket/private/payroll.csv"),
+        ("x-amz-tagging", "owner=mallory"),
+        ("x-amz-acl", "public-read"),
+    ] {
+        let r = http
+            .send(http::Method::PUT, &url, &[extra], Bytes::new())
+            .await;
+        assert_eq!(r.status, 403, "{extra:?}: {}", r.text());
+        assert!(r.text().contains("AccessDenied"), "{}", r.text());
+        assert!(r.text().contains(extra.0), "{}", r.text());
+        assert_eq!(
+            raw_get(&moto, "raw-bucket", "public/upload.txt").await.0,
+            404,
+            "{extra:?} wrote the URL's key"
+        );
+    }
+    // The URL itself works.
+    let r = http
+        .send(http::Method::PUT, &url, &[], Bytes::from_static(b"upload"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Header authentication: the same, for headers added after signing.
+    let r = signed_then_added(
+        http::Method::PUT,
+        &format!("{endpoint}/raw-bucket/public/copy.txt"),
+        &[],
+        &[
+            ("x-amz-copy-source", "raw-bucket/private/payroll.csv"),
+            ("x-amz-metadata-directive", "REPLACE"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(raw_get(&moto, "raw-bucket", "public/copy.txt").await.0, 404);
+    // Hoisted into the query string (where S3 reads x-amz-* as headers), even signed: the
+    // gateway would not see the copy, so it is refused.
+    let r = signed(
+        http::Method::PUT,
+        &format!("{endpoint}/raw-bucket/public/copy.txt?x-amz-copy-source=raw-bucket%2Fprivate%2Fpayroll.csv"),
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(raw_get(&moto, "raw-bucket", "public/copy.txt").await.0, 404);
+    // Signed, the same copy is allowed (the headers are the signer's intent).
+    let r = signed_with(
+        http::Method::PUT,
+        &format!("{endpoint}/raw-bucket/public/copy.txt"),
+        None,
+        &[("x-amz-copy-source", "raw-bucket/private/payroll.csv")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Issue #8, item 3: a Host that is not one of the gateway's names is refused (a
+/// virtual-host-style client would otherwise have `PUT /report.pdf` read as CreateBucket,
+/// its body forwarded unsealed); names listed in `path_style_hosts` work path-style; and a
+/// virtual-host request reaches only buckets its route serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_hosts_are_refused_and_hosts_cannot_cross_routes() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"virtual_host_suffixes = ["s3.local"]
+path_style_hosts = ["gateway.internal"]"#;
+    let routes = common::s3::route("hr", "/hr-docs/**", &moto.endpoint(), dir.path(), "")
+        + &common::s3::route("objects", "/**", &moto.endpoint(), dir.path(), extra);
+    let proxy = Proxy::start(&routes, "").await;
+    let base = format!("http://{}", proxy.addr);
+    let port = proxy.addr.port();
+    for bucket in ["hr-docs", "docs"] {
+        let r = signed(
+            http::Method::PUT,
+            &format!("{base}/{bucket}"),
+            None,
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "create {bucket}: {}", r.text());
+    }
+    // A virtual-host-style PUT under a name the gateway does not know.
+    let r = signed(
+        http::Method::PUT,
+        &format!("{base}/report.pdf"),
+        Some(&format!("docs.example.com:{port}")),
+        Bytes::from_static(b"%PDF-1.7 quarterly report"),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let (status, listing) = raw_get(&moto, "report.pdf", "").await;
+    assert_eq!(
+        status,
+        404,
+        "a bucket was created: {}",
+        String::from_utf8_lossy(&listing)
+    );
+    // A declared name works path-style.
+    let r = signed(
+        http::Method::PUT,
+        &format!("{base}/docs/a.txt"),
+        Some(&format!("gateway.internal:{port}")),
+        Bytes::from_static(b"path style"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(raw_get(&moto, "docs", "a.txt").await.1.len(), 10 + 72);
+    // hr-docs belongs to the "hr" route; a Host naming it on the "objects" route is refused.
+    let r = signed(
+        http::Method::PUT,
+        &format!("{base}/hr-docs/salaries.csv"),
+        None,
+        Bytes::from_static(b"ada,100\n"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = signed(
+        http::Method::GET,
+        &format!("{base}/salaries.csv"),
+        Some(&format!("hr-docs.s3.local:{port}")),
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(!r.text().contains("ada,100"));
+    // A body on a bucket-level request that is not a small document of its kind.
+    let r = signed(
+        http::Method::PUT,
+        &format!("{base}/newbucket"),
+        None,
+        Bytes::from_static(b"%PDF-1.7 quarterly report"),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("InvalidRequest"), "{}", r.text());
+    assert_eq!(raw_get(&moto, "newbucket", "").await.0, 404);
+}
+
+/// Issue #8, item 11: with `clear_metadata = "refuse"`, writes that would leave user
+/// metadata, tags or Content-Disposition in clear beside the object are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn clear_metadata_can_be_refused() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = gateway_with(&moto, dir.path(), "", r#"clear_metadata = "refuse""#).await;
+    let base = format!("http://{}/meta-bucket", proxy.addr);
+    let r = signed(http::Method::PUT, &base, None, Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = signed(
+        http::Method::PUT,
+        &format!("{base}/plain.txt"),
+        None,
+        Bytes::from_static(b"no metadata"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let refused = [
+        ("PUT", "/a.txt", ("x-amz-meta-patient", "Ada Lovelace")),
+        ("PUT", "/b.txt", ("x-amz-tagging", "patient=Ada")),
+        (
+            "PUT",
+            "/c.txt",
+            (
+                "content-disposition",
+                "attachment; filename=\"ada-diagnosis.pdf\"",
+            ),
+        ),
+        ("POST", "/d.txt?uploads", ("x-amz-meta-patient", "Ada")),
+        (
+            "PUT",
+            "/plain.txt?tagging",
+            ("content-type", "application/xml"),
+        ),
+    ];
+    for (method, path, header) in refused {
+        let body = if path.ends_with("?tagging") {
+            Bytes::from_static(
+                b"<Tagging><TagSet><Tag><Key>patient</Key><Value>Ada</Value></Tag></TagSet></Tagging>",
+            )
+        } else {
+            Bytes::from_static(b"body")
+        };
+        let r = signed_with(
+            method.parse().unwrap(),
+            &format!("{base}{path}"),
+            None,
+            &[header],
+            body,
+        )
+        .await;
+        assert_eq!(r.status, 400, "{method} {path} {header:?}: {}", r.text());
+        assert!(r.text().contains("InvalidArgument"), "{}", r.text());
+    }
+    for key in ["a.txt", "b.txt", "c.txt"] {
+        assert_eq!(raw_get(&moto, "meta-bucket", key).await.0, 404, "{key}");
+    }
+    let (status, tags) = raw_get(&moto, "meta-bucket", "plain.txt?tagging").await;
+    assert_eq!(status, 200);
+    assert!(!String::from_utf8_lossy(&tags).contains("Ada"));
+    // A copy that replaces metadata with new user metadata: refused; a plain copy works.
+    let r = signed_with(
+        http::Method::PUT,
+        &format!("{base}/copy.txt"),
+        None,
+        &[
+            ("x-amz-copy-source", "meta-bucket/plain.txt"),
+            ("x-amz-metadata-directive", "REPLACE"),
+            ("x-amz-meta-patient", "Ada"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = signed_with(
+        http::Method::PUT,
+        &format!("{base}/copy.txt"),
+        None,
+        &[("x-amz-copy-source", "meta-bucket/plain.txt")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}

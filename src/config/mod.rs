@@ -173,6 +173,9 @@ struct FileS3 {
     region: String,
     #[serde(default)]
     virtual_host_suffixes: Vec<String>,
+    #[serde(default)]
+    path_style_hosts: Vec<String>,
+    clear_metadata: Option<String>,
     upstream_access_key_id_env: Option<String>,
     upstream_access_key_id_file: Option<PathBuf>,
     upstream_secret_access_key_env: Option<String>,
@@ -320,12 +323,27 @@ pub struct S3RouteConfig {
     pub key_context: Vec<(String, Template)>,
     pub region: String,
     pub virtual_host_suffixes: Vec<String>,
+    /// Host names (besides IP literals, `localhost` and the suffixes themselves) that clients
+    /// use for path-style requests. Any other Host is refused.
+    pub path_style_hosts: Vec<String>,
+    /// What to do with metadata S3 stores in clear (user metadata, tags, Content-Disposition).
+    pub clear_metadata: ClearMetadata,
     pub upstream_access_key_id: SecretSource,
     pub upstream_secret_access_key: SecretSource,
     pub clients: Vec<S3ClientConfig>,
     /// Objects without the proxy's metadata (written before it) are served as they are
     /// (migrations only; counted in metrics and audited).
     pub dangerous_allow_plaintext_reads: bool,
+}
+
+/// `[route.s3] clear_metadata`: S3 keeps user metadata (`x-amz-meta-*`), object tags and
+/// `Content-Disposition` beside the object, unencrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearMetadata {
+    /// Stored as the client sends them, in clear (default; documented).
+    Allow,
+    /// Requests that would store any of them are refused (400 InvalidArgument).
+    Refuse,
 }
 
 #[derive(Debug, Clone)]
@@ -879,13 +897,32 @@ fn secret_source(
     }
 }
 
-type ResolvedS3 = (
-    String,
-    Vec<String>,
-    SecretSource,
-    SecretSource,
-    Vec<S3ClientConfig>,
-);
+struct ResolvedS3 {
+    region: String,
+    suffixes: Vec<String>,
+    path_style_hosts: Vec<String>,
+    clear_metadata: ClearMetadata,
+    ak: SecretSource,
+    sk: SecretSource,
+    clients: Vec<S3ClientConfig>,
+}
+
+/// Host names in `path_style_hosts` and `virtual_host_suffixes`: DNS names, no port, no
+/// scheme (matched case-insensitively against the Host header without its port).
+fn check_host_names(place: &str, what: &str, names: &[String], errors: &mut Vec<String>) {
+    for n in names {
+        let ok = !n.is_empty()
+            && !n.starts_with('.')
+            && !n.ends_with('.')
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !ok {
+            errors.push(format!(
+                "{place}.{what}: {n:?} is not a host name (like s3.example.com, without port)"
+            ));
+        }
+    }
+}
 
 fn resolve_s3(place: &str, s3: FileS3, errors: &mut Vec<String>) -> Option<ResolvedS3> {
     let place = format!("{place}.s3");
@@ -939,7 +976,32 @@ fn resolve_s3(place: &str, s3: FileS3, errors: &mut Vec<String>) -> Option<Resol
             ));
         }
     }
-    Some((s3.region, s3.virtual_host_suffixes, ak?, sk?, clients))
+    check_host_names(
+        &place,
+        "virtual_host_suffixes",
+        &s3.virtual_host_suffixes,
+        errors,
+    );
+    check_host_names(&place, "path_style_hosts", &s3.path_style_hosts, errors);
+    let clear_metadata = match s3.clear_metadata.as_deref() {
+        None | Some("allow") => ClearMetadata::Allow,
+        Some("refuse") => ClearMetadata::Refuse,
+        Some(other) => {
+            errors.push(format!(
+                "{place}.clear_metadata: {other:?} is not one of \"allow\", \"refuse\""
+            ));
+            ClearMetadata::Allow
+        }
+    };
+    Some(ResolvedS3 {
+        region: s3.region,
+        suffixes: s3.virtual_host_suffixes,
+        path_style_hosts: s3.path_style_hosts,
+        clear_metadata,
+        ak: ak?,
+        sk: sk?,
+        clients,
+    })
 }
 
 fn resolve_route(
@@ -970,6 +1032,18 @@ fn resolve_route(
             }
         }
         Some("s3") => {
+            // The gateway sends `/bucket/key` to the storage as it is: under a path prefix,
+            // the storage would read `/prefix/bucket` as an object of bucket `prefix`, and a
+            // bucket-level request's body would be stored there, in clear.
+            if let Some(u) = &upstream
+                && !u.base_path.is_empty()
+            {
+                errors.push(format!(
+                    "{place}.upstream: an S3 upstream is the storage's endpoint, without a path \
+                     (got {:?}); buckets are named by the clients' requests",
+                    u.base_path
+                ));
+            }
             let keys = resolve_keys(&place, r.key, r.keys, backends, errors);
             let key_context = parse_templates(
                 &format!("{place}.context"),
@@ -998,18 +1072,20 @@ fn resolve_route(
                 }
             };
             return match (errors.len() == before, s3) {
-                (true, Some((region, suffixes, ak, sk, clients))) => Some(Route {
+                (true, Some(s3)) => Some(Route {
                     name: r.name,
                     pattern: pattern.expect("checked"),
                     upstream: upstream.expect("checked"),
                     kind: RouteKind::S3(S3RouteConfig {
                         keys,
                         key_context,
-                        region,
-                        virtual_host_suffixes: suffixes,
-                        upstream_access_key_id: ak,
-                        upstream_secret_access_key: sk,
-                        clients,
+                        region: s3.region,
+                        virtual_host_suffixes: s3.suffixes,
+                        path_style_hosts: s3.path_style_hosts,
+                        clear_metadata: s3.clear_metadata,
+                        upstream_access_key_id: s3.ak,
+                        upstream_secret_access_key: s3.sk,
+                        clients: s3.clients,
                         dangerous_allow_plaintext_reads: r.dangerous_allow_plaintext_reads,
                     }),
                 }),

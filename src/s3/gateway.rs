@@ -30,13 +30,14 @@ use s3s::route::S3Route;
 use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
 
 use super::sign::{UpstreamCredentials, sign_request};
-use super::{checksum, etag, listing, range};
+use super::{checksum, etag, guard, listing, range};
 use crate::config::template::{Lookup, Source};
 use crate::config::{Route, RouteKind, S3RouteConfig};
 use crate::envelope::chunked;
 use crate::envelope::stream::{Opener, Sealer};
 use crate::envelope::{Context, Header, binding};
 use crate::pipeline::{AppState, BoxError, ClientInfo, ProxyBody};
+use crate::secret::read_secret;
 
 /// Reserved metadata: the envelope header ‖ the C2SP header, base64url.
 pub const META_ENVELOPE: &str = "x-amz-meta-ep-envelope";
@@ -76,15 +77,15 @@ impl Gateway {
         );
         let mut builder = s3s::service::S3ServiceBuilder::new(NoOperations);
         builder.set_auth(ClientAuth { secrets });
-        if !cfg.virtual_host_suffixes.is_empty() {
-            builder.set_host(VirtualHosts {
-                suffixes: cfg.virtual_host_suffixes.clone(),
-            });
-        }
+        builder.set_host(VirtualHosts {
+            suffixes: cfg.virtual_host_suffixes.clone(),
+            path_style_hosts: cfg.path_style_hosts.clone(),
+        });
         builder.set_route(GatewayRoute {
             identities,
             upstream: Arc::new(upstream),
             suffixes: cfg.virtual_host_suffixes.clone(),
+            path_style_hosts: cfg.path_style_hosts.clone(),
         });
         Ok(Gateway {
             service: builder.build(),
@@ -92,35 +93,23 @@ impl Gateway {
     }
 }
 
-use crate::secret::read_secret;
-
-/// Virtual-host addressing (`bucket.suffix[:port]`). s3s's `MultiDomain` matches the Host
-/// header with its port, so `bucket.s3.local:9000` would not match `s3.local`; the port is
-/// dropped here before matching (the Host header itself, which is signed, is untouched).
+/// Host-based addressing, checked before authentication: `bucket.suffix[:port]` is
+/// virtual-host style, the gateway's own names are path-style, and any other Host is refused
+/// ([`guard::host_bucket`]). s3s's `MultiDomain` would match the Host with its port, and pass
+/// unknown names as path-style.
 struct VirtualHosts {
     suffixes: Vec<String>,
+    path_style_hosts: Vec<String>,
 }
 
 impl s3s::host::S3Host for VirtualHosts {
     fn parse_host_header<'a>(&'a self, host: &'a str) -> S3Result<s3s::host::VirtualHost<'a>> {
-        let name = match host.rsplit_once(':') {
-            Some((h, port)) if !h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => host,
-        };
-        for suffix in &self.suffixes {
-            if name == suffix {
-                return Ok(s3s::host::VirtualHost::new(name));
-            }
-            if let Some(bucket) = name
-                .strip_suffix(suffix.as_str())
-                .and_then(|b| b.strip_suffix('.'))
-                && !bucket.is_empty()
-            {
-                return Ok(s3s::host::VirtualHost::new(suffix.as_str()).with_bucket(bucket));
-            }
-        }
-        // Any other name (an IP address, localhost): path-style.
-        Ok(s3s::host::VirtualHost::new(name))
+        Ok(
+            match guard::host_bucket(host, &self.suffixes, &self.path_style_hosts)? {
+                Some(bucket) => s3s::host::VirtualHost::new(host).with_bucket(bucket),
+                None => s3s::host::VirtualHost::new(host),
+            },
+        )
     }
 }
 
@@ -149,6 +138,7 @@ struct GatewayRoute {
     identities: HashMap<String, String>,
     upstream: Arc<UpstreamCredentials>,
     suffixes: Vec<String>,
+    path_style_hosts: Vec<String>,
 }
 
 #[async_trait::async_trait]
@@ -173,7 +163,20 @@ impl S3Route for GatewayRoute {
             .and_then(|c| self.identities.get(&c.access_key))
             .cloned()
             .ok_or_else(|| s3_error!(AccessDenied))?;
+        guard::check_signed_headers(&req.method, &req.uri, &req.headers)?;
         let target = self.locate(&req)?;
+        // Routes are chosen by path; a virtual-host request's bucket is not in its path. The
+        // route serving it must be the one its path-style form selects, or a Host would let
+        // a client reach another route's buckets with this route's keys and credentials.
+        match crate::pipeline::route::select(&info.state.config.routes, &target.upstream_path) {
+            Ok((r, _)) if std::ptr::eq(r, route) => {}
+            _ => {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::AccessDenied,
+                    "this bucket is not served by the route the request reached",
+                ));
+            }
+        }
         let ctx = Ctx {
             state: info.state.clone(),
             route,
@@ -182,6 +185,14 @@ impl S3Route for GatewayRoute {
             target,
             upstream: self.upstream.clone(),
         };
+        if cfg.clear_metadata == crate::config::ClearMetadata::Refuse {
+            guard::check_clear_metadata(
+                &req.method,
+                ctx.target.key.is_some(),
+                req.uri.query(),
+                &req.headers,
+            )?;
+        }
         let op = Op::classify(
             &req.method,
             &req.uri,
@@ -220,12 +231,7 @@ impl GatewayRoute {
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri.host())
             .unwrap_or("");
-        let host = host.split(':').next().unwrap_or("");
-        let vh_bucket = self.suffixes.iter().find_map(|s| {
-            host.strip_suffix(s.as_str())
-                .and_then(|b| b.strip_suffix('.'))
-                .filter(|b| !b.is_empty())
-        });
+        let vh_bucket = guard::host_bucket(host, &self.suffixes, &self.path_style_hosts)?;
         let decode = |s: &str| {
             crate::config::pattern::percent_decode(s).ok_or_else(|| s3_error!(InvalidURI))
         };
@@ -639,19 +645,36 @@ impl Ctx<'_> {
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let len = headers.get(header::CONTENT_LENGTH).cloned();
         strip_request_headers(&mut headers);
         unmark_conditionals(&mut headers);
         for (k, v) in kept {
             headers.insert(k, v);
         }
-        if let Some(v) = len {
-            headers.insert(header::CONTENT_LENGTH, v);
-        }
         let uri = self.upstream_uri(&req.uri)?;
-        let body = TryStreamExt::map_err(req.input, |e| e as BoxError);
+        // Only small documents of known subresources pass (never object data): read them
+        // whole, bounded, and check what they are before anything goes upstream.
+        let want = guard::pass_body(&req.method, self.target.key.is_some(), req.uri.query());
+        let body = http_body_util::Limited::new(req.input, guard::MAX_PASSTHROUGH_BODY)
+            .collect()
+            .await
+            .map_err(|_| {
+                S3Error::with_message(
+                    S3ErrorCode::InvalidRequest,
+                    "the request body is too large for this operation, or failed",
+                )
+            })?
+            .to_bytes();
+        guard::check_pass_body(want, &body)?;
+        if !body.is_empty() || matches!(req.method, Method::PUT | Method::POST) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         let resp = self
-            .send(req.method.clone(), uri, headers, boxed_stream(body))
+            .send(
+                req.method.clone(),
+                uri,
+                headers,
+                crate::pipeline::full_body(body),
+            )
             .await?;
         Ok(Self::forward(resp))
     }

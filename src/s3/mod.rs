@@ -2,6 +2,7 @@ pub mod checksum;
 pub mod copy;
 pub mod etag;
 pub mod gateway;
+mod guard;
 pub mod listing;
 pub mod multipart;
 pub mod offline;

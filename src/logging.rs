@@ -1,0 +1,44 @@
+//! The log subscriber: `ENVELOPE_PROXY_LOG` (an `EnvFilter`, default `info`), capped so that
+//! no setting can make a dependency print a credential.
+//!
+//! Some libraries log what they hold at debug and trace: s3s logs every request (its
+//! Authorization header, presigned query strings) and, on a failed check, the signature it
+//! *expected* — a valid signature for the forged request, i.e. a signing oracle; aws-sigv4
+//! logs canonical requests and strings to sign; hyper, h2 and rustls log frames and headers.
+//! Their events are capped below (a second filter that every event must also pass), so even
+//! `ENVELOPE_PROXY_LOG=trace` or `s3s=trace` cannot bring them back. The proxy's own events
+//! never carry secrets (the house rule), so they are not capped.
+
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The most verbose level each dependency that sees secrets may log at. Targets match by
+/// prefix (`aws_` covers aws-sigv4, aws-smithy-*, aws-config, aws-sdk-kms; `hyper` covers
+/// hyper-util).
+pub fn dependency_caps() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        // s3s: requests (Authorization, presigned URLs) at debug, expected signatures at debug.
+        .with_target("s3s", LevelFilter::WARN)
+        // aws-sigv4 (canonical requests, strings to sign), the smithy runtime (requests).
+        .with_target("aws_", LevelFilter::INFO)
+        .with_target("hyper", LevelFilter::INFO)
+        .with_target("h2", LevelFilter::INFO)
+        .with_target("rustls", LevelFilter::INFO)
+        .with_target("tokio_rustls", LevelFilter::INFO)
+        .with_target("tower", LevelFilter::INFO)
+        .with_target("cryptoki", LevelFilter::INFO)
+}
+
+/// Install the process's subscriber (stderr), filtered by `ENVELOPE_PROXY_LOG` and capped by
+/// [`dependency_caps`]. `log` records (rustls) are bridged and capped the same way.
+pub fn init() {
+    let env =
+        EnvFilter::try_from_env("ENVELOPE_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(env.and(dependency_caps()));
+    tracing_subscriber::registry().with(layer).init();
+}
