@@ -368,7 +368,9 @@ pub async fn decrypt_offline(
     json_fields::open_body(&jr_one, &meta, &key_ctx, &keys, &mut doc)
         .await
         .map_err(|e| match e {
-            crate::error::ProxyError::DecryptFailed(f) => format!("does not decrypt: {f}"),
+            crate::error::ProxyError::DecryptFailed(f, place) => {
+                format!("does not decrypt ({place}): {f}")
+            }
             other => other.to_string(),
         })?;
     let out = match single {

@@ -29,6 +29,24 @@ pub enum DecryptFailure {
     Backend(BackendError),
 }
 
+/// Where a value that did not open sits in the response: the configured field path and, in a
+/// list, the document's position (0-based, in the order the documents appear). Config names
+/// and positions only, never content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValuePlace {
+    pub document: Option<usize>,
+    pub field: String,
+}
+
+impl std::fmt::Display for ValuePlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.document {
+            Some(d) => write!(f, "document {d}, field {}", self.field),
+            None => write!(f, "field {}", self.field),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     // -- the client's fault (4xx) -----------------------------------------------------------
@@ -52,8 +70,8 @@ pub enum ProxyError {
     ClientBody,
 
     // -- stored data's fault ----------------------------------------------------------------
-    #[error("a stored value could not be decrypted")]
-    DecryptFailed(DecryptFailure),
+    #[error("a stored value could not be decrypted ({1})")]
+    DecryptFailed(DecryptFailure, ValuePlace),
 
     // -- the upstream's fault (502/504) -----------------------------------------------------
     #[error("upstream unavailable")]
@@ -62,6 +80,10 @@ pub enum ProxyError {
     UpstreamTimeout,
     #[error("upstream response could not be processed: {0}")]
     UpstreamResponse(&'static str),
+    #[error(
+        "the upstream answered with a body that is not JSON; this route serves JSON only (its stored values are sealed)"
+    )]
+    NonJsonResponse,
 
     // -- the key backend ---------------------------------------------------------------------
     #[error("key backend: {0}")]
@@ -103,10 +125,12 @@ impl ProxyError {
             CaseVariant => (StatusCode::BAD_REQUEST, "case_variant_field", false),
             ClientBody => (StatusCode::BAD_REQUEST, "bad_body", false),
             // What storage returned does not decrypt: the proxy cannot serve it.
-            DecryptFailed(_) => (StatusCode::BAD_GATEWAY, "decrypt_failed", false),
+            DecryptFailed(..) => (StatusCode::BAD_GATEWAY, "decrypt_failed", false),
             UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable", true),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", true),
             UpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "bad_upstream_response", false),
+            // Sealed values would reach the client as data (JSONP, text): refuse.
+            NonJsonResponse => (StatusCode::BAD_GATEWAY, "non_json_response", false),
             // Only a wrapped key its backend refused as invalid blames the stored data.
             KeyBackend(BackendError::InvalidCiphertext) => {
                 (StatusCode::BAD_GATEWAY, "decrypt_failed", false)
@@ -151,8 +175,11 @@ impl ProxyError {
     /// What the peer is told. Decryption and internal details stay in the logs.
     fn public_message(&self) -> String {
         match self {
-            ProxyError::DecryptFailed(_)
-            | ProxyError::KeyBackend(BackendError::InvalidCiphertext) => {
+            // Which document and field, so a client can find the record in a list.
+            ProxyError::DecryptFailed(_, place) => {
+                format!("a stored value could not be decrypted for this request ({place})")
+            }
+            ProxyError::KeyBackend(BackendError::InvalidCiphertext) => {
                 "a stored value could not be decrypted for this request".into()
             }
             ProxyError::Internal(_) => "internal error".into(),

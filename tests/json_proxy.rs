@@ -920,3 +920,207 @@ async fn a_running_proxy_refuses_a_restored_older_keyring() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What a canned upstream answers: the status line and headers (no blank line), and the body.
+type Canned = std::sync::Arc<std::sync::Mutex<(String, String)>>;
+
+/// An upstream that answers every request with what `Canned` holds at the time, so the tests
+/// can send what json-server never does.
+async fn canned_upstream() -> (String, Canned) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let canned: Canned = Default::default();
+    let answer = canned.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let (head, body) = answer.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!("{head}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let _ = conn.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), canned)
+}
+
+/// The users route, and the same route (same key and contexts) in front of `canned` under
+/// `/canned/...`, in one proxy: what the canned store serves was sealed by the same keys.
+async fn with_canned_route(js: &JsonServer, canned: &str) -> Proxy {
+    let second = users_route(canned, "").replace(
+        "name = \"users\"\npath = \"/tenants",
+        "name = \"canned\"\npath = \"/canned/tenants",
+    );
+    Proxy::start(&format!("{}{second}", users_route(&js.url(), "")), "").await
+}
+
+#[tokio::test]
+async fn non_json_success_responses_are_refused_never_streamed_with_tokens() {
+    let (js, proxy, http) = setup("").await;
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("j1"))
+        .await;
+    // json-server answers JSONP (`?callback=`) as JavaScript, the stored tokens inside.
+    let direct = http
+        .get(&format!("{}/users/j1?callback=cb", js.url()), &[])
+        .await;
+    assert!(direct.text().contains("enc:v1:"), "{}", direct.text());
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/j1?callback=cb"), &[REGION])
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.error_code(), "non_json_response");
+    assert!(!r.text().contains("enc:v1:"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        proxy
+            .audit_lines()
+            .iter()
+            .any(|l| l["reason"] == "non_json_response" && l["outcome"] == "error")
+    );
+
+    // A route that declares its store's other representations passes them as they are.
+    let opaque = Proxy::start(
+        &users_route(&js.url(), "dangerous_opaque_responses = true"),
+        "",
+    )
+    .await;
+    let r = http
+        .get(&opaque.url("/tenants/acme/users/j1?callback=cb"), &[REGION])
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.text().contains("enc:v1:"));
+    // Errors and empty successes are not data: they pass on any route.
+    let r = http
+        .get(&proxy.url("/tenants/acme/nothing-here"), &[REGION])
+        .await;
+    assert_ne!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_connection_header_cannot_strip_the_content_type() {
+    // The tokens a real write stored, served by a store that names Content-Type in its
+    // Connection header (as if it were hop-by-hop).
+    let js = JsonServer::start();
+    let (upstream, canned) = canned_upstream().await;
+    let proxy = with_canned_route(&js, &upstream).await;
+    let http = Http::default();
+    http.post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("c1"))
+        .await;
+    let stored = http
+        .get(&format!("{}/users/c1", js.url()), &[])
+        .await
+        .text();
+    *canned.lock().unwrap() = (
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: content-type, keep-alive"
+            .into(),
+        stored,
+    );
+    let r = http
+        .get(&proxy.url("/canned/tenants/acme/users/c1"), &[REGION])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(!r.text().contains("enc:v1:"), "tokens returned as data");
+    assert_eq!(r.json(), sample("c1"));
+    assert_eq!(r.headers["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn upstream_locations_never_reach_the_client() {
+    let (js, proxy, http) = setup("").await;
+    // json-server names its own address in Location after a POST.
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("l1"))
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED);
+    let direct = http
+        .post_json(
+            &format!("{}/users", js.url()),
+            &[],
+            &json!({"id": "direct"}),
+        )
+        .await;
+    let direct_location = direct.headers["location"].to_str().unwrap();
+    assert!(
+        direct_location.contains(&js.port.to_string()),
+        "{direct_location}"
+    );
+    // json-server's Location names its own address and its un-tenanted path (`/users/l1`,
+    // behind its rewrite), which this route does not serve: dropped.
+    assert!(
+        direct_location.ends_with("/users/direct"),
+        "{direct_location}"
+    );
+    assert!(w.headers.get("location").is_none(), "{:?}", w.headers);
+    // A store's un-tenanted path (behind a rewrite) and links to it are dropped, and so are
+    // other hosts; links on this route become paths on the proxy.
+    let (upstream, canned) = canned_upstream().await;
+    let origin = upstream.clone();
+    *canned.lock().unwrap() = (
+        format!(
+            "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nLocation: {origin}/users/9\r\nContent-Location: http://10.1.2.3/canned/tenants/acme/users/9\r\nLink: <{origin}/canned/tenants/acme/users?_page=2>; rel=\"next\", <{origin}/users?_page=1>; rel=\"first\""
+        ),
+        "{}".into(),
+    );
+    let proxy2 = with_canned_route(&js, &upstream).await;
+    let r = http
+        .get(&proxy2.url("/canned/tenants/acme/users"), &[REGION])
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert!(r.headers.get("location").is_none(), "{:?}", r.headers);
+    assert!(r.headers.get("content-location").is_none());
+    assert_eq!(
+        r.headers["link"],
+        "</canned/tenants/acme/users?_page=2>; rel=\"next\""
+    );
+    drop(proxy);
+}
+
+#[tokio::test]
+async fn one_bad_value_in_a_list_is_redacted_alone_or_named() {
+    for mode in ["redact", "error"] {
+        let js = JsonServer::start();
+        let proxy = Proxy::start(
+            &users_route(&js.url(), &format!("on_decrypt_error = \"{mode}\"")),
+            "",
+        )
+        .await;
+        let http = Http::default();
+        for id in ["a1", "a2", "a3"] {
+            let w = http
+                .post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample(id))
+                .await;
+            assert_eq!(w.status, StatusCode::CREATED);
+        }
+        // Written around the proxy: a clear value where a token belongs, in the 2nd document.
+        tamper(&js, &http, "a2", |d| d["ssn"] = json!("999-99-9999")).await;
+        let r = http.get(&proxy.url("/tenants/acme/users"), &[REGION]).await;
+        if mode == "redact" {
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            assert_eq!(r.headers["x-envelope-redacted"], "1");
+            let list = r.json();
+            assert_eq!(list[0], sample("a1"));
+            assert_eq!(list[2], sample("a3"));
+            assert_eq!(list[1]["ssn"], Value::Null);
+            let mut rest = list[1].clone();
+            rest["ssn"] = json!("123-45-6789");
+            assert_eq!(rest, sample("a2"), "only that value is redacted");
+        } else {
+            assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+            assert_eq!(r.error_code(), "decrypt_failed");
+            let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+            assert!(message.contains("document 1, field $.ssn"), "{message}");
+            assert!(!r.text().contains("999-99-9999"));
+        }
+    }
+}

@@ -165,6 +165,8 @@ struct FileRoute {
     on_decrypt_error: Option<String>,
     #[serde(default)]
     case_insensitive_upstream: bool,
+    #[serde(default)]
+    dangerous_opaque_responses: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -373,6 +375,10 @@ pub struct JsonRoute {
     /// .NET settings): a write with a case variant of an encrypted field's name (`SSN`,
     /// `ſsn` for `ssn`) is refused, since the store would take it as that field, in clear.
     pub case_insensitive_upstream: bool,
+    /// Successful responses that are not JSON are passed to the client as they are (tokens
+    /// included) instead of being refused with 502. Only for routes whose store serves
+    /// non-JSON representations the client knows to be sealed data.
+    pub dangerous_opaque_responses: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1058,6 +1064,7 @@ fn resolve_route(
                 ("message_context", !r.message_context.is_empty()),
                 ("on_decrypt_error", r.on_decrypt_error.is_some()),
                 ("case_insensitive_upstream", r.case_insensitive_upstream),
+                ("dangerous_opaque_responses", r.dangerous_opaque_responses),
                 ("passthrough", r.passthrough),
             ] {
                 if set {
@@ -1109,6 +1116,7 @@ fn resolve_route(
             (!r.message_context.is_empty(), "message_context"),
             (r.on_decrypt_error.is_some(), "on_decrypt_error"),
             (r.case_insensitive_upstream, "case_insensitive_upstream"),
+            (r.dangerous_opaque_responses, "dangerous_opaque_responses"),
         ] {
             if set {
                 errors.push(format!(
@@ -1194,6 +1202,7 @@ fn resolve_route(
             message_context,
             on_decrypt_error,
             case_insensitive_upstream: r.case_insensitive_upstream,
+            dangerous_opaque_responses: r.dangerous_opaque_responses,
         }),
     })
 }

@@ -90,35 +90,47 @@ where
     )?;
     let resp = state.upstream.send(up_req).await?;
 
-    // The response: JSON bodies are opened; anything else passes through untouched.
+    // The response: JSON bodies are opened. A successful response that is not JSON would
+    // hand stored tokens to the client as data (JSONP, text, a store that dropped the type):
+    // refused unless the route says its store serves such representations.
     let (mut rparts, rbody) = resp.into_parts();
     upstream::strip_hop_by_hop(&mut rparts.headers);
-    if parts.method == http::Method::HEAD || !is_json(&rparts.headers) {
-        if parts.method == http::Method::HEAD {
-            rparts.headers.remove(header::CONTENT_LENGTH);
-        }
+    upstream::rewrite_locations(
+        &mut rparts.headers,
+        &route.upstream,
+        upstream::ForeignUrls::Drop,
+        |path| super::route::serves(&state.config.routes, &route.name, path),
+    );
+    if parts.method == http::Method::HEAD {
+        rparts.headers.remove(header::CONTENT_LENGTH);
         return Ok(Response::from_parts(
             rparts,
             rbody.map_err(Into::into).boxed(),
         ));
+    }
+    if !is_json(&rparts.headers) {
+        let may_carry_data = rparts.status.is_success()
+            && rparts.status != http::StatusCode::NO_CONTENT
+            && rparts.status != http::StatusCode::RESET_CONTENT;
+        if !may_carry_data || jr.dangerous_opaque_responses {
+            return Ok(Response::from_parts(
+                rparts,
+                rbody.map_err(Into::into).boxed(),
+            ));
+        }
+        // An empty body carries nothing: fine whatever its type says.
+        let body = read_response(state, rbody).await?;
+        if !body.is_empty() {
+            return Err(ProxyError::NonJsonResponse);
+        }
+        return Ok(Response::from_parts(rparts, full_body(body)));
     }
     if has_content_encoding(&rparts.headers) {
         return Err(ProxyError::UpstreamResponse(
             "compressed JSON response on an encrypting route",
         ));
     }
-    let body = tokio::time::timeout(
-        state.upstream.timeout(),
-        read_limited(rbody, settings.max_response_bytes),
-    )
-    .await
-    .map_err(|_| ProxyError::UpstreamTimeout)?
-    .map_err(|e| match e {
-        ReadError::TooLarge => {
-            ProxyError::UpstreamResponse("response larger than max_response_bytes")
-        }
-        ReadError::Body => ProxyError::UpstreamUnavailable("response body failed".into()),
-    })?;
+    let body = read_response(state, rbody).await?;
     let out = if body.is_empty() {
         body
     } else {
@@ -140,6 +152,26 @@ where
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
     Ok(Response::from_parts(rparts, full_body(out)))
+}
+
+/// The whole upstream response body, within the route's size limit and the upstream timeout.
+async fn read_response<B>(state: &AppState, body: B) -> Result<Bytes, ProxyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    tokio::time::timeout(
+        state.upstream.timeout(),
+        read_limited(body, state.config.server.max_response_bytes),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout)?
+    .map_err(|e| match e {
+        ReadError::TooLarge => {
+            ProxyError::UpstreamResponse("response larger than max_response_bytes")
+        }
+        ReadError::Body => ProxyError::UpstreamUnavailable("response body failed".into()),
+    })
 }
 
 enum ReadError {

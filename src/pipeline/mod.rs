@@ -199,6 +199,14 @@ where
                 Ok(up) => state.upstream.send(up).await.map(|resp| {
                     let (mut rparts, rbody) = resp.into_parts();
                     upstream::strip_hop_by_hop(&mut rparts.headers);
+                    // The upstream's own address never reaches the client; redirects elsewhere
+                    // (a login page) are the store's business on a pass-through route.
+                    upstream::rewrite_locations(
+                        &mut rparts.headers,
+                        &route.upstream,
+                        upstream::ForeignUrls::Keep,
+                        |path| route::serves(&state.config.routes, &route.name, path),
+                    );
                     Response::from_parts(rparts, rbody.map_err(Into::into).boxed())
                 }),
                 Err(e) => Err(e),
@@ -215,9 +223,9 @@ where
             let (resp, error) = match result {
                 Ok(resp) => (resp, None),
                 Err(e) => {
-                    if let ProxyError::DecryptFailed(f) = &e {
+                    if let ProxyError::DecryptFailed(f, place) = &e {
                         state.metrics.decrypt_failure(&route.name);
-                        tracing::warn!(route = %route.name, reason = %f, "decryption failed");
+                        tracing::warn!(route = %route.name, reason = %f, at = %place, "decryption failed");
                     } else if e.status().is_server_error() {
                         tracing::warn!(route = %route.name, error = %e, "request failed");
                     }
@@ -251,7 +259,9 @@ where
                     keys: jr.keys.iter().map(|k| k.to_string()).collect(),
                     values: outcome.sealed + outcome.opened,
                     reason: error.map(|e| match e {
-                        ProxyError::DecryptFailed(f) => format!("decrypt_failed: {f}"),
+                        ProxyError::DecryptFailed(f, place) => {
+                            format!("decrypt_failed: {f} ({place})")
+                        }
                         other => other.code().to_string(),
                     }),
                 })

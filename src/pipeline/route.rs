@@ -53,6 +53,11 @@ pub fn select<'a>(
     Ok((route, captures))
 }
 
+/// Whether `path` is served by the route named `name` (the route that [`select`] picks for it).
+pub fn serves(routes: &[Route], name: &str, path: &str) -> bool {
+    select(routes, path).is_ok_and(|(route, _)| route.name == name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ use crate::config::{JsonRoute, OnDecryptError};
 use crate::envelope::Context;
 use crate::envelope::context::FIELD_KEY;
 use crate::envelope::token::{self, ParsedToken};
-use crate::error::{DecryptFailure, ProxyError};
+use crate::error::{DecryptFailure, ProxyError, ValuePlace};
 use crate::keys::{BackendError, DataKey, KeyService, SealingKey};
 use crate::transform::json_scan::{self, CompiledPath, Kind, NodeId, Scanned};
 use crate::transform::strict_json::{self, JsonError};
@@ -528,6 +528,7 @@ pub async fn open_scanned(
     };
     let mut report = OpenReport::default();
     let mut opener = TokenOpener::new(route, key_ctx, keys);
+    let root_is_list = doc.kind(doc.root()) == Kind::Array;
     let mut contexts: Vec<Option<Result<Context, ProxyError>>> =
         docs.iter().map(|_| None).collect();
     let mut edits: Vec<(std::ops::Range<usize>, zeroize::Zeroizing<Vec<u8>>)> =
@@ -557,7 +558,8 @@ pub async fn open_scanned(
                 report.opened += 1;
             }
             Err(failure) => {
-                redact_or_fail(route, field, failure)?;
+                let document = list_position(m.doc, docs.len(), root_is_list);
+                redact_or_fail(route, field, document, failure)?;
                 edits.push((doc.span(m.node), zeroize::Zeroizing::new(b"null".to_vec())));
                 report.redacted += 1;
             }
@@ -574,23 +576,44 @@ pub async fn open_scanned(
 /// backend error of any other kind (outage, credentials, access denied, disabled key) and a
 /// record whose context is missing say nothing about the value: they fail the response as
 /// what they are (a client writing a redacted document back would erase the value for good).
+///
+/// Redaction is per value: in a list, the other documents and fields open as usual. An error
+/// names the document (in a list) and the field, so a client can find the record.
 fn redact_or_fail(
     route: &JsonRoute,
     field: &FieldPath,
+    document: Option<usize>,
     failure: DecryptFailure,
 ) -> Result<(), ProxyError> {
+    let place = || ValuePlace {
+        document,
+        field: field.source().to_string(),
+    };
     match failure {
         DecryptFailure::Backend(e) => Err(ProxyError::KeyBackend(e)),
-        DecryptFailure::MissingContext => Err(ProxyError::DecryptFailed(failure)),
+        DecryptFailure::MissingContext => Err(ProxyError::DecryptFailed(failure, place())),
         proven @ (DecryptFailure::NotAToken
         | DecryptFailure::WrappedKey
         | DecryptFailure::Message) => match route.on_decrypt_error {
-            OnDecryptError::Error => Err(ProxyError::DecryptFailed(proven)),
+            OnDecryptError::Error => Err(ProxyError::DecryptFailed(proven, place())),
             OnDecryptError::Redact => {
-                tracing::warn!(field = field.source(), reason = %proven, "value redacted: it did not decrypt");
+                tracing::warn!(field = field.source(), document, reason = %proven, "value redacted: it did not decrypt");
                 Ok(())
             }
         },
+    }
+}
+
+/// A document's position in a list response, for error messages: the index in a top-level
+/// array, or among the documents `response_documents` selects in a wrapped list (whose
+/// wrapper, document 0 of [`documents`], is no list item); `None` for a single document.
+fn list_position(index: usize, documents: usize, root_is_list: bool) -> Option<usize> {
+    if root_is_list {
+        Some(index)
+    } else if documents > 1 {
+        index.checked_sub(1)
+    } else {
+        None
     }
 }
 
@@ -616,7 +639,10 @@ pub async fn open_body(
 ) -> Result<OpenReport, ProxyError> {
     let mut report = OpenReport::default();
     let mut opener = TokenOpener::new(route, key_ctx, keys);
-    for doc_loc in documents(route, body)? {
+    let root_is_list = body.is_array();
+    let docs = documents(route, body)?;
+    let n_docs = docs.len();
+    for (doc_index, doc_loc) in docs.into_iter().enumerate() {
         let msg_ctx = match get(body, &doc_loc) {
             Some(doc) => message_context(route, meta, doc, key_ctx),
             None => continue,
@@ -648,7 +674,8 @@ pub async fn open_body(
                         report.opened += 1;
                     }
                     Err(failure) => {
-                        redact_or_fail(route, field, failure)?;
+                        let document = list_position(doc_index, n_docs, root_is_list);
+                        redact_or_fail(route, field, document, failure)?;
                         *slot = Value::Null;
                         report.redacted += 1;
                     }
