@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::s3::{CLIENT_KEY, CLIENT_SECRET, raw_get, secret_file};
+use common::s3::{CLIENT_KEY, CLIENT_SECRET, presign, raw_get, secret_file};
 use common::{Http, Moto, free_port};
 use envelope_proxy::s3::sign::{UpstreamCredentials, sign_request};
 use http_body_util::BodyExt;
@@ -47,27 +46,6 @@ async fn send_signed(
     let status = resp.status();
     let _ = resp.into_body().collect().await;
     (status, auth)
-}
-
-fn presign(endpoint: &str, key: &str) -> String {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/venv/bin/python");
-    let script = format!(
-        "import boto3; from botocore.config import Config\n\
-         c = boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{CLIENT_KEY}', \
-         aws_secret_access_key='{CLIENT_SECRET}', region_name='us-east-1', \
-         config=Config(signature_version='s3v4', s3={{'addressing_style': 'path'}}))\n\
-         print(c.generate_presigned_url('get_object', Params={{'Bucket': 'log-bucket', 'Key': '{key}'}}, ExpiresIn=300))"
-    );
-    let out = Command::new(&python)
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// Runs of exactly 64 hex digits: SigV4 signatures (client, expected, upstream).
@@ -167,11 +145,12 @@ path = "{d}/audit.log"
     assert_eq!(raw_get(&moto, "log-bucket", "forged.txt").await.0, 404);
     // A presigned URL, and a tampered one.
     let http = Http::default();
-    let url = presign(&endpoint, "doc.txt");
+    let url = presign(&endpoint, "s3v4", "get_object", "log-bucket", "doc.txt");
     let r = http.get(&url, &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let url_signature = url.split("X-Amz-Signature=").nth(1).unwrap().to_string();
-    let tampered = presign(&endpoint, "doc.txt").replace("X-Amz-Signature=", "X-Amz-Signature=0");
+    let tampered = presign(&endpoint, "s3v4", "get_object", "log-bucket", "doc.txt")
+        .replace("X-Amz-Signature=", "X-Amz-Signature=0");
     let tampered = tampered[..tampered.len() - 1].to_string();
     let r = http.get(&tampered, &[]).await;
     assert_eq!(r.status, 403, "{}", r.text());

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -163,25 +162,8 @@ async fn presigned_urls_v4_and_v2_work_and_tampering_is_refused() {
     )
     .await;
     assert_eq!(put.status, 200);
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/venv/bin/python");
     let presign = |version: &str| {
-        let script = format!(
-            "import boto3; from botocore.config import Config\n\
-             c = boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{CLIENT_KEY}', \
-             aws_secret_access_key='{CLIENT_SECRET}', region_name='us-east-1', \
-             config=Config(signature_version='{version}', s3={{'addressing_style': 'path'}}))\n\
-             print(c.generate_presigned_url('get_object', Params={{'Bucket': 'raw-bucket', 'Key': 'shared.txt'}}, ExpiresIn=300))"
-        );
-        let out = std::process::Command::new(&python)
-            .args(["-c", &script])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        common::s3::presign(&endpoint, version, "get_object", "raw-bucket", "shared.txt")
     };
     let http = Http::default();
     let v4 = http.get(&presign("s3v4"), &[]).await;
@@ -413,28 +395,6 @@ async fn signed_then_added(
     }
 }
 
-/// A presigned URL made by boto3 (path-style, against the proxy).
-fn boto3_presign(endpoint: &str, method: &str, bucket: &str, key: &str) -> String {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/venv/bin/python");
-    let script = format!(
-        "import boto3; from botocore.config import Config\n\
-         c = boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{CLIENT_KEY}', \
-         aws_secret_access_key='{CLIENT_SECRET}', region_name='us-east-1', \
-         config=Config(signature_version='s3v4', s3={{'addressing_style': 'path'}}))\n\
-         print(c.generate_presigned_url('{method}', Params={{'Bucket': '{bucket}', 'Key': '{key}'}}, ExpiresIn=300))"
-    );
-    let out = std::process::Command::new(&python)
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// Issue #8, item 1: an `x-amz-*` header outside the signature changes what a signed request
 /// does (a presigned PUT becomes a CopyObject of the payroll). It is refused, as AWS does.
 #[tokio::test(flavor = "multi_thread")]
@@ -451,7 +411,13 @@ async fn unsigned_amz_headers_are_refused() {
     assert_eq!(put.status, 200, "{}", put.text());
     let http = Http::default();
     // A presigned PUT (SignedHeaders=host) for public/upload.txt, with an added copy source.
-    let url = boto3_presign(&endpoint, "put_object", "raw-bucket", "public/upload.txt");
+    let url = common::s3::presign(
+        &endpoint,
+        "s3v4",
+        "put_object",
+        "raw-bucket",
+        "public/upload.txt",
+    );
     assert!(url.contains("X-Amz-SignedHeaders=host&"), "{url}");
     for extra in [
         ("x-amz-copy-source", "raw-bucket/private/payroll.csv"),

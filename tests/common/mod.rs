@@ -361,6 +361,29 @@ pub mod s3 {
     pub const CLIENT_KEY: &str = "AKIAAPPEXAMPLE";
     pub const CLIENT_SECRET: &str = "app-secret-for-tests-only";
 
+    /// A presigned URL made by boto3 for the test client (path-style, against `endpoint`):
+    /// `version` is botocore's `s3v4` or `s3` (SigV2), `method` a client method name.
+    pub fn presign(endpoint: &str, version: &str, method: &str, bucket: &str, key: &str) -> String {
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/venv/bin/python");
+        let script = format!(
+            "import boto3; from botocore.config import Config\n\
+             c = boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{CLIENT_KEY}', \
+             aws_secret_access_key='{CLIENT_SECRET}', region_name='us-east-1', \
+             config=Config(signature_version='{version}', s3={{'addressing_style': 'path'}}))\n\
+             print(c.generate_presigned_url('{method}', Params={{'Bucket': '{bucket}', 'Key': '{key}'}}, ExpiresIn=300))"
+        );
+        let out = std::process::Command::new(&python)
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
     pub fn secret_file(dir: &Path, name: &str, value: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let p = dir.join(name);
