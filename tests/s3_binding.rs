@@ -142,20 +142,42 @@ async fn objects_copied_by_storage_to_another_key_do_not_open() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = client(Method::GET, &format!("{base}/records/{ALICE}"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{base}/records/{ALICE}"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!((r.status, &r.body[..]), (http::StatusCode::OK, SECRET));
 
     // Storage copies alice's object (with its metadata) over bob's key, and into another
     // bucket under the same name.
-    storage_copy(&moto, &format!("/records/{ALICE}"), &format!("/records/{BOB}")).await;
-    storage_copy(&moto, &format!("/records/{ALICE}"), &format!("/records-b/{ALICE}")).await;
+    storage_copy(
+        &moto,
+        &format!("/records/{ALICE}"),
+        &format!("/records/{BOB}"),
+    )
+    .await;
+    storage_copy(
+        &moto,
+        &format!("/records/{ALICE}"),
+        &format!("/records-b/{ALICE}"),
+    )
+    .await;
     for (path, range) in [
         (format!("records/{BOB}"), None),
         (format!("records/{BOB}"), Some("bytes=0-9")),
         (format!("records-b/{ALICE}"), None),
     ] {
         let headers: Vec<(&str, &str)> = range.iter().map(|r| ("range", *r)).collect();
-        let r = client(Method::GET, &format!("{base}/{path}"), &headers, Bytes::new()).await;
+        let r = client(
+            Method::GET,
+            &format!("{base}/{path}"),
+            &headers,
+            Bytes::new(),
+        )
+        .await;
         assert_refused(&r, &path);
     }
     // A copy through the gateway is re-sealed for its new key and reads back.
@@ -168,7 +190,13 @@ async fn objects_copied_by_storage_to_another_key_do_not_open() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = client(Method::GET, &format!("{base}/records/{dest}"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{base}/records/{dest}"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!((r.status, &r.body[..]), (http::StatusCode::OK, SECRET));
     let (_, source_stored) = raw_get(&moto, "records", ALICE).await;
     let (_, copy_stored) = raw_get(&moto, "records", dest).await;
@@ -176,7 +204,9 @@ async fn objects_copied_by_storage_to_another_key_do_not_open() {
     assert_ne!(source_stored, copy_stored, "the copy was not re-sealed");
     let head = storage(&moto, Method::HEAD, &format!("/records/{dest}"), &[]).await;
     assert_eq!(
-        head.headers.get("x-amz-meta-ep-format").map(|v| v.as_bytes()),
+        head.headers
+            .get("x-amz-meta-ep-format")
+            .map(|v| v.as_bytes()),
         Some(&b"2"[..])
     );
     // A copy onto itself (metadata REPLACE) stays in place and still reads.
@@ -192,7 +222,13 @@ async fn objects_copied_by_storage_to_another_key_do_not_open() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = client(Method::GET, &format!("{base}/records/{ALICE}"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{base}/records/{ALICE}"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!((r.status, &r.body[..]), (http::StatusCode::OK, SECRET));
     assert_eq!(unbound_reads(&proxy), 0);
 }
@@ -255,17 +291,30 @@ async fn multipart_objects_copied_by_storage_to_another_key_do_not_open() {
     assert_eq!((r.status, &r.body[..]), (http::StatusCode::OK, SECRET));
     let head = storage(&moto, Method::HEAD, &format!("/records/{ALICE}"), &[]).await;
     assert_eq!(
-        head.headers.get("x-amz-meta-ep-format").map(|v| v.as_bytes()),
+        head.headers
+            .get("x-amz-meta-ep-format")
+            .map(|v| v.as_bytes()),
         Some(&b"2"[..])
     );
 
-    storage_copy(&moto, &format!("/records/{ALICE}"), &format!("/records/{BOB}")).await;
+    storage_copy(
+        &moto,
+        &format!("/records/{ALICE}"),
+        &format!("/records/{BOB}"),
+    )
+    .await;
     let bob = format!("{base}/records/{BOB}");
     for headers in [vec![], vec![("range", "bytes=3-12")]] {
         let r = client(Method::GET, &bob, &headers, Bytes::new()).await;
         assert_refused(&r, "multipart copied by storage");
     }
-    let r = client(Method::GET, &format!("{bob}?partNumber=1"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{bob}?partNumber=1"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_refused(&r, "part 1 of a multipart copied by storage");
 }
 
@@ -323,7 +372,13 @@ async fn legacy_objects_stay_readable_counted_and_a_stripped_marker_does_not_ope
     let base = format!("http://{}", proxy.addr);
     put_legacy_object(&proxy, &moto, "records", "old.txt", SECRET).await;
     assert_eq!(unbound_reads(&proxy), 0);
-    let r = client(Method::GET, &format!("{base}/records/old.txt"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{base}/records/old.txt"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!((r.status, &r.body[..]), (http::StatusCode::OK, SECRET));
     assert_eq!(unbound_reads(&proxy), 1);
     let r = client(
@@ -349,10 +404,18 @@ async fn legacy_objects_stay_readable_counted_and_a_stripped_marker_does_not_ope
     assert_eq!(counted, 3, "the copy read a v1 source");
     let head = storage(&moto, Method::HEAD, "/records/old.txt", &[]).await;
     assert_eq!(
-        head.headers.get("x-amz-meta-ep-format").map(|v| v.as_bytes()),
+        head.headers
+            .get("x-amz-meta-ep-format")
+            .map(|v| v.as_bytes()),
         Some(&b"2"[..])
     );
-    let r = client(Method::GET, &format!("{base}/records/old.txt"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{base}/records/old.txt"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!((r.status, &r.body[..]), (http::StatusCode::OK, SECRET));
     assert_eq!(unbound_reads(&proxy), counted, "a v2 read is not counted");
 
@@ -374,7 +437,13 @@ async fn legacy_objects_stay_readable_counted_and_a_stripped_marker_does_not_ope
     assert_eq!(r.status, 200, "{}", r.text());
     let stripped = storage(&moto, Method::HEAD, "/records/old.txt", &[]).await;
     assert!(!stripped.headers.contains_key("x-amz-meta-ep-format"));
-    let r = client(Method::GET, &format!("{base}/records/old.txt"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{base}/records/old.txt"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_refused(&r, "a v2 object without its marker");
 }
 
@@ -392,7 +461,13 @@ async fn routes_can_refuse_legacy_objects() {
     make_buckets(&proxy, &["records"]).await;
     let base = format!("http://{}", proxy.addr);
     put_legacy_object(&proxy, &moto, "records", "old.txt", SECRET).await;
-    let r = client(Method::GET, &format!("{base}/records/old.txt"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{base}/records/old.txt"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.status, 403, "{}", r.text());
     assert_refused(&r, "a legacy object on a refusing route");
     // New objects are v2 and read.
@@ -404,6 +479,12 @@ async fn routes_can_refuse_legacy_objects() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = client(Method::GET, &format!("{base}/records/new.txt"), &[], Bytes::new()).await;
+    let r = client(
+        Method::GET,
+        &format!("{base}/records/new.txt"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!((r.status, &r.body[..]), (http::StatusCode::OK, SECRET));
 }

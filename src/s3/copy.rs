@@ -22,8 +22,8 @@ use http::{Method, StatusCode};
 use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
 
 use super::gateway::{
-    Ctx, META_ENVELOPE, META_FORMAT, META_OBJECT_ID, ObjectFormat, Target, internal, remove_headers_where,
-    strip_request_headers, unmark_conditionals,
+    Ctx, META_ENVELOPE, META_FORMAT, META_OBJECT_ID, ObjectFormat, Target, internal,
+    remove_headers_where, strip_request_headers, unmark_conditionals,
 };
 use super::{etag, multipart};
 use crate::config::template::Source;

@@ -503,7 +503,10 @@ pub(super) fn unmark_conditionals(headers: &mut HeaderMap) {
 pub(super) fn set_format_marker(headers: &mut HeaderMap, format: ObjectFormat) {
     headers.remove(META_FORMAT);
     if let Some(v) = format.marker() {
-        headers.insert(HeaderName::from_static(META_FORMAT), HeaderValue::from_static(v));
+        headers.insert(
+            HeaderName::from_static(META_FORMAT),
+            HeaderValue::from_static(v),
+        );
     }
 }
 
