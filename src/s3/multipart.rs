@@ -5,13 +5,17 @@
 //! - **CreateMultipartUpload** picks a data key for the key context (as PutObject does) and a
 //!   random 16-byte object id, and forwards Create with the reserved metadata
 //!   `x-amz-meta-ep-envelope` = base64url(envelope header) (no C2SP header: each part carries
-//!   its own), `x-amz-meta-ep-object` = the object id (hex) and `x-amz-meta-ep-multipart` = `1`.
+//!   its own), `x-amz-meta-ep-object` = the object id (hex), `x-amz-meta-ep-multipart` = `1`
+//!   and `x-amz-meta-ep-format` = `2` (bound to bucket and key, FORMAT.md §9).
 //! - S3 has no way to read an in-progress upload's metadata at UploadPart time, so the client
 //!   gets the proxy's own **upload id**:
 //!
 //!   ```text
-//!   <upstream upload id> "." base64url-nopad(u16be(len header) ‖ envelope header ‖ object id (16))
+//!   <upstream upload id> "." base64url-nopad(u16be(len header) ‖ envelope header ‖ object id (16) ‖ [2])
 //!   ```
+//!
+//!   (the trailing `2`, the object format, is absent from ids issued before format 2: their
+//!   parts are still sealed in format 1, so uploads in flight across an upgrade stay readable).
 //!
 //!   Nothing in it is secret (the data key in the header is wrapped). The proxy stays
 //!   stateless (any replica serves any request). A client that alters it only makes its own
@@ -19,7 +23,9 @@
 //!   under the request's key context. Requests with `uploadId` are split back; a bare upstream
 //!   id (from ListMultipartUploads) is accepted by AbortMultipartUpload and ListParts only.
 //! - **UploadPart** seals the part as its own C2SP message (header, chunks, final chunk), with
-//!   the message context = key context + `ep:object` + `ep:part` = the part number (decimal),
+//!   the message context = the object context (key context + `ep:object`, and in format 2
+//!   `ep:bucket` + `ep:key` of the UploadPart request itself: a part sent for another key does
+//!   not open in the upload's object) + `ep:part` = the part number (decimal),
 //!   streamed exactly like PutObject ([`Ctx::send_sealed`]).
 //! - **CompleteMultipartUpload** requires parts numbered 1..N without gaps (a part is bound to
 //!   its number, which must be its position in the object), every non-final part of the same

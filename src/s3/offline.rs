@@ -318,6 +318,15 @@ mod tests {
         let m = parse_metadata(lines).unwrap();
         assert_eq!(m.envelope, "BBBB");
         assert_eq!(m.multipart, None, "no ep-multipart: a single-part object");
+        assert_eq!(
+            m.format,
+            ObjectFormat::Unbound,
+            "no ep-format: legacy format 1"
+        );
+        let v2 = r#"{"Metadata": {"ep-envelope": "A", "ep-object": "01", "ep-format": "2"}}"#;
+        assert_eq!(parse_metadata(v2).unwrap().format, ObjectFormat::Bound);
+        let v3 = r#"{"Metadata": {"ep-envelope": "A", "ep-object": "01", "ep-format": "3"}}"#;
+        assert!(parse_metadata(v3).is_err(), "an unknown format is refused");
         assert!(parse_metadata(r#"{"Metadata": {"ep-object": "01"}}"#).is_err());
         let bad = "x-amz-meta-ep-envelope: B\nx-amz-meta-ep-object: 01\nx-amz-meta-ep-multipart: 1\nx-amz-mp-parts-count: many\n";
         assert!(parse_metadata(bad).is_err());
