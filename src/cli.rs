@@ -78,6 +78,12 @@ enum Command {
         /// File with the object's metadata.
         #[arg(long)]
         metadata: PathBuf,
+        /// The object's bucket (required, with --key, for objects in format 2).
+        #[arg(long, requires = "key")]
+        bucket: Option<String>,
+        /// The object's key as S3 stores it (not URL-encoded).
+        #[arg(long, requires = "bucket")]
+        key: Option<String>,
     },
     /// Check an audit log: its keyed chain (the audit key comes from --config) and, with
     /// --checkpoints, that no line named by a checkpoint was cut off the end.
@@ -241,6 +247,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             route,
             context,
             metadata,
+            bucket,
+            key,
         } => {
             let cfg = load(&cli.config)?;
             let meta = std::fs::read_to_string(&metadata)
@@ -250,6 +258,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 &cfg,
                 route.as_deref(),
                 &given,
+                bucket.as_deref().zip(key.as_deref()),
                 &meta,
                 std::io::stdin().lock(),
                 std::io::stdout().lock(),

@@ -44,6 +44,7 @@ pub struct Metrics {
     fields_opened: Family<RouteLabels, Counter>,
     decrypt_failures: Family<RouteLabels, Counter>,
     plaintext_reads: Family<RouteLabels, Counter>,
+    unbound_object_reads: Family<RouteLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +69,7 @@ impl Metrics {
         let fields_opened = Family::<RouteLabels, Counter>::default();
         let decrypt_failures = Family::<RouteLabels, Counter>::default();
         let plaintext_reads = Family::<RouteLabels, Counter>::default();
+        let unbound_object_reads = Family::<RouteLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests handled, by route and status",
@@ -123,6 +125,11 @@ impl Metrics {
             "Unencrypted objects served (dangerous_allow_plaintext_reads)",
             plaintext_reads.clone(),
         );
+        registry.register(
+            "unbound_object_reads",
+            "Legacy (v1) S3 objects served that are not bound to their bucket and key",
+            unbound_object_reads.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -136,6 +143,7 @@ impl Metrics {
             fields_opened,
             decrypt_failures,
             plaintext_reads,
+            unbound_object_reads,
         }
     }
 
@@ -233,6 +241,14 @@ impl Metrics {
 
     pub fn plaintext_read(&self, route: &str) {
         self.plaintext_reads
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn unbound_read(&self, route: &str) {
+        self.unbound_object_reads
             .get_or_create(&RouteLabels {
                 route: route.to_string(),
             })

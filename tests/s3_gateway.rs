@@ -80,6 +80,7 @@ async fn run_script(
 fn check_offline_decrypt(proxy: &Proxy, bucket: &str) {
     let out_dir = std::env::temp_dir().join(format!("ep-{bucket}"));
     let stored = std::fs::read(out_dir.join("stored.bin")).unwrap();
+    let key = std::fs::read_to_string(out_dir.join("key.txt")).unwrap();
     let decrypt = |context: &str, body: &[u8]| {
         let body_file = out_dir.join("body-under-test.bin");
         std::fs::write(&body_file, body).unwrap();
@@ -94,6 +95,10 @@ fn check_offline_decrypt(proxy: &Proxy, bucket: &str) {
                 context,
                 "--metadata",
                 out_dir.join("meta.json").to_str().unwrap(),
+                "--bucket",
+                bucket,
+                "--key",
+                &key,
             ])
             .stdin(std::fs::File::open(body_file).unwrap())
             .output()

@@ -1065,6 +1065,12 @@ struct S3ObjectVector {
     /// Hex of the 16-byte object id; the message context is the key context plus
     /// `ep:object` = this, and for a multipart object `ep:part` = the part number (decimal).
     object_id: String,
+    /// Format 2 (metadata `ep-format: 2`) also binds `ep:bucket` = `bucket` and `ep:key` =
+    /// `key`; format 1 (no `bucket`/`key` fields, no marker) is the legacy, unbound format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bucket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
     multipart: bool,
     /// The reserved metadata as stored (header names without `x-amz-meta-`).
     metadata: BTreeMap<String, String>,
@@ -1099,6 +1105,10 @@ impl S3ObjectVector {
     fn message_context(&self, part: Option<usize>) -> BTreeMap<String, String> {
         let mut c = self.key_context.clone();
         c.insert("ep:object".into(), self.object_id.clone());
+        if let (Some(bucket), Some(key)) = (&self.bucket, &self.key) {
+            c.insert("ep:bucket".into(), bucket.clone());
+            c.insert("ep:key".into(), key.clone());
+        }
         if let Some(n) = part {
             c.insert("ep:part".into(), n.to_string());
         }
@@ -1114,6 +1124,13 @@ impl S3ObjectVector {
     fn part_number(&self, i: usize) -> Option<usize> {
         self.multipart.then_some(i + 1)
     }
+    fn bound(&self) -> bool {
+        self.bucket.is_some()
+    }
+}
+
+fn key_of(o: &S3ObjectVector) -> [u8; 32] {
+    unhex_array(&o.data_key)
 }
 
 fn load_s3() -> S3Vectors {
@@ -1125,7 +1142,27 @@ fn load_s3() -> S3Vectors {
 fn s3_object_vectors_reproduce_and_open() {
     let v = load_s3();
     assert!(v.objects.iter().any(|o| o.multipart) && v.objects.iter().any(|o| !o.multipart));
+    assert!(v.objects.iter().any(|o| o.multipart && o.bound()));
+    assert!(v.objects.iter().any(|o| !o.multipart && o.bound()));
     for o in &v.objects {
+        assert_eq!(o.bucket.is_some(), o.key.is_some(), "{}", o.description);
+        // The crate's object context (the gateway's and decrypt-object's) is the reference's.
+        let format = if o.bound() {
+            envelope_proxy::transform::s3_object::ObjectFormat::Bound
+        } else {
+            envelope_proxy::transform::s3_object::ObjectFormat::Unbound
+        };
+        assert_eq!(
+            format.object_context(
+                &to_context(&o.key_context),
+                &o.object_id,
+                o.bucket.as_deref().unwrap_or(""),
+                o.key.as_deref().unwrap_or("")
+            ),
+            to_context(&o.message_context(None)),
+            "{}",
+            o.description
+        );
         let key: [u8; 32] = unhex_array(&o.data_key);
         let header = o.header_bytes();
         assert_eq!(hex::encode(&header), o.header_hex, "{}", o.description);
@@ -1192,6 +1229,10 @@ fn s3_object_vectors_reproduce_and_open() {
             o.metadata.get("ep-multipart").map(String::as_str),
             o.multipart.then_some("1")
         );
+        assert_eq!(
+            o.metadata.get("ep-format").map(String::as_str),
+            o.bound().then_some("2")
+        );
     }
 }
 
@@ -1222,6 +1263,36 @@ fn s3_object_tampering_fails() {
                 reference::chunked_open(&key, &bind, &bad).is_none(),
                 "{}: flip at {at}",
                 o.description
+            );
+        }
+        if o.bound() {
+            // Format 2 is bound to its place: under another key or bucket it does not open,
+            // nor as format 1 (its marker stripped).
+            for (bucket, key) in [
+                (o.bucket.clone(), Some("tenants/bob/record.txt".to_string())),
+                (Some("another-bucket".to_string()), o.key.clone()),
+                (None, None),
+            ] {
+                let mut moved = o.clone();
+                moved.bucket = bucket;
+                moved.key = key;
+                assert!(
+                    reference::chunked_open(&key_of(o), &moved.binding(o.part_number(0)), &stored)
+                        .is_none(),
+                    "{}: opened at {:?}/{:?}",
+                    o.description,
+                    moved.bucket,
+                    moved.key
+                );
+            }
+        } else {
+            // Format 1 objects do not open as format 2 (a marker added by storage).
+            let mut marked = o.clone();
+            marked.bucket = Some("photos".into());
+            marked.key = Some("k".into());
+            assert!(
+                reference::chunked_open(&key_of(o), &marked.binding(o.part_number(0)), &stored)
+                    .is_none()
             );
         }
         // Another key context (another bucket) does not open it.
@@ -1262,21 +1333,42 @@ fn generate_s3() {
     let keyring = load().keyring;
     let users_v1 = root_key(&keyring, "users", 1);
     let mut objects = Vec::new();
-    let cases: [(&str, bool, &[u64]); 4] = [
-        ("single-part, empty", false, &[0]),
-        ("single-part, 100 bytes (one short chunk)", false, &[100]),
+    // Format 1 (legacy: read only) then format 2 (bound to bucket and key).
+    const NAME: Option<&str> = Some("2026/été ✓ +&=.jpg");
+    let cases: [(&str, bool, &[u64], Option<&str>); 6] = [
+        ("single-part, empty (format 1, legacy)", false, &[0], None),
         (
-            "single-part, 16385 bytes (a full chunk and a 1-byte final chunk)",
+            "single-part, 100 bytes (one short chunk) (format 1, legacy)",
+            false,
+            &[100],
+            None,
+        ),
+        (
+            "single-part, 16385 bytes (a full chunk and a 1-byte final chunk) (format 1, legacy)",
             false,
             &[16_385],
+            None,
         ),
         (
-            "multipart, 3 parts: 16384 + 16384 + 10 bytes (non-final parts end with an empty final chunk)",
+            "multipart, 3 parts: 16384 + 16384 + 10 bytes (non-final parts end with an empty final chunk) (format 1, legacy)",
             true,
             &[16_384, 16_384, 10],
+            None,
+        ),
+        (
+            "single-part, 100 bytes (format 2: bound to bucket and key)",
+            false,
+            &[100],
+            NAME,
+        ),
+        (
+            "multipart, 2 parts: 16384 + 5 bytes (format 2: bound to bucket and key)",
+            true,
+            &[16_384, 5],
+            NAME,
         ),
     ];
-    for (n, (description, multipart, sizes)) in cases.into_iter().enumerate() {
+    for (n, (description, multipart, sizes, name)) in cases.into_iter().enumerate() {
         let data_key: [u8; 32] = fixed(&format!("envelope-proxy s3 vectors: data key {n}"));
         let key_context = ctx(&[("bucket", "photos")]);
         let wrap_nonce: [u8; 12] = fixed(&format!("envelope-proxy s3 vectors: wrap nonce {n}"));
@@ -1294,6 +1386,8 @@ fn generate_s3() {
             edks,
             key_context,
             object_id: hex::encode(object_id),
+            bucket: name.map(|_| "photos".to_string()),
+            key: name.map(str::to_string),
             multipart,
             metadata: BTreeMap::new(),
             parts: Vec::new(),
@@ -1328,6 +1422,9 @@ fn generate_s3() {
         o.metadata.insert("ep-object".into(), o.object_id.clone());
         if multipart {
             o.metadata.insert("ep-multipart".into(), "1".into());
+        }
+        if name.is_some() {
+            o.metadata.insert("ep-format".into(), "2".into());
         }
         objects.push(o);
     }
@@ -1401,6 +1498,7 @@ identity = "vectors"
             &config,
             None,
             &given,
+            o.bucket.as_deref().zip(o.key.as_deref()),
             &meta.to_string(),
             &body[..],
             &mut out,
@@ -1409,5 +1507,24 @@ identity = "vectors"
         .unwrap_or_else(|e| panic!("{}: {e}", o.description));
         let total: u64 = o.parts.iter().map(|p| p.plaintext_len).sum();
         assert!(out == object_plaintext(0, total), "{}", o.description);
+        if o.bound() {
+            // A format-2 object needs its own bucket and key: none, or another key, fails.
+            let bucket = o.bucket.as_deref().unwrap();
+            for names in [None, Some((bucket, "tenants/bob/record.txt"))] {
+                let mut out = Vec::new();
+                let r = envelope_proxy::s3::offline::decrypt_object(
+                    &config,
+                    None,
+                    &given,
+                    names,
+                    &meta.to_string(),
+                    &body[..],
+                    &mut out,
+                )
+                .await;
+                assert!(r.is_err(), "{}: opened with {names:?}", o.description);
+                assert!(out.is_empty(), "{}: released plaintext", o.description);
+            }
+        }
     }
 }

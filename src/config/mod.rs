@@ -178,6 +178,8 @@ struct FileS3 {
     #[serde(default)]
     path_style_hosts: Vec<String>,
     clear_metadata: Option<String>,
+    #[serde(default)]
+    refuse_unbound_objects: bool,
     upstream_access_key_id_env: Option<String>,
     upstream_access_key_id_file: Option<PathBuf>,
     upstream_secret_access_key_env: Option<String>,
@@ -330,6 +332,9 @@ pub struct S3RouteConfig {
     pub path_style_hosts: Vec<String>,
     /// What to do with metadata S3 stores in clear (user metadata, tags, Content-Disposition).
     pub clear_metadata: ClearMetadata,
+    /// Refuse legacy (v1) objects, not bound to their bucket and key (FORMAT.md §9), instead of
+    /// serving them counted in `envelope_proxy_unbound_object_reads_total`.
+    pub refuse_unbound_objects: bool,
     pub upstream_access_key_id: SecretSource,
     pub upstream_secret_access_key: SecretSource,
     pub clients: Vec<S3ClientConfig>,
@@ -908,6 +913,7 @@ struct ResolvedS3 {
     suffixes: Vec<String>,
     path_style_hosts: Vec<String>,
     clear_metadata: ClearMetadata,
+    refuse_unbound_objects: bool,
     ak: SecretSource,
     sk: SecretSource,
     clients: Vec<S3ClientConfig>,
@@ -1004,6 +1010,7 @@ fn resolve_s3(place: &str, s3: FileS3, errors: &mut Vec<String>) -> Option<Resol
         suffixes: s3.virtual_host_suffixes,
         path_style_hosts: s3.path_style_hosts,
         clear_metadata,
+        refuse_unbound_objects: s3.refuse_unbound_objects,
         ak: ak?,
         sk: sk?,
         clients,
@@ -1090,6 +1097,7 @@ fn resolve_route(
                         virtual_host_suffixes: s3.suffixes,
                         path_style_hosts: s3.path_style_hosts,
                         clear_metadata: s3.clear_metadata,
+                        refuse_unbound_objects: s3.refuse_unbound_objects,
                         upstream_access_key_id: s3.ak,
                         upstream_secret_access_key: s3.sk,
                         clients: s3.clients,

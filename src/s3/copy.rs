@@ -1,13 +1,14 @@
 //! CopyObject and UploadPartCopy through the encrypting gateway.
 //!
-//! A stored object is bound to its key context (e.g. its bucket), to its object id and, for an
-//! object written in parts, to its part layout. So:
+//! A stored object is bound to its key context (e.g. its bucket), to its object id, to its
+//! bucket and key (format v2, FORMAT.md §9) and, for an object written in parts, to its part
+//! layout. So:
 //!
-//! - **Server-side copy** when the source's key context is the destination's and the source is
-//!   a single-part object: upstream copies the ciphertext and our reserved metadata (the object
-//!   id travels with it; a `REPLACE` copy gets the source's reserved metadata put back).
-//! - **Re-encrypting copy** otherwise (another bucket's context, a multipart source) and for
-//!   every UploadPartCopy (a part is bound to its upload's object id and part number): the
+//! - **Server-side copy** only for a copy of a v2 single-part object onto itself (e.g. a
+//!   `REPLACE` copy that changes its metadata): upstream copies the ciphertext, still in its
+//!   place, and our reserved metadata (a `REPLACE` copy gets the source's put back).
+//! - **Re-encrypting copy** otherwise (another key, another bucket's context, a multipart
+//!   source, a legacy v1 source, which becomes v2) and for every UploadPartCopy (a part is bound to its upload's object id and part number): the
 //!   source is read through the gateway, decrypted under *its* key context, and written as a
 //!   new object (or part) sealed under the destination's, streamed in constant memory. A source
 //!   byte that fails authentication aborts the read, and so the write: nothing is committed.
@@ -21,8 +22,8 @@ use http::{Method, StatusCode};
 use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
 
 use super::gateway::{
-    Ctx, META_ENVELOPE, META_OBJECT_ID, Target, internal, remove_headers_where,
-    strip_request_headers, unmark_conditionals,
+    Ctx, META_ENVELOPE, META_FORMAT, META_OBJECT_ID, ObjectFormat, Target, internal,
+    remove_headers_where, strip_request_headers, unmark_conditionals,
 };
 use super::{etag, multipart};
 use crate::config::template::Source;
@@ -113,10 +114,13 @@ impl Ctx<'_> {
         // The source's key context, rendered as the destination's is but for its bucket.
         let dest_ctx = self.key_context(&req.headers)?;
         let src_ctx = self.source_ctx(&source).key_context(&req.headers)?;
-        if src_ctx != dest_ctx {
+        // A v2 object is bound to its bucket and key: a copy anywhere else is re-sealed.
+        let onto_itself = self.target.bucket.as_deref() == Some(source.bucket.as_str())
+            && self.target.key.as_deref() == Some(source.key.as_str());
+        if src_ctx != dest_ctx || !onto_itself {
             return self.copy_reencrypting(req, &source, replace).await;
         }
-        // Same key context: HEAD the source. A REPLACE copy needs its reserved metadata, and an
+        // A copy onto itself: HEAD the source. A REPLACE copy needs its reserved metadata, and an
         // object written in parts cannot be copied server-side (the copy loses the `-N` ETag
         // that its layout is read from), so it is re-encrypted as one piece.
         let head = self
@@ -129,13 +133,15 @@ impl Ctx<'_> {
             // Multipart: a server-side copy would lose the part layout. No envelope: an object
             // written around the proxy, which the read refuses (or, with
             // `dangerous_allow_plaintext_reads`, serves to be sealed: a migration).
+            // A legacy (v1) object is re-sealed in place as v2: the way to migrate one.
             if multipart::is_multipart(head.headers())
                 || !head.headers().contains_key(META_ENVELOPE)
+                || ObjectFormat::of(head.headers()) != Ok(ObjectFormat::Bound)
             {
                 return self.copy_reencrypting(req, &source, replace).await;
             }
             if replace {
-                for name in [META_ENVELOPE, META_OBJECT_ID] {
+                for name in [META_ENVELOPE, META_OBJECT_ID, META_FORMAT] {
                     if let Some(v) = head.headers().get(name) {
                         headers.insert(HeaderName::from_static(name), v.clone());
                     }

@@ -47,7 +47,7 @@ pub const META_OBJECT_ID: &str = "x-amz-meta-ep-object";
 /// envelope metadata then holds the envelope header only, each part carries its C2SP header).
 pub const META_MULTIPART: &str = "x-amz-meta-ep-multipart";
 const RESERVED_META_PREFIX: &str = "x-amz-meta-ep-";
-pub(super) const OBJECT_ID_KEY: &str = "ep:object";
+pub(super) use crate::transform::s3_object::{META_FORMAT, ObjectFormat};
 
 /// Per-request data the pipeline hands through s3s (as a request extension).
 #[derive(Clone)]
@@ -499,6 +499,17 @@ pub(super) fn unmark_conditionals(headers: &mut HeaderMap) {
     }
 }
 
+/// Sets (or, for v1, removes) the object format marker on an upstream write.
+pub(super) fn set_format_marker(headers: &mut HeaderMap, format: ObjectFormat) {
+    headers.remove(META_FORMAT);
+    if let Some(v) = format.marker() {
+        headers.insert(
+            HeaderName::from_static(META_FORMAT),
+            HeaderValue::from_static(v),
+        );
+    }
+}
+
 pub(super) fn boxed_stream<S>(s: S) -> ProxyBody
 where
     S: futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + Sync + 'static,
@@ -560,6 +571,45 @@ impl Ctx<'_> {
             ctx.insert(name.clone(), v);
         }
         Ok(ctx)
+    }
+
+    /// The message context of this request's object (before any `ep:part`): see
+    /// [`ObjectFormat::object_context`]. The bucket and key are this request's own (decoded, as
+    /// sent upstream), never read from storage.
+    pub(super) fn object_context(
+        &self,
+        format: ObjectFormat,
+        key_ctx: &Context,
+        object_id: &str,
+    ) -> S3Result<Context> {
+        let (Some(bucket), Some(key)) = (self.target.bucket.as_deref(), self.target.key.as_deref())
+        else {
+            return Err(internal("an object request without a bucket and key"));
+        };
+        Ok(format.object_context(key_ctx, object_id, bucket, key))
+    }
+
+    /// The format of a stored object from its (upstream) headers. A v1 object (not bound to its
+    /// name) is refused on routes with `refuse_unbound_objects`, and otherwise served, counted
+    /// and logged: storage could have copied it here from another key.
+    pub(super) fn read_format(&self, headers: &HeaderMap) -> S3Result<ObjectFormat> {
+        let format = ObjectFormat::of(headers).map_err(decrypt_error)?;
+        if format == ObjectFormat::Unbound {
+            if self.cfg.refuse_unbound_objects {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::AccessDenied,
+                    "this object was written in the legacy format that is not bound to its key, \
+                     and the route refuses such objects (refuse_unbound_objects)",
+                ));
+            }
+            tracing::warn!(
+                route = %self.route.name,
+                "serving a legacy (v1) object not bound to its bucket and key; \
+                 copy it onto itself through the gateway to re-seal it"
+            );
+            self.state.metrics.unbound_read(&self.route.name);
+        }
+        Ok(format)
     }
 
     pub(super) fn upstream_uri(&self, uri: &http::Uri) -> S3Result<http::Uri> {
@@ -691,8 +741,7 @@ impl Ctx<'_> {
         let mut object_id = [0u8; 16];
         crate::envelope::fill_random(&mut object_id);
         let object_id = hex::encode(object_id);
-        let mut msg_ctx = key_ctx.clone();
-        msg_ctx.insert(OBJECT_ID_KEY, object_id.clone());
+        let msg_ctx = self.object_context(ObjectFormat::Bound, &key_ctx, &object_id)?;
         let env_header = sealing.header.encode().map_err(internal)?;
         let sealer = Sealer::new(sealing.data_key.expose(), &binding(&env_header, &msg_ctx));
         let mut meta = env_header.clone();
@@ -707,6 +756,7 @@ impl Ctx<'_> {
             HeaderName::from_static(META_OBJECT_ID),
             HeaderValue::from_str(&object_id).map_err(internal)?,
         );
+        set_format_marker(&mut headers, ObjectFormat::Bound);
         let uri = self.upstream_uri(&req.uri)?;
         let resp = self
             .send_sealed(uri, headers, req, sealer, verifier, plain_len)
@@ -844,6 +894,7 @@ impl Ctx<'_> {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
+        let format = self.read_format(resp.headers())?;
         let etag_value = resp
             .headers()
             .get(header::ETAG)
@@ -881,6 +932,7 @@ impl Ctx<'_> {
                     whole_body,
                     meta,
                     object_id,
+                    format,
                     etag: etag_value,
                     stored_total,
                     requested: requested.map(|spec| (spec, range_value.unwrap_or_default())),
@@ -899,8 +951,7 @@ impl Ctx<'_> {
         let c2sp: [u8; chunked::HEADER_LEN] = raw[used..]
             .try_into()
             .map_err(|_| decrypt_error("bad envelope metadata length"))?;
-        let mut msg_ctx = key_ctx.clone();
-        msg_ctx.insert(OBJECT_ID_KEY, object_id);
+        let msg_ctx = self.object_context(format, &key_ctx, &object_id)?;
         let bind = binding(&raw[..used], &msg_ctx);
 
         let (mut parts, body) = resp.into_parts();

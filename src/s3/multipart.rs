@@ -5,13 +5,17 @@
 //! - **CreateMultipartUpload** picks a data key for the key context (as PutObject does) and a
 //!   random 16-byte object id, and forwards Create with the reserved metadata
 //!   `x-amz-meta-ep-envelope` = base64url(envelope header) (no C2SP header: each part carries
-//!   its own), `x-amz-meta-ep-object` = the object id (hex) and `x-amz-meta-ep-multipart` = `1`.
+//!   its own), `x-amz-meta-ep-object` = the object id (hex), `x-amz-meta-ep-multipart` = `1`
+//!   and `x-amz-meta-ep-format` = `2` (bound to bucket and key, FORMAT.md §9).
 //! - S3 has no way to read an in-progress upload's metadata at UploadPart time, so the client
 //!   gets the proxy's own **upload id**:
 //!
 //!   ```text
-//!   <upstream upload id> "." base64url-nopad(u16be(len header) ‖ envelope header ‖ object id (16))
+//!   <upstream upload id> "." base64url-nopad(u16be(len header) ‖ envelope header ‖ object id (16) ‖ [2])
 //!   ```
+//!
+//!   (the trailing `2`, the object format, is absent from ids issued before format 2: their
+//!   parts are still sealed in format 1, so uploads in flight across an upgrade stay readable).
 //!
 //!   Nothing in it is secret (the data key in the header is wrapped). The proxy stays
 //!   stateless (any replica serves any request). A client that alters it only makes its own
@@ -19,7 +23,9 @@
 //!   under the request's key context. Requests with `uploadId` are split back; a bare upstream
 //!   id (from ListMultipartUploads) is accepted by AbortMultipartUpload and ListParts only.
 //! - **UploadPart** seals the part as its own C2SP message (header, chunks, final chunk), with
-//!   the message context = key context + `ep:object` + `ep:part` = the part number (decimal),
+//!   the message context = the object context (key context + `ep:object`, and in format 2
+//!   `ep:bucket` + `ep:key` of the UploadPart request itself: a part sent for another key does
+//!   not open in the upload's object) + `ep:part` = the part number (decimal),
 //!   streamed exactly like PutObject ([`Ctx::send_sealed`]).
 //! - **CompleteMultipartUpload** requires parts numbered 1..N without gaps (a part is bound to
 //!   its number, which must be its position in the object), every non-final part of the same
@@ -62,9 +68,9 @@ use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 use zeroize::Zeroizing;
 
 use super::gateway::{
-    Ctx, META_ENVELOPE, META_MULTIPART, META_OBJECT_ID, OBJECT_ID_KEY, backend_error, boxed_stream,
+    Ctx, META_ENVELOPE, META_MULTIPART, META_OBJECT_ID, ObjectFormat, backend_error, boxed_stream,
     clean_response_headers, decrypt_error, internal, invalid_range, plaintext_size,
-    strip_request_headers, unmark_conditionals, upload_headers, upload_prelude,
+    set_format_marker, strip_request_headers, unmark_conditionals, upload_headers, upload_prelude,
 };
 use super::listing::{self, Edit, Visit, XmlRewriteError, apply_edits, walk};
 use super::range::{self, RangeSpec, ResolvedRange};
@@ -96,6 +102,9 @@ pub struct SealedUpload {
     pub header_raw: Vec<u8>,
     pub header: Header,
     pub object_id: [u8; OBJECT_ID_LEN],
+    /// The object format the parts are sealed in: ids issued before v2 end after the object
+    /// id (v1, so uploads in flight across an upgrade stay readable); v2 ids add one byte, `2`.
+    pub format: ObjectFormat,
 }
 
 /// An upload id from a client: the upstream id, and our part if it has one.
@@ -106,18 +115,22 @@ pub struct UploadId {
     pub sealed: Option<SealedUpload>,
 }
 
-/// `<upstream>.<base64url(u16be len ‖ header ‖ object id)>`; `None` if the header is longer
-/// than 65535 bytes.
+/// `<upstream>.<base64url(u16be len ‖ header ‖ object id ‖ [2])>` (the trailing format byte
+/// only for v2); `None` if the header is longer than 65535 bytes.
 pub fn encode_upload_id(
     upstream: &str,
     header_raw: &[u8],
     object_id: &[u8; OBJECT_ID_LEN],
+    format: ObjectFormat,
 ) -> Option<String> {
     let len = u16::try_from(header_raw.len()).ok()?;
-    let mut blob = Vec::with_capacity(2 + header_raw.len() + OBJECT_ID_LEN);
+    let mut blob = Vec::with_capacity(2 + header_raw.len() + OBJECT_ID_LEN + 1);
     blob.extend_from_slice(&len.to_be_bytes());
     blob.extend_from_slice(header_raw);
     blob.extend_from_slice(object_id);
+    if format == ObjectFormat::Bound {
+        blob.push(2);
+    }
     Some(format!("{upstream}.{}", URL_SAFE_NO_PAD.encode(blob)))
 }
 
@@ -147,19 +160,23 @@ pub fn parse_upload_id(id: &str) -> UploadId {
 fn decode_sealed(suffix: &str) -> Option<SealedUpload> {
     let blob = URL_SAFE_NO_PAD.decode(suffix).ok()?;
     let len = usize::from(u16::from_be_bytes(blob.get(..2)?.try_into().ok()?));
-    if blob.len() != 2 + len + OBJECT_ID_LEN {
-        return None;
-    }
+    let end = 2 + len + OBJECT_ID_LEN;
+    let format = match blob.get(end..)? {
+        [] => ObjectFormat::Unbound,
+        [2] => ObjectFormat::Bound,
+        _ => return None,
+    };
     let header_raw = blob[2..2 + len].to_vec();
     let (header, used) = Header::decode(&header_raw).ok()?;
     if used != len {
         return None;
     }
-    let object_id = blob[2 + len..].try_into().ok()?;
+    let object_id = blob[2 + len..end].try_into().ok()?;
     Some(SealedUpload {
         header_raw,
         header,
         object_id,
+        format,
     })
 }
 
@@ -899,6 +916,7 @@ pub(super) struct MultipartGet<'a> {
     pub whole_body: bool,
     pub meta: String,
     pub object_id: String,
+    pub format: ObjectFormat,
     pub etag: Option<String>,
     pub stored_total: u64,
     /// The client's range and its header value.
@@ -1004,7 +1022,7 @@ impl Ctx<'_> {
         let env_header = sealing.header.encode().map_err(internal)?;
         let mut object_id = [0u8; OBJECT_ID_LEN];
         crate::envelope::fill_random(&mut object_id);
-        if encode_upload_id("", &env_header, &object_id).is_none() {
+        if encode_upload_id("", &env_header, &object_id, ObjectFormat::Bound).is_none() {
             return Err(internal("envelope header too long for an upload id"));
         }
 
@@ -1023,11 +1041,12 @@ impl Ctx<'_> {
             HeaderName::from_static(META_MULTIPART),
             HeaderValue::from_static("1"),
         );
+        set_format_marker(&mut headers, ObjectFormat::Bound);
         let uri = self.upstream_uri(&req.uri)?;
         let resp = self.send_empty(Method::POST, uri, headers).await?;
         self.rewrite_xml(resp, |body| {
             let (out, n) = rewrite_upload_id(body, |upstream| {
-                encode_upload_id(upstream, &env_header, &object_id)
+                encode_upload_id(upstream, &env_header, &object_id, ObjectFormat::Bound)
             })
             .map_err(internal)?;
             if n != 1 {
@@ -1061,8 +1080,10 @@ impl Ctx<'_> {
                 ),
                 other => backend_error(other),
             })?;
-        let mut object_ctx = key_ctx;
-        object_ctx.insert(OBJECT_ID_KEY, hex::encode(sealed.object_id));
+        // Bound to this request's bucket and key: a part sent for another key than the upload's
+        // (S3 refuses the upload id there anyway) would not open under the upload's key.
+        let object_ctx =
+            self.object_context(sealed.format, &key_ctx, &hex::encode(sealed.object_id))?;
         let sealer = Sealer::new(
             data_key.expose(),
             &part_binding(&sealed.header_raw, &object_ctx, part),
@@ -1323,8 +1344,7 @@ impl Ctx<'_> {
         if used != env_header.len() {
             return Err(decrypt_error("bad envelope metadata length"));
         }
-        let mut object_ctx = key_ctx;
-        object_ctx.insert(OBJECT_ID_KEY, g.object_id.clone());
+        let object_ctx = self.object_context(g.format, &key_ctx, &g.object_id)?;
 
         let (mut parts, first_body) = g.resp.into_parts();
         clean_response_headers(&mut parts.headers);
@@ -1479,6 +1499,7 @@ impl Ctx<'_> {
 mod tests {
     use super::*;
     use crate::envelope::WrappedKey;
+    use crate::transform::s3_object::OBJECT_ID_KEY;
     use proptest::prelude::*;
 
     fn header() -> (Header, Vec<u8>) {
@@ -1499,14 +1520,17 @@ mod tests {
         let (h, raw) = header();
         let oid = [9u8; 16];
         for upstream in ["abc", "a.b.c", "VXBsb2Fk-_~", "x+y/z="] {
-            let id = encode_upload_id(upstream, &raw, &oid).unwrap();
-            assert!(id.starts_with(upstream));
-            let parsed = parse_upload_id(&id);
-            assert_eq!(parsed.upstream, upstream);
-            let sealed = parsed.sealed.unwrap();
-            assert_eq!(sealed.header, h);
-            assert_eq!(sealed.header_raw, raw);
-            assert_eq!(sealed.object_id, oid);
+            for format in [ObjectFormat::Unbound, ObjectFormat::Bound] {
+                let id = encode_upload_id(upstream, &raw, &oid, format).unwrap();
+                assert!(id.starts_with(upstream));
+                let parsed = parse_upload_id(&id);
+                assert_eq!(parsed.upstream, upstream);
+                let sealed = parsed.sealed.unwrap();
+                assert_eq!(sealed.header, h);
+                assert_eq!(sealed.header_raw, raw);
+                assert_eq!(sealed.object_id, oid);
+                assert_eq!(sealed.format, format);
+            }
         }
         // Bare ids, and ids whose suffix does not parse, are taken whole.
         for bare in ["abc", "a.b", ".abc", "abc.", "2~Xyz.AAAA"] {
@@ -1515,7 +1539,7 @@ mod tests {
             assert!(parsed.sealed.is_none());
         }
         // A suffix with a wrong length prefix or trailing bytes is refused.
-        let id = encode_upload_id("u", &raw, &oid).unwrap();
+        let id = encode_upload_id("u", &raw, &oid, ObjectFormat::Bound).unwrap();
         let mut blob = URL_SAFE_NO_PAD
             .decode(id.split_once('.').unwrap().1)
             .unwrap();
@@ -1525,7 +1549,7 @@ mod tests {
                 .sealed
                 .is_none()
         );
-        assert!(encode_upload_id("u", &vec![0; 70_000], &oid).is_none());
+        assert!(encode_upload_id("u", &vec![0; 70_000], &oid, ObjectFormat::Bound).is_none());
     }
 
     #[test]

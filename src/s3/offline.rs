@@ -5,8 +5,12 @@
 //! aws s3api head-object --bucket b --key k > meta.json      # straight from storage
 //! aws s3 cp s3://b/k body.bin                                # straight from storage
 //! envelope-proxy --config c.toml decrypt-object --context bucket=b --metadata meta.json \
-//!     < body.bin > plain.bin
+//!     --bucket b --key k < body.bin > plain.bin
 //! ```
+//!
+//! A v2 object (`ep-format: 2`, FORMAT.md §9) is bound to its bucket and key: `--bucket` and
+//! `--key` are required for it, exactly as S3 stores them (the key decoded). Legacy v1 objects
+//! open without them.
 //!
 //! A multipart object is N sealed parts back to back. Their layout comes from a HEAD of part 1:
 //! `aws s3api head-object --bucket b --key k --part-number 1` prints `PartsCount` and part 1's
@@ -21,7 +25,7 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use super::gateway::{META_ENVELOPE, META_MULTIPART, META_OBJECT_ID};
+use super::gateway::{META_ENVELOPE, META_FORMAT, META_MULTIPART, META_OBJECT_ID, ObjectFormat};
 use super::multipart::{MAX_PARTS, part_binding};
 use crate::config::template::{Lookup, Source};
 use crate::config::{Config, RouteKind, S3RouteConfig};
@@ -37,6 +41,8 @@ pub struct ObjectMeta {
     pub envelope: String,
     /// `ep-object`: the object id bound into every message.
     pub object_id: String,
+    /// `ep-format`: absent on legacy v1 objects, `2` on objects bound to their bucket and key.
+    pub format: ObjectFormat,
     /// For a multipart object (`ep-multipart`): the number of parts and part 1's stored size,
     /// when the metadata came from a `--part-number 1` HEAD.
     pub multipart: Option<PartLayout>,
@@ -87,6 +93,11 @@ pub fn parse_metadata(text: &str) -> Result<ObjectMeta, String> {
     let object_id = found
         .remove(META_OBJECT_ID)
         .ok_or_else(|| format!("no {META_OBJECT_ID} in the metadata"))?;
+    let format = match found.get(META_FORMAT).map(String::as_str) {
+        None => ObjectFormat::Unbound,
+        Some("2") => ObjectFormat::Bound,
+        Some(other) => return Err(format!("{META_FORMAT}: unknown object format {other:?}")),
+    };
     let number = |name: &str| -> Result<Option<u64>, String> {
         found
             .get(name)
@@ -103,6 +114,7 @@ pub fn parse_metadata(text: &str) -> Result<ObjectMeta, String> {
     Ok(ObjectMeta {
         envelope,
         object_id,
+        format,
         multipart,
     })
 }
@@ -131,11 +143,12 @@ fn key_context(cfg: &S3RouteConfig, given: &HashMap<String, String>) -> Result<C
 }
 
 /// Decrypt an object body (single-part or multipart) from `input` to `output`; returns the
-/// plaintext length.
+/// plaintext length. `names` is the object's (bucket, key), required for v2 objects.
 pub async fn decrypt_object(
     config: &Config,
     route: Option<&str>,
     given: &HashMap<String, String>,
+    names: Option<(&str, &str)>,
     metadata: &str,
     mut input: impl Read,
     mut output: impl Write,
@@ -170,8 +183,18 @@ pub async fn decrypt_object(
         .await
         .map_err(|e| format!("the data key does not unwrap (wrong context or key): {e}"))?;
     let key = data_key.expose();
-    let mut object_ctx = key_ctx;
-    object_ctx.insert("ep:object", meta.object_id.clone());
+    let (bucket, object_key) = match (meta.format, names) {
+        (_, Some(names)) => names,
+        (ObjectFormat::Unbound, None) => ("", ""),
+        (ObjectFormat::Bound, None) => {
+            return Err("this object is bound to its bucket and key (ep-format 2): \
+                 pass --bucket and --key as S3 stores them"
+                .into());
+        }
+    };
+    let object_ctx = meta
+        .format
+        .object_context(&key_ctx, &meta.object_id, bucket, object_key);
     let env_header = &raw[..used];
 
     let Some(layout) = meta.multipart else {
@@ -295,6 +318,15 @@ mod tests {
         let m = parse_metadata(lines).unwrap();
         assert_eq!(m.envelope, "BBBB");
         assert_eq!(m.multipart, None, "no ep-multipart: a single-part object");
+        assert_eq!(
+            m.format,
+            ObjectFormat::Unbound,
+            "no ep-format: legacy format 1"
+        );
+        let v2 = r#"{"Metadata": {"ep-envelope": "A", "ep-object": "01", "ep-format": "2"}}"#;
+        assert_eq!(parse_metadata(v2).unwrap().format, ObjectFormat::Bound);
+        let v3 = r#"{"Metadata": {"ep-envelope": "A", "ep-object": "01", "ep-format": "3"}}"#;
+        assert!(parse_metadata(v3).is_err(), "an unknown format is refused");
         assert!(parse_metadata(r#"{"Metadata": {"ep-object": "01"}}"#).is_err());
         let bad = "x-amz-meta-ep-envelope: B\nx-amz-meta-ep-object: 01\nx-amz-meta-ep-multipart: 1\nx-amz-mp-parts-count: many\n";
         assert!(parse_metadata(bad).is_err());

@@ -4,4 +4,5 @@
 
 pub mod json_fields;
 pub mod json_scan;
+pub mod s3_object;
 pub mod strict_json;

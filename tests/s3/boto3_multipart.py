@@ -103,6 +103,8 @@ if out_dir:
         f.write(sdata)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
+    with open(os.path.join(out_dir, "key.txt"), "w") as f:
+        f.write("big.bin")  # a v2 object opens only with its bucket and key
     with open(os.path.join(out_dir, "plain.bin"), "wb") as f:
         f.write(body)
 check("stored multipart size formula", len(sdata) == size + 16 * (size // CHUNK) + 72 * len(sizes))
@@ -258,32 +260,38 @@ for i, n in enumerate([6 * MiB, 5 * MiB, 10], start=1):
 expect_error("unequal part sizes refused", lambda: proxy.complete_multipart_upload(Bucket=BUCKET, Key=k, UploadId=up["UploadId"], MultipartUpload={"Parts": parts}), {"InvalidPart"})
 proxy.abort_multipart_upload(Bucket=BUCKET, Key=k, UploadId=up["UploadId"])
 
-# --- Tampering with what storage holds is detected.
+# --- Tampering with what storage holds is detected. Objects are bound to their bucket and key
+# (format 2), so the tampered versions are written in big.bin's own place (restored after).
 meta = stored["Metadata"]
 sparts = stored_parts("big.bin", sizes)
+# Untouched stored parts and metadata moved to another key do not open there.
+raw_multipart("moved-mp", sparts, meta)
+expect_error("a multipart object moved by storage fails", lambda: proxy.get_object(Bucket=BUCKET, Key="moved-mp")["Body"].read(), {"*", "InternalError"})
 flipped = bytearray(sparts[1])
 flipped[len(flipped) // 2] ^= 1
-raw_multipart("tampered-mp", [sparts[0], bytes(flipped)] + sparts[2:], meta)
-check("tampered copy keeps the multipart layout", raw.head_object(Bucket=BUCKET, Key="tampered-mp")["ETag"].strip('"').endswith("-5"))
-expect_error("flipped byte in part 2 fails", lambda: proxy.get_object(Bucket=BUCKET, Key="tampered-mp")["Body"].read(), {"*", "InternalError"})
+raw_multipart("big.bin", [sparts[0], bytes(flipped)] + sparts[2:], meta)
+check("tampered copy keeps the multipart layout", raw.head_object(Bucket=BUCKET, Key="big.bin")["ETag"].strip('"').endswith("-5"))
+expect_error("flipped byte in part 2 fails", lambda: proxy.get_object(Bucket=BUCKET, Key="big.bin")["Body"].read(), {"*", "InternalError"})
 mid = 5 * MiB + (len(flipped) // 2)  # about where the flipped byte decrypts
-expect_error("range over the flipped byte fails", lambda: proxy.get_object(Bucket=BUCKET, Key="tampered-mp", Range=f"bytes={mid - 20000}-{mid + 20000}")["Body"].read(), {"*", "InternalError"})
-r = proxy.get_object(Bucket=BUCKET, Key="tampered-mp", Range="bytes=0-99999")
+expect_error("range over the flipped byte fails", lambda: proxy.get_object(Bucket=BUCKET, Key="big.bin", Range=f"bytes={mid - 20000}-{mid + 20000}")["Body"].read(), {"*", "InternalError"})
+r = proxy.get_object(Bucket=BUCKET, Key="big.bin", Range="bytes=0-99999")
 check("an untouched part still reads", r["Body"].read() == body[:100000])
 # The same stored parts in another order (as if Complete had listed them swapped).
-raw_multipart("swapped-mp", [sparts[1], sparts[0]] + sparts[2:], meta)
-expect_error("swapped parts fail", lambda: proxy.get_object(Bucket=BUCKET, Key="swapped-mp")["Body"].read(), {"*", "InternalError"})
-expect_error("range in a swapped part fails", lambda: proxy.get_object(Bucket=BUCKET, Key="swapped-mp", Range="bytes=0-10")["Body"].read(), {"*", "InternalError"})
+raw_multipart("big.bin", [sparts[1], sparts[0]] + sparts[2:], meta)
+expect_error("swapped parts fail", lambda: proxy.get_object(Bucket=BUCKET, Key="big.bin")["Body"].read(), {"*", "InternalError"})
+expect_error("range in a swapped part fails", lambda: proxy.get_object(Bucket=BUCKET, Key="big.bin", Range="bytes=0-10")["Body"].read(), {"*", "InternalError"})
 # A part from another object (same bucket, same size) fails too.
 explicit_parts = stored_parts(key, [5 * MiB, 5 * MiB, 1000])
-raw_multipart("foreign-part", [sparts[0], explicit_parts[1]] + sparts[2:], meta)
-expect_error("a part of another object fails", lambda: proxy.get_object(Bucket=BUCKET, Key="foreign-part")["Body"].read(), {"*", "InternalError"})
+raw_multipart("big.bin", [sparts[0], explicit_parts[1]] + sparts[2:], meta)
+expect_error("a part of another object fails", lambda: proxy.get_object(Bucket=BUCKET, Key="big.bin")["Body"].read(), {"*", "InternalError"})
 # Known limit: someone who can write the store can re-assemble an object from its first
 # parts (each part is authenticated, the part count is not: S3 offers no place to bind it at
 # Complete). What is served is then an authentic prefix, never altered bytes.
-raw_multipart("dropped-part", sparts[:4], meta)
-short = proxy.get_object(Bucket=BUCKET, Key="dropped-part")["Body"].read()
+raw_multipart("big.bin", sparts[:4], meta)
+short = proxy.get_object(Bucket=BUCKET, Key="big.bin")["Body"].read()
 check("dropped last part serves an authentic prefix only", short == body[: 4 * b5], str(len(short)))
+raw_multipart("big.bin", sparts, meta)
+check("big.bin restored", proxy.get_object(Bucket=BUCKET, Key="big.bin")["Body"].read() == body)
 
 # --- The aws cli, when the test peers have it.
 # The aws cli from the test peers' virtualenv (tests/peers/requirements.txt): required.

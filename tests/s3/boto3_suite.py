@@ -190,6 +190,8 @@ if out_dir:
         f.write(raw.get_object(Bucket=BUCKET, Key=okey)["Body"].read())
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump({"Metadata": raw.head_object(Bucket=BUCKET, Key=okey)["Metadata"]}, f)
+    with open(os.path.join(out_dir, "key.txt"), "w") as f:
+        f.write(okey)  # a v2 object opens only with its bucket and key
     with open(os.path.join(out_dir, "plain.bin"), "wb") as f:
         f.write(bodies[okey])
 
