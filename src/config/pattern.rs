@@ -192,7 +192,7 @@ impl PathPattern {
                 (Some(x), Some(y)) => {
                     let compatible = match (x, y) {
                         (Segment::Literal(l), Segment::Literal(m)) => {
-                            l.eq_ignore_ascii_case(m) || fold(l) == fold(m)
+                            l.eq_ignore_ascii_case(m) || looks_like(l, m) || looks_like(m, l)
                         }
                         _ => true,
                     };

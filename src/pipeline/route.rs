@@ -95,7 +95,7 @@ pub fn check_query(jr: &JsonRoute, query: Option<&str>) -> Result<(), ProxyError
             ));
         };
         let folded = fold(&name);
-        if jr.allow_query_params.iter().any(|a| *a == folded) {
+        if jr.allow_query_params.contains(&folded) {
             continue;
         }
         // The error names the configured field name, never anything else from the request.
