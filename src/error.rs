@@ -68,6 +68,12 @@ pub enum ProxyError {
     CaseVariant,
     #[error("reading the request body failed")]
     ClientBody,
+    #[error(
+        "a query parameter names the encrypted field {0:?}; the store would read its value in clear (allow it with the route's allow_query_params)"
+    )]
+    SensitiveQueryParameter(String),
+    #[error("query rejected: {0}")]
+    BadQuery(&'static str),
 
     // -- stored data's fault ----------------------------------------------------------------
     #[error("a stored value could not be decrypted ({1})")]
@@ -124,6 +130,12 @@ impl ProxyError {
             // A store that ignores case would store it as the encrypted field, in clear.
             CaseVariant => (StatusCode::BAD_REQUEST, "case_variant_field", false),
             ClientBody => (StatusCode::BAD_REQUEST, "bad_body", false),
+            // A store filtering by it (or binding it) would read an encrypted field's value
+            // in clear, and its access log would keep it.
+            SensitiveQueryParameter(_) => {
+                (StatusCode::BAD_REQUEST, "sensitive_query_parameter", false)
+            }
+            BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query", false),
             // What storage returned does not decrypt: the proxy cannot serve it.
             DecryptFailed(..) => (StatusCode::BAD_GATEWAY, "decrypt_failed", false),
             UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable", true),

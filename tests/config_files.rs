@@ -116,3 +116,59 @@ identity = "app"
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A pass-through route before an encrypting route it overlaps would take its requests (in
+/// clear): check-config refuses it, names both routes and the option that allows it.
+#[test]
+fn check_config_refuses_a_pass_through_shadowing_an_encrypting_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shadow.toml");
+    let text = |marked: &str| {
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:8080"
+[keyring]
+path = "k.json"
+master_key_file = "m.key"
+
+[[route]]
+name = "everything"
+path = "/TENANTS/**"
+upstream = "http://127.0.0.1:3000"
+passthrough = true
+{marked}
+
+[[route]]
+name = "users"
+path = "/tenants/{{tenant}}/users/**"
+upstream = "http://127.0.0.1:3000"
+key = "users"
+fields = ["$.ssn"]
+"#
+        )
+    };
+    let run = |text: String| {
+        std::fs::write(&path, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+            .args(["check-config", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = run(text(""));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "route \"everything\".path",
+        "encrypting route \"users\"",
+        "dangerous_shadows_encrypted_routes",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in {err}");
+    }
+    let out = run(text("dangerous_shadows_encrypted_routes = true"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1124,3 +1124,181 @@ async fn one_bad_value_in_a_list_is_redacted_alone_or_named() {
         }
     }
 }
+
+/// "Encrypt these, pass the rest": the encrypting route, then a catch-all pass-through to the
+/// same store.
+fn users_then_catch_all(upstream: &str) -> String {
+    format!(
+        "{}\n[[route]]\nname = \"rest\"\npath = \"/**\"\nupstream = \"{upstream}\"\npassthrough = true\n",
+        users_route(upstream, "")
+    )
+}
+
+#[tokio::test]
+async fn path_spellings_cannot_slip_past_an_encrypting_route() {
+    let js = JsonServer::start();
+    let proxy = Proxy::start(&users_then_catch_all(&js.url()), "").await;
+    let http = Http::default();
+    // json-server routes without regard to case: this is the users collection. The proxy
+    // matches the same way, so the SSN is sealed.
+    let r = http
+        .post_json(&proxy.url("/tenants/acme/USERS"), &[REGION], &sample("c1"))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(r.json()["ssn"], "123-45-6789");
+    let raw = http
+        .get(&format!("{}/users/c1", js.url()), &[])
+        .await
+        .json();
+    assert!(is_token(&raw["ssn"]), "stored: {raw}");
+    // Encoded letters, matrix parameters, Unicode stand-ins a folding store would take as
+    // `users`, and an encoded capture: refused before anything is sent.
+    for (i, path) in [
+        "/tenants/acme/%75sers",
+        "/tenants/acme/users;v=1",
+        "/tenants/acme;v=1/users",
+        "/tenants/ac%6De/users",
+        "/tenants/acme/u%C5%BFers",
+        "/tenants/acme/%EF%BD%95sers",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = http
+            .post_json(&proxy.url(path), &[REGION], &sample(&format!("x{i}")))
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        assert_eq!(r.error_code(), "bad_path", "{path}");
+    }
+    let file = js.db_file();
+    assert!(
+        !file.contains("123-45-6789"),
+        "an SSN reached storage: {file}"
+    );
+    assert!(
+        !file.contains("\"x0\"") && !file.contains("\"x3\""),
+        "{file}"
+    );
+    // What is not spelled like the encrypting route still passes.
+    let r = http.get(&proxy.url("/db"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        proxy
+            .audit_lines()
+            .iter()
+            .any(|l| l["action"] == "reject" && l["reason"] == "bad_path")
+    );
+}
+
+/// A tiny upstream that records each request line and answers `[]`.
+async fn recording_upstream() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf);
+                record
+                    .lock()
+                    .unwrap()
+                    .push(text.lines().next().unwrap_or("").to_string());
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n[]",
+                    )
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn query_parameters_naming_encrypted_fields_never_reach_the_store() {
+    let js = JsonServer::start();
+    let proxy = Proxy::start(&users_then_catch_all(&js.url()), "").await;
+    let http = Http::default();
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[REGION], &sample("q1"))
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    // Control: the store does read query parameters (a pass-through filter by name).
+    let found = http.get(&proxy.url("/users?name=Ada"), &[]).await.json();
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
+    let none = http.get(&proxy.url("/users?name=Bob"), &[]).await.json();
+    assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
+    // Through the encrypting route: filters naming encrypted fields are refused.
+    for q in [
+        "ssn=123-45-6789",
+        "SSN=123-45-6789",
+        "%73sn=123-45-6789",
+        "ssn_like=123-45",
+        "ssn_ne=123-45-6789",
+        "ssn_gte=123-45-6789",
+        "ssn_lte=123-45-6789",
+        "user[ssn]=123-45-6789",
+        "ssn[]=123-45-6789",
+        "card.number=4111111111111111",
+        "name=Ada&card.number_like=4111",
+    ] {
+        let r = http
+            .get(&proxy.url(&format!("/tenants/acme/users?{q}")), &[REGION])
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}: {}", r.text());
+        assert_eq!(r.error_code(), "sensitive_query_parameter", "{q}");
+        assert!(!r.text().contains("123-45") && !r.text().contains("4111"));
+    }
+    // Other parameters still work.
+    let r = http
+        .get(&proxy.url("/tenants/acme/users?name=Ada"), &[REGION])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()[0]["ssn"], "123-45-6789");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let audit = proxy.audit_text();
+    assert!(audit.contains("sensitive_query_parameter"), "{audit}");
+    assert!(
+        !audit.contains("123-45-6789"),
+        "the audit log holds the value"
+    );
+
+    // And nothing of them was sent: an upstream that records every request line.
+    let (up, seen) = recording_upstream().await;
+    let proxy = Proxy::start(
+        &users_route(&up, "allow_query_params = [\"page[number]\"]"),
+        "",
+    )
+    .await;
+    for q in ["ssn=123-45-6789", "card.number=4111111111111111"] {
+        let r = http
+            .get(&proxy.url(&format!("/tenants/acme/users?{q}")), &[REGION])
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}");
+    }
+    let r = http
+        .get(
+            &proxy.url("/tenants/acme/users?page[number]=2&name=Ada"),
+            &[REGION],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec!["GET /tenants/acme/users?page[number]=2&name=Ada HTTP/1.1".to_string()],
+        "only the allowed request reached the upstream"
+    );
+}

@@ -167,6 +167,10 @@ struct FileRoute {
     case_insensitive_upstream: bool,
     #[serde(default)]
     dangerous_opaque_responses: bool,
+    #[serde(default)]
+    allow_query_params: Vec<String>,
+    #[serde(default)]
+    dangerous_shadows_encrypted_routes: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,6 +302,9 @@ pub struct Route {
     pub pattern: PathPattern,
     pub upstream: Upstream,
     pub kind: RouteKind,
+    /// A pass-through or S3 route placed before an encrypting route it overlaps: first match
+    /// wins, so the overlap is not encrypted (or not as that route would). Refused unless set.
+    pub dangerous_shadows_encrypted_routes: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -384,6 +391,11 @@ pub struct JsonRoute {
     /// included) instead of being refused with 502. Only for routes whose store serves
     /// non-JSON representations the client knows to be sealed data.
     pub dangerous_opaque_responses: bool,
+    /// Query parameter names that name an encrypted field but may pass (case-folded).
+    pub allow_query_params: Vec<String>,
+    /// What a query parameter would call the encrypted fields: the last member name of each
+    /// field path, case-folded (`*` when a path has none, like `$.*`).
+    pub query_names: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -496,6 +508,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             errors.push(format!("route {:?}: the name is used twice", r.name));
         }
     }
+    check_shadowing(&routes, &mut errors);
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -520,6 +533,39 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             routes,
         }),
         _ => Err(ConfigErrors(vec!["incomplete configuration".into()])),
+    }
+}
+
+/// First match wins: a pass-through route before an encrypting one whose paths it can also
+/// match (ignoring case, as stores route) takes those requests, in clear; an S3 route before
+/// a JSON route would store its bodies as opaque objects. Refused unless the earlier route
+/// says `dangerous_shadows_encrypted_routes = true`. A catch-all after the encrypting routes
+/// is the safe way to write "encrypt these, pass the rest".
+fn check_shadowing(routes: &[Route], errors: &mut Vec<String>) {
+    for (i, a) in routes.iter().enumerate() {
+        if a.dangerous_shadows_encrypted_routes {
+            continue;
+        }
+        for b in &routes[i + 1..] {
+            let shadows = matches!(
+                (&a.kind, &b.kind),
+                (
+                    RouteKind::Passthrough,
+                    RouteKind::JsonFields(_) | RouteKind::S3(_)
+                ) | (RouteKind::S3(_), RouteKind::JsonFields(_))
+            );
+            if shadows && a.pattern.intersects(&b.pattern) {
+                errors.push(format!(
+                    "route {:?}.path: {:?} comes before the encrypting route {:?} ({:?}) and \
+                     matches some of the same paths, which would then not be encrypted; move it \
+                     after, narrow it, or set dangerous_shadows_encrypted_routes = true",
+                    a.name,
+                    a.pattern.source(),
+                    b.name,
+                    b.pattern.source()
+                ));
+            }
+        }
     }
 }
 
@@ -1073,6 +1119,7 @@ fn resolve_route(
                 ("case_insensitive_upstream", r.case_insensitive_upstream),
                 ("dangerous_opaque_responses", r.dangerous_opaque_responses),
                 ("passthrough", r.passthrough),
+                ("allow_query_params", !r.allow_query_params.is_empty()),
             ] {
                 if set {
                     errors.push(format!("{place}.{what}: not used on kind = \"s3\" routes (whole object bodies are encrypted)"));
@@ -1090,6 +1137,7 @@ fn resolve_route(
                     name: r.name,
                     pattern: pattern.expect("checked"),
                     upstream: upstream.expect("checked"),
+                    dangerous_shadows_encrypted_routes: r.dangerous_shadows_encrypted_routes,
                     kind: RouteKind::S3(S3RouteConfig {
                         keys,
                         key_context,
@@ -1125,6 +1173,7 @@ fn resolve_route(
             (r.on_decrypt_error.is_some(), "on_decrypt_error"),
             (r.case_insensitive_upstream, "case_insensitive_upstream"),
             (r.dangerous_opaque_responses, "dangerous_opaque_responses"),
+            (!r.allow_query_params.is_empty(), "allow_query_params"),
         ] {
             if set {
                 errors.push(format!(
@@ -1137,9 +1186,15 @@ fn resolve_route(
             pattern: pattern.expect("checked"),
             upstream: upstream.expect("checked"),
             kind: RouteKind::Passthrough,
+            dangerous_shadows_encrypted_routes: r.dangerous_shadows_encrypted_routes,
         });
     }
 
+    if r.dangerous_shadows_encrypted_routes {
+        errors.push(format!(
+            "{place}.dangerous_shadows_encrypted_routes: only for pass-through and S3 routes"
+        ));
+    }
     let keys = resolve_keys(&place, r.key, r.keys, backends, errors);
     if r.fields.is_empty() {
         errors.push(format!(
@@ -1198,10 +1253,30 @@ fn resolve_route(
             OnDecryptError::Error
         }
     };
+    let mut query_names = Vec::new();
+    for f in &fields {
+        let names = f.last_names();
+        if names.is_empty() {
+            query_names.push("*".to_string());
+        }
+        query_names.extend(names.iter().map(|n| pattern::fold(n)));
+    }
+    query_names.sort();
+    query_names.dedup();
+    let mut allow_query_params = Vec::new();
+    for (i, a) in r.allow_query_params.iter().enumerate() {
+        if a.is_empty() {
+            errors.push(format!(
+                "{place}.allow_query_params[{i}]: must not be empty"
+            ));
+        }
+        allow_query_params.push(pattern::fold(a));
+    }
     (errors.len() == before).then(|| Route {
         name: r.name,
         pattern: pattern.expect("checked"),
         upstream: upstream.expect("checked"),
+        dangerous_shadows_encrypted_routes: false,
         kind: RouteKind::JsonFields(JsonRoute {
             keys,
             fields,
@@ -1211,6 +1286,8 @@ fn resolve_route(
             on_decrypt_error,
             case_insensitive_upstream: r.case_insensitive_upstream,
             dangerous_opaque_responses: r.dangerous_opaque_responses,
+            allow_query_params,
+            query_names,
         }),
     })
 }
@@ -1348,6 +1425,66 @@ on_decrypt_error = "shrug"
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn a_pass_through_before_an_encrypting_route_it_overlaps_is_refused() {
+        let routes = |first: &str, second: &str| {
+            format!(
+                r#"{BASE}
+[[route]]
+{first}
+
+[[route]]
+{second}
+"#
+            )
+        };
+        let users = r#"name = "users"
+path = "/tenants/{tenant}/users/**"
+upstream = "http://127.0.0.1:3000"
+key = "users"
+fields = ["$.ssn"]"#;
+        let pass = |path: &str, extra: &str| {
+            format!(
+                "name = \"pass\"\npath = \"{path}\"\nupstream = \"http://127.0.0.1:3000\"\npassthrough = true\n{extra}"
+            )
+        };
+        // "Encrypt these, pass the rest": fine.
+        parse(&routes(users, &pass("/**", ""))).unwrap();
+        // Before it, overlapping (case-insensitively): refused with both names.
+        for p in ["/**", "/tenants/**", "/tenants/*/USERS/{id}"] {
+            let all = parse(&routes(&pass(p, ""), users))
+                .unwrap_err()
+                .0
+                .join("\n");
+            assert!(
+                all.contains("route \"pass\".path") && all.contains("\"users\""),
+                "{all}"
+            );
+            assert!(all.contains("dangerous_shadows_encrypted_routes"), "{all}");
+        }
+        // Before it but disjoint, or explicitly marked: fine.
+        parse(&routes(&pass("/health", ""), users)).unwrap();
+        parse(&routes(&pass("/tenants/{t}/orders/**", ""), users)).unwrap();
+        parse(&routes(
+            &pass("/**", "dangerous_shadows_encrypted_routes = true"),
+            users,
+        ))
+        .unwrap();
+        // Only pass-through and S3 routes can be marked.
+        let marked = format!("{users}\ndangerous_shadows_encrypted_routes = true");
+        let all = parse(&routes(&marked, &pass("/**", "")))
+            .unwrap_err()
+            .0
+            .join("\n");
+        assert!(all.contains("only for pass-through and S3 routes"), "{all}");
+        // allow_query_params belongs to encrypting JSON routes.
+        let all = parse(&routes(users, &pass("/**", "allow_query_params = [\"a\"]")))
+            .unwrap_err()
+            .0
+            .join("\n");
+        assert!(all.contains("allow_query_params"), "{all}");
     }
 
     #[test]

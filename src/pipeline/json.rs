@@ -39,6 +39,7 @@ where
 {
     let settings = &state.config.server;
     let (parts, body) = req.into_parts();
+    super::route::check_query(jr, parts.uri.query())?;
     let meta = RequestMeta {
         captures: &captures,
         headers: &parts.headers,

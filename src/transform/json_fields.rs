@@ -83,6 +83,11 @@ impl FieldPath {
         &self.source
     }
 
+    /// The member names a query parameter would call the encrypted values by.
+    pub fn last_names(&self) -> Vec<&str> {
+        self.compiled.last_names()
+    }
+
     /// Locations of the matches in `doc`, shallowest first, none inside another. One matcher
     /// serves both paths: the compiled path ([`CompiledPath::locate`]), run here on the
     /// value's serialization. A value it cannot run on is an error, never "no match": on the

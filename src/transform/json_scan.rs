@@ -1027,6 +1027,26 @@ impl CompiledPath {
         })
     }
 
+    /// The member names in the path's last segment that selects by name (`$.card.number`:
+    /// `number`; `$.notes[*].text`: `text`; `$.tags[0]`: `tags`); empty when no segment does
+    /// (`$.*`). What a query parameter would call the encrypted values.
+    pub fn last_names(&self) -> Vec<&str> {
+        self.segments
+            .iter()
+            .rev()
+            .map(|s| {
+                s.selectors
+                    .iter()
+                    .filter_map(|sel| match sel {
+                        CSelector::Name(n) => Some(n.as_str()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .find(|names| !names.is_empty())
+            .unwrap_or_default()
+    }
+
     /// Compiles a parsed path; slices, filters, and shapes the parser never produces (empty
     /// unions, nested descendant segments) are refused.
     pub fn compile(q: &JpQuery) -> Result<CompiledPath, String> {
