@@ -39,6 +39,7 @@ fn route_config(dir: &std::path::Path) -> String {
         r#"
 [server]
 listen = "127.0.0.1:0"
+auth = "none"
 
 [keyring]
 path = "{d}/keyring.json"

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod devstore;
@@ -28,6 +29,7 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod s3;
 pub mod secret;
 pub mod server;

@@ -21,6 +21,7 @@ fn config(admin: &str) -> String {
         r#"
 [server]
 listen = "127.0.0.1:0"
+auth = "none"
 [keyring]
 path = "k.json"
 master_key_file = "m.key"
@@ -116,7 +117,7 @@ async fn a_readable_token_file_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[keyring]\npath = \"{d}/k.json\"\nmaster_key_file = \"{d}/m.key\"\ncreate_missing_keys = true\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n[keyring]\npath = \"{d}/k.json\"\nmaster_key_file = \"{d}/m.key\"\ncreate_missing_keys = true\n\
          [admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n{}",
         token_file.display(),
         ROUTE.replace("UPSTREAM", "http://127.0.0.1:9")

@@ -194,7 +194,7 @@ async fn the_cli_verifies_with_the_key_from_the_configuration() {
     std::fs::write(
         &config_path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[keyring]\npath = \"{d}/k.json\"\nmaster_key_file = \"{d}/m.key\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n[keyring]\npath = \"{d}/k.json\"\nmaster_key_file = \"{d}/m.key\"\n\
              [audit]\npath = \"{d}/audit.log\"\n[[route]]\nname = \"users\"\npath = \"/users/{{id?}}\"\n\
              upstream = \"http://127.0.0.1:9\"\nkey = \"users\"\nfields = [\"$.ssn\"]\n"
         ),

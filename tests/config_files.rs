@@ -64,6 +64,7 @@ fn check_config_refuses_s3_upstreams_with_a_path() {
         r#"
 [server]
 listen = "127.0.0.1:0"
+auth = "none"
 [keyring]
 path = "k.json"
 master_key_env = "NOT_NEEDED_FOR_CHECKS"
@@ -128,6 +129,7 @@ fn check_config_refuses_a_pass_through_shadowing_an_encrypting_route() {
             r#"
 [server]
 listen = "127.0.0.1:8080"
+auth = "none"
 [keyring]
 path = "k.json"
 master_key_file = "m.key"

@@ -42,6 +42,7 @@ fn fixture_with(fields: &str) -> Fixture {
         r#"
 [server]
 listen = "127.0.0.1:0"
+auth = "none"
 [keyring]
 path = "{d}/k.json"
 master_key_file = "{d}/m.key"

@@ -560,6 +560,7 @@ fn seals_and_opens_a_token_end_to_end() {
             r#"
 [server]
 listen = "127.0.0.1:0"
+auth = "none"
 
 [keyring]
 path = "{d}/keyring.json"

@@ -83,6 +83,7 @@ async fn trace_logs_carry_no_credentials_or_signatures() {
         r#"
 [server]
 listen = "127.0.0.1:{port}"
+auth = "none"
 [keyring]
 path = "{d}/keyring.json"
 master_key_file = "{d}/master.key"

@@ -1454,6 +1454,7 @@ async fn s3_object_vectors_open_offline() {
         r#"
 [server]
 listen = "127.0.0.1:0"
+auth = "none"
 [keyring]
 path = "{dir}/keyring.json"
 master_key_file = "{dir}/master.key"

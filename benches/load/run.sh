@@ -84,6 +84,7 @@ cat >"$WORK/upstream.toml" <<EOF
 # The fast upstream: only the demo store is used (a proxy config needs a route, so one idle one).
 [server]
 listen = "127.0.0.1:$UPSTREAM_ADMIN_PORT"
+auth = "none"
 [keyring]
 path = "$WORK/upstream/keyring.json"
 master_key_file = "$WORK/upstream/master.key"
@@ -104,6 +105,7 @@ fi
 cat >"$WORK/proxy.toml" <<EOF
 [server]
 listen = "127.0.0.1:$PROXY_PORT"
+auth = "none"
 [keyring]
 path = "$WORK/proxy/keyring.json"
 master_key_file = "$WORK/proxy/master.key"

@@ -21,6 +21,7 @@ tests/peers/venv/bin/moto_server -H 127.0.0.1 -p 18501 >/dev/null 2>&1 & PIDS+=(
 	cat <<TOML
 [server]
 listen = "127.0.0.1:18500"
+auth = "none"
 [keyring]
 path = "$WORK/kr.json"
 master_key_file = "$WORK/m.key"

@@ -165,6 +165,7 @@ common_toml() {
 	cat <<EOF
 [server]
 listen = "127.0.0.1:$1"
+auth = "none"
 upstream_timeout_ms = $((TRANSFER_TIMEOUT * 1000))
 [keyring]
 path = "$WORK/proxy/$2-keyring.json"

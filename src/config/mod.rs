@@ -5,6 +5,7 @@
 //! Relative file paths are taken relative to the working directory.
 //! `config/reference.toml` documents every option and its default.
 
+pub mod auth;
 pub mod pattern;
 pub mod template;
 
@@ -21,6 +22,7 @@ use crate::keys::keyring::MasterKeySource;
 use crate::keys::resilience::ResilienceSettings;
 use crate::keys::{CacheLimits, KeyRef};
 use crate::transform::json_fields::FieldPath;
+pub use auth::{Access, Action, Mask, Quota, Requirement, RouteAuth};
 pub use pattern::PathPattern;
 pub use template::{Source, Template};
 
@@ -39,6 +41,8 @@ struct FileServer {
     upstream_timeout_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     upstream_ca_file: Option<PathBuf>,
+    /// The routes' default `auth` ("none", "mtls", "jwt", "trusted-header").
+    auth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +50,9 @@ struct FileServer {
 struct FileTls {
     cert_file: PathBuf,
     key_file: PathBuf,
+    /// Client certificates are verified against these CAs (PEM) when presented; routes with
+    /// `auth = "mtls"` require one.
+    client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +178,12 @@ struct FileRoute {
     allow_query_params: Vec<String>,
     #[serde(default)]
     dangerous_shadows_encrypted_routes: bool,
+    auth: Option<String>,
+    #[serde(default)]
+    require: BTreeMap<String, String>,
+    #[serde(default)]
+    mask: BTreeMap<String, auth::FileMask>,
+    quota: Option<auth::FileQuota>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +232,8 @@ pub struct Config {
     pub audit_checkpoint_every: u64,
     pub demo_store: Option<SocketAddr>,
     pub routes: Vec<Route>,
+    /// Authenticators, key policies, grants, quotas, masking.
+    pub access: Access,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +252,8 @@ pub struct ServerSettings {
     pub connect_timeout: Duration,
     /// Extra CA certificates (PEM) trusted for https upstreams, beside the webpki roots.
     pub upstream_ca_file: Option<PathBuf>,
+    /// Client certificates presented are verified against these CAs (`auth = "mtls"`).
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +322,12 @@ pub struct Route {
     /// A pass-through or S3 route placed before an encrypting route it overlaps: first match
     /// wins, so the overlap is not encrypted (or not as that route would). Refused unless set.
     pub dangerous_shadows_encrypted_routes: bool,
+    /// How clients authenticate (route `auth`, else `[server] auth`; S3 routes: SigV4).
+    pub auth: RouteAuth,
+    /// Request values that must equal a value of the principal (403 otherwise).
+    pub require: Vec<Requirement>,
+    /// Request quota per principal on this route (`[quota]` unless the route sets its own).
+    pub quota: Quota,
 }
 
 #[derive(Debug, Clone)]
@@ -396,6 +419,9 @@ pub struct JsonRoute {
     /// What a query parameter would call the encrypted fields: the last member name of each
     /// field path, case-folded (`*` when a path has none, like `$.*`).
     pub query_names: Vec<String>,
+    /// How each of `fields` is shown to a principal allowed `open-masked` only (same order;
+    /// `null` for fields without a rule).
+    pub masks: Vec<Mask>,
 }
 
 #[derive(Debug, Clone)]
@@ -458,6 +484,11 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             "audit",
             "demo_store",
             "route",
+            "auth",
+            "key_policy",
+            "grants",
+            "quota",
+            "masking",
         ]
         .contains(&key.as_str())
         {
@@ -483,6 +514,15 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
 
     let backends = resolve_backends(table.get("backend"), &mut errors);
     let backend_names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+    let access = auth::resolve_access(&table, &backend_names, &mut errors);
+    let facts = RouteFacts {
+        backends: &backend_names,
+        default_auth: server.as_ref().and_then(|s| s.1),
+        access: &access,
+        client_ca: server
+            .as_ref()
+            .is_some_and(|s| s.0.client_ca_file.is_some()),
+    };
 
     let mut routes = Vec::new();
     match table.get("route") {
@@ -492,7 +532,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
                 let place = format!("route[{i}]");
                 match item.clone().try_into::<FileRoute>() {
                     Ok(r) => {
-                        if let Some(route) = resolve_route(&place, r, &backend_names, &mut errors) {
+                        if let Some(route) = resolve_route(&place, r, &facts, &mut errors) {
                             routes.push(route);
                         }
                     }
@@ -514,8 +554,9 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
         return Err(ConfigErrors(errors));
     }
     match (server, keyring) {
-        (Some(server), Some(keyring)) => Ok(Config {
+        (Some((server, _)), Some(keyring)) => Ok(Config {
             server,
+            access,
             admin,
             keyring,
             backends,
@@ -622,7 +663,16 @@ fn socket_addr(place: &str, s: &str, errors: &mut Vec<String>) -> Option<SocketA
     }
 }
 
-fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> ServerSettings {
+fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, Option<RouteAuth>) {
+    let auth = s.auth.as_deref().and_then(|a| match RouteAuth::parse(a) {
+        Some(RouteAuth::SigV4) | None => {
+            errors.push(format!(
+                "server.auth: {a:?} is not one of \"none\", \"mtls\", \"jwt\", \"trusted-header\""
+            ));
+            None
+        }
+        some => some,
+    });
     let listen = socket_addr("server.listen", &s.listen, errors)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let positive = |place: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>| match v {
@@ -641,8 +691,10 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> ServerSettings {
         Some(d) => d,
         None => 64,
     };
-    ServerSettings {
+    let client_ca_file = s.tls.as_ref().and_then(|t| t.client_ca_file.clone());
+    let settings = ServerSettings {
         listen,
+        client_ca_file,
         tls: s.tls.map(|t| (t.cert_file, t.key_file)),
         max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes, 1 << 20, errors),
         max_response_bytes: positive(
@@ -665,7 +717,8 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> ServerSettings {
             errors,
         )),
         upstream_ca_file: s.upstream_ca_file,
-    }
+    };
+    (settings, auth)
 }
 
 fn resolve_keyring(k: FileKeyring, errors: &mut Vec<String>) -> Option<KeyringSettings> {
@@ -1063,20 +1116,148 @@ fn resolve_s3(place: &str, s3: FileS3, errors: &mut Vec<String>) -> Option<Resol
     })
 }
 
+/// What route resolution needs from the rest of the file.
+struct RouteFacts<'a> {
+    backends: &'a [&'a str],
+    default_auth: Option<RouteAuth>,
+    access: &'a Access,
+    client_ca: bool,
+}
+
+/// A route's `auth`: its own, else the listener's; S3 routes authenticate with SigV4. The
+/// authenticator it names must be configured.
+fn route_auth(
+    place: &str,
+    own: Option<&str>,
+    s3: bool,
+    facts: &RouteFacts,
+    errors: &mut Vec<String>,
+) -> RouteAuth {
+    let auth = match own.map(|a| (a, RouteAuth::parse(a))) {
+        Some((_, Some(a))) => a,
+        Some((a, None)) => {
+            errors.push(format!(
+                "{place}.auth: {a:?} is not one of \"none\", \"mtls\", \"jwt\", \"trusted-header\", \"sigv4\""
+            ));
+            return RouteAuth::None;
+        }
+        None if s3 => RouteAuth::SigV4,
+        None => match facts.default_auth {
+            Some(a) => a,
+            None => {
+                errors.push(format!(
+                    "{place}.auth: not set; say how clients authenticate (\"jwt\", \"mtls\", \"trusted-header\"), \
+                     or auth = \"none\" for a route only trusted callers can reach (here or as [server] auth)"
+                ));
+                return RouteAuth::None;
+            }
+        },
+    };
+    match auth {
+        RouteAuth::SigV4 if !s3 => {
+            errors.push(format!("{place}.auth: \"sigv4\" is for kind = \"s3\" routes"))
+        }
+        a if s3 && a != RouteAuth::SigV4 => errors.push(format!(
+            "{place}.auth: S3 routes authenticate clients by SigV4 ([[route.s3.client]]); {:?} is not available there",
+            a.name()
+        )),
+        RouteAuth::Jwt if facts.access.auth.jwt.is_none() => {
+            errors.push(format!("{place}.auth: \"jwt\" needs an [auth.jwt] section"))
+        }
+        RouteAuth::Mtls if !facts.client_ca => errors.push(format!(
+            "{place}.auth: \"mtls\" needs [server] tls with client_ca_file"
+        )),
+        RouteAuth::TrustedHeader if facts.access.auth.trusted_header.is_none() => errors.push(
+            format!("{place}.auth: \"trusted-header\" needs an [auth.trusted_header] section"),
+        ),
+        _ => {}
+    }
+    auth
+}
+
+/// Principal sources must be there to read: `claim.*` only on JWT routes, none on
+/// `auth = "none"` routes.
+fn check_principal_sources<'t>(
+    place: &str,
+    auth: RouteAuth,
+    templates: impl Iterator<Item = &'t Template>,
+    errors: &mut Vec<String>,
+) {
+    for t in templates {
+        for s in t.sources() {
+            match s {
+                Source::Claim(_) if auth != RouteAuth::Jwt => errors.push(format!(
+                    "{place}: {s} is only known on routes with auth = \"jwt\""
+                )),
+                Source::Identity | Source::Principal(_) if auth == RouteAuth::None => {
+                    errors.push(format!(
+                        "{place}: {s} is unknown on a route with auth = \"none\" (nobody is authenticated)"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 fn resolve_route(
     place: &str,
     r: FileRoute,
-    backends: &[&str],
+    facts: &RouteFacts,
     errors: &mut Vec<String>,
 ) -> Option<Route> {
+    let backends = facts.backends;
     let before = errors.len();
     let place = format!("{place} ({:?})", r.name);
+    let auth = route_auth(
+        &place,
+        r.auth.as_deref(),
+        r.kind.as_deref() == Some("s3"),
+        facts,
+        errors,
+    );
+    let require = auth::parse_requirements(&place, r.require.clone(), errors);
+    for q in &require {
+        match &q.subject {
+            Source::S3Bucket if r.kind.as_deref() != Some("s3") => errors.push(format!(
+                "{place}.require: s3.bucket is only known on kind = \"s3\" routes"
+            )),
+            Source::Json(_) => errors.push(format!(
+                "{place}.require: json.* is not known before the body is read"
+            )),
+            _ => {}
+        }
+    }
+    check_principal_sources(
+        &format!("{place}.require"),
+        auth,
+        require.iter().map(|q| &q.equals),
+        errors,
+    );
+    if !require.is_empty() && auth == RouteAuth::None {
+        errors.push(format!(
+            "{place}.require: nobody is authenticated on an auth = \"none\" route"
+        ));
+    }
+    let quota = match r.quota.clone() {
+        Some(q) => auth::resolve_quota(&format!("{place}.quota"), q, errors),
+        None => facts.access.quota,
+    };
     if r.name.is_empty() {
         errors.push(format!("{place}.name: must not be empty"));
     }
     let pattern = PathPattern::parse(&r.path)
         .map_err(|e| errors.push(format!("{place}.path: {e}")))
         .ok();
+    for q in &require {
+        if let Source::Path(n) = &q.subject
+            && pattern.as_ref().is_some_and(|p| !p.has_capture(n))
+        {
+            errors.push(format!(
+                "{place}.require: path.{n} is not a capture of the route's path pattern"
+            ));
+        }
+    }
     let upstream = resolve_upstream(&place, &r.upstream, errors);
 
     match r.kind.as_deref() {
@@ -1111,7 +1292,14 @@ fn resolve_route(
                 Kind::S3,
                 errors,
             );
+            check_principal_sources(
+                &format!("{place}.context"),
+                auth,
+                key_context.iter().map(|(_, t)| t),
+                errors,
+            );
             for (what, set) in [
+                ("mask", !r.mask.is_empty()),
                 ("fields", !r.fields.is_empty()),
                 ("response_documents", !r.response_documents.is_empty()),
                 ("message_context", !r.message_context.is_empty()),
@@ -1138,6 +1326,9 @@ fn resolve_route(
                     pattern: pattern.expect("checked"),
                     upstream: upstream.expect("checked"),
                     dangerous_shadows_encrypted_routes: r.dangerous_shadows_encrypted_routes,
+                    auth,
+                    require,
+                    quota,
                     kind: RouteKind::S3(S3RouteConfig {
                         keys,
                         key_context,
@@ -1174,6 +1365,7 @@ fn resolve_route(
             (r.case_insensitive_upstream, "case_insensitive_upstream"),
             (r.dangerous_opaque_responses, "dangerous_opaque_responses"),
             (!r.allow_query_params.is_empty(), "allow_query_params"),
+            (!r.mask.is_empty(), "mask"),
         ] {
             if set {
                 errors.push(format!(
@@ -1187,6 +1379,9 @@ fn resolve_route(
             upstream: upstream.expect("checked"),
             kind: RouteKind::Passthrough,
             dangerous_shadows_encrypted_routes: r.dangerous_shadows_encrypted_routes,
+            auth,
+            require,
+            quota,
         });
     }
 
@@ -1222,6 +1417,31 @@ fn resolve_route(
         Kind::JsonMessage,
         errors,
     );
+    check_principal_sources(
+        &format!("{place}.context"),
+        auth,
+        key_context
+            .iter()
+            .chain(message_context.iter())
+            .map(|(_, t)| t),
+        errors,
+    );
+    let mut masks = vec![Mask::Null; fields.len()];
+    for (path, m) in r.mask.clone() {
+        let at = format!("{place}.mask.{path:?}");
+        let Some(mask) = auth::parse_mask(&at, m, errors) else {
+            continue;
+        };
+        match fields.iter().position(|f| f.source() == path) {
+            Some(i) => masks[i] = mask,
+            None => errors.push(format!("{at}: not one of the route's fields")),
+        }
+    }
+    if masks.contains(&Mask::Hash) && facts.access.masking.hash_key.is_none() {
+        errors.push(format!(
+            "{place}.mask: \"hash\" masks need [masking] hash_key_file"
+        ));
+    }
     for name in r.context.keys() {
         if r.message_context.contains_key(name) {
             errors.push(format!(
@@ -1277,6 +1497,9 @@ fn resolve_route(
         pattern: pattern.expect("checked"),
         upstream: upstream.expect("checked"),
         dangerous_shadows_encrypted_routes: false,
+        auth,
+        require,
+        quota,
         kind: RouteKind::JsonFields(JsonRoute {
             keys,
             fields,
@@ -1288,6 +1511,7 @@ fn resolve_route(
             dangerous_opaque_responses: r.dangerous_opaque_responses,
             allow_query_params,
             query_names,
+            masks,
         }),
     })
 }
@@ -1350,7 +1574,7 @@ fn parse_templates(
                     ));
                     ok = false;
                 }
-                Source::S3Bucket | Source::Identity if kind != Kind::S3 => {
+                Source::S3Bucket if kind != Kind::S3 => {
                     errors.push(format!("{at}: {s} is only known on kind = \"s3\" routes"));
                     ok = false;
                 }
@@ -1371,6 +1595,7 @@ mod tests {
     const BASE: &str = r#"
 [server]
 listen = "127.0.0.1:8080"
+auth = "none"
 [keyring]
 path = "data/keyring.json"
 master_key_file = "data/master.key"

@@ -2,7 +2,9 @@
 //! `"t-{path.tenant}"`, and alternatives `"{json.id|path.id}"` (the first one present wins).
 //!
 //! Sources: `path.NAME` (a capture of the route pattern), `header.NAME`, `json.NAME` (a top-level
-//! member of each JSON document, message context only: it is how a record id is bound).
+//! member of each JSON document, message context only: it is how a record id is bound),
+//! `s3.bucket`, and the authenticated principal: `identity` (its name), `claim.NAME` (a JWT
+//! claim) and `principal.NAME` (an attribute the authenticator configured).
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -11,8 +13,22 @@ pub enum Source {
     Json(String),
     /// The S3 bucket of the request (S3 routes).
     S3Bucket,
-    /// The authenticated client's configured identity (S3 routes).
+    /// The authenticated principal's name.
     Identity,
+    /// A claim of the principal's JWT (scalar claims only).
+    Claim(String),
+    /// An attribute of the principal (from its certificate, token or S3 client entry).
+    Principal(String),
+}
+
+impl Source {
+    /// Whether the value comes from the authenticated principal, not from the request.
+    pub fn is_principal(&self) -> bool {
+        matches!(
+            self,
+            Source::Identity | Source::Claim(_) | Source::Principal(_)
+        )
+    }
 }
 
 impl std::fmt::Display for Source {
@@ -23,6 +39,8 @@ impl std::fmt::Display for Source {
             Source::Json(n) => write!(f, "json.{n}"),
             Source::S3Bucket => write!(f, "s3.bucket"),
             Source::Identity => write!(f, "identity"),
+            Source::Claim(n) => write!(f, "claim.{n}"),
+            Source::Principal(n) => write!(f, "principal.{n}"),
         }
     }
 }
@@ -117,7 +135,9 @@ fn parse_source(s: &str) -> Result<Source, String> {
         _ => {}
     }
     let (kind, name) = s.split_once('.').ok_or_else(|| {
-        format!("{{{s}}}: expected path.NAME, header.NAME, json.NAME, s3.bucket or identity")
+        format!(
+            "{{{s}}}: expected path.NAME, header.NAME, json.NAME, claim.NAME, principal.NAME, s3.bucket or identity"
+        )
     })?;
     if name.is_empty() {
         return Err(format!("{{{s}}}: empty name"));
@@ -128,8 +148,10 @@ fn parse_source(s: &str) -> Result<Source, String> {
             .map(Source::Header)
             .map_err(|_| format!("{{{s}}}: {name:?} is not a valid header name")),
         "json" => Ok(Source::Json(name.to_string())),
+        "claim" => Ok(Source::Claim(name.to_string())),
+        "principal" => Ok(Source::Principal(name.to_string())),
         other => Err(format!(
-            "{{{s}}}: unknown source {other:?} (expected path, header or json)"
+            "{{{s}}}: unknown source {other:?} (expected path, header, json, claim or principal)"
         )),
     }
 }

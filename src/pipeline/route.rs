@@ -149,6 +149,7 @@ mod tests {
     const BASE: &str = r#"
 [server]
 listen = "127.0.0.1:8080"
+auth = "none"
 [keyring]
 path = "k.json"
 master_key_file = "m.key"

@@ -393,7 +393,7 @@ impl Lookup for S3Lookup<'_> {
             Source::S3Bucket => self.bucket.map(str::to_string),
             Source::Identity => Some(self.identity.to_string()),
             Source::Header(name) => self.headers.get(name)?.to_str().ok().map(str::to_string),
-            Source::Path(_) | Source::Json(_) => None,
+            Source::Path(_) | Source::Json(_) | Source::Claim(_) | Source::Principal(_) => None,
         }
     }
 }

@@ -172,7 +172,9 @@ fn request_value(meta: &RequestMeta, source: &Source) -> Option<String> {
         }
         // Only S3 routes know these; config validation keeps them off JSON routes; `json.*`
         // comes from the document.
-        Source::S3Bucket | Source::Identity | Source::Json(_) => None,
+        Source::S3Bucket | Source::Json(_) => None,
+        // The principal's values: see `RequestMeta::principal`.
+        Source::Identity | Source::Claim(_) | Source::Principal(_) => None,
     }
 }
 

@@ -119,6 +119,7 @@ impl Proxy {
             r#"
 [server]
 listen = "127.0.0.1:0"
+auth = "none"
 {extra_server}
 
 [keyring]

@@ -1,0 +1,402 @@
+//! Who may use which key: key policies (`[[key_policy]]`) and grants, judged per request
+//! before any key is used.
+//!
+//! The rules, as AWS KMS has them:
+//! - a key without a policy is usable by every principal that passed its route's
+//!   authentication (the behaviour before policies existed); a key with one denies by default;
+//! - a matching `deny` statement wins over every `allow` and every grant;
+//! - otherwise a matching `allow` statement, or a grant (`grants`), allows.
+//!
+//! A statement matches when the principal's name matches one of its `principals` (globs),
+//! the action is one of its `actions`, and every condition holds. Decisions are cached per
+//! (principal, key, action, context, grants generation). A refusal names the missing
+//! permission, never the policy text.
+
+pub mod grants;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::{Principal, glob_match};
+use crate::config::Action;
+use crate::config::auth::{Condition, ConditionOp, Effect, KeyPolicy, Subject};
+use crate::config::template::{Lookup, Source};
+use crate::envelope::Context;
+use crate::keys::KeyRef;
+pub use grants::Grants;
+
+/// Why a request was allowed (named in the audit line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Basis {
+    /// The key has no policy.
+    NoPolicy,
+    /// An `allow` statement, by its sid.
+    Statement(Arc<str>),
+    /// A grant, by its id.
+    Grant(Arc<str>),
+}
+
+impl std::fmt::Display for Basis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Basis::NoPolicy => f.write_str("no-policy"),
+            Basis::Statement(s) => write!(f, "statement:{s}"),
+            Basis::Grant(g) => write!(f, "grant:{g}"),
+        }
+    }
+}
+
+/// A refusal: what was missing, and (for the audit log only) the statement that denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub principal: String,
+    pub key: KeyRef,
+    pub action: Action,
+    /// The `deny` statement that matched; `None` when nothing allowed.
+    pub statement: Option<Arc<str>>,
+}
+
+impl Denial {
+    /// A short, stable reason for metrics labels.
+    pub fn reason(&self) -> &'static str {
+        if self.statement.is_some() {
+            "explicit-deny"
+        } else {
+            "no-allow"
+        }
+    }
+}
+
+impl std::fmt::Display for Denial {
+    /// What the client is told: the permission it lacks.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} may not {} with key {} under this request's encryption context",
+            self.principal, self.action, self.key
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow(Basis),
+    Deny(Denial),
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    principal: Arc<Principal>,
+    key: KeyRef,
+    action: Action,
+    context: Context,
+    generation: u64,
+}
+
+/// The key policies and grants of a running proxy.
+pub struct Policies {
+    by_key: HashMap<KeyRef, KeyPolicy>,
+    grants: Arc<Grants>,
+    cache: moka::sync::Cache<CacheKey, Decision>,
+}
+
+impl std::fmt::Debug for Policies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policies")
+            .field("keys", &self.by_key.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policies {
+    pub fn new(policies: &[KeyPolicy], grants: Arc<Grants>) -> Policies {
+        Policies {
+            by_key: policies
+                .iter()
+                .map(|p| (p.key.clone(), p.clone()))
+                .collect(),
+            grants,
+            cache: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    pub fn grants(&self) -> &Arc<Grants> {
+        &self.grants
+    }
+
+    /// Whether `key` has a policy (default deny) or is open to every authenticated principal.
+    pub fn has_policy(&self, key: &KeyRef) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    /// The decision for one use of one key. `grant_tokens` are tokens the client presented
+    /// (`x-envelope-grant-token`): a grant they carry counts even before this replica has
+    /// read it from the grants file.
+    pub fn decide(
+        &self,
+        principal: &Arc<Principal>,
+        key: &KeyRef,
+        action: Action,
+        context: &Context,
+        grant_tokens: &[&str],
+    ) -> Decision {
+        if !self.by_key.contains_key(key) {
+            return Decision::Allow(Basis::NoPolicy);
+        }
+        if !grant_tokens.is_empty() {
+            return self.evaluate(principal, key, action, context, grant_tokens);
+        }
+        let ck = CacheKey {
+            principal: principal.clone(),
+            key: key.clone(),
+            action,
+            context: context.clone(),
+            generation: self.grants.generation(),
+        };
+        if let Some(d) = self.cache.get(&ck) {
+            return d;
+        }
+        let d = self.evaluate(principal, key, action, context, &[]);
+        self.cache.insert(ck, d.clone());
+        d
+    }
+
+    /// [`decide`](Self::decide) without the cache.
+    pub fn evaluate(
+        &self,
+        principal: &Principal,
+        key: &KeyRef,
+        action: Action,
+        context: &Context,
+        grant_tokens: &[&str],
+    ) -> Decision {
+        let Some(policy) = self.by_key.get(key) else {
+            return Decision::Allow(Basis::NoPolicy);
+        };
+        let mut allowed_by = None;
+        for s in &policy.statements {
+            if !s.actions.contains(&action)
+                || !s.principals.iter().any(|p| glob_match(p, &principal.name))
+                || !s.conditions.iter().all(|c| holds(c, principal, context))
+            {
+                continue;
+            }
+            match s.effect {
+                Effect::Deny => {
+                    return Decision::Deny(Denial {
+                        principal: principal.name.clone(),
+                        key: key.clone(),
+                        action,
+                        statement: Some(s.sid.as_str().into()),
+                    });
+                }
+                Effect::Allow => {
+                    allowed_by.get_or_insert_with(|| Arc::<str>::from(s.sid.as_str()));
+                }
+            }
+        }
+        if let Some(sid) = allowed_by {
+            return Decision::Allow(Basis::Statement(sid));
+        }
+        if let Some(id) = self
+            .grants
+            .find(principal, key, action, context, grant_tokens)
+        {
+            return Decision::Allow(Basis::Grant(id));
+        }
+        Decision::Deny(Denial {
+            principal: principal.name.clone(),
+            key: key.clone(),
+            action,
+            statement: None,
+        })
+    }
+
+    /// Every key of a route must allow the action (a route seals under all of its keys, and
+    /// may open with any): the bases, or the first refusal.
+    pub fn decide_all(
+        &self,
+        principal: &Arc<Principal>,
+        keys: &[KeyRef],
+        action: Action,
+        context: &Context,
+        grant_tokens: &[&str],
+    ) -> Result<Vec<Basis>, Denial> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            match self.decide(principal, k, action, context, grant_tokens) {
+                Decision::Allow(b) => out.push(b),
+                Decision::Deny(d) => return Err(d),
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct PrincipalLookup<'a>(&'a Principal);
+
+impl Lookup for PrincipalLookup<'_> {
+    fn lookup(&self, source: &Source) -> Option<String> {
+        self.0.value(source)
+    }
+}
+
+fn holds(c: &Condition, principal: &Principal, context: &Context) -> bool {
+    let value: Option<std::borrow::Cow<str>> = match &c.subject {
+        Subject::Context(n) => context.get(n).map(Into::into),
+        Subject::Principal(n) => principal.attributes.get(n).map(|v| v.as_str().into()),
+        Subject::Claim(n) => principal.claims.get(n).map(|v| v.as_str().into()),
+        Subject::Identity => Some(principal.name.as_str().into()),
+    };
+    let lookup = PrincipalLookup(principal);
+    match (&c.op, value) {
+        (ConditionOp::Present(want), v) => v.is_some() == *want,
+        (_, None) => false,
+        (ConditionOp::Equals(t), Some(v)) => t.render(&lookup).is_ok_and(|w| w == v),
+        (ConditionOp::Like(g), Some(v)) => glob_match(g, &v),
+        (ConditionOp::AnyOf(ts), Some(v)) => {
+            ts.iter().any(|t| t.render(&lookup).is_ok_and(|w| w == v))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteAuth;
+
+    fn policies(toml: &str) -> Policies {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n[keyring]\npath = \"k.json\"\nmaster_key_file = \"m.key\"\n\
+             [[route]]\nname = \"p\"\npath = \"/p\"\nupstream = \"http://127.0.0.1:1\"\npassthrough = true\n{toml}"
+        );
+        let cfg = crate::config::parse(&text).unwrap();
+        Policies::new(&cfg.access.key_policies, Arc::new(Grants::disabled()))
+    }
+
+    fn alice(tenant: &str) -> Arc<Principal> {
+        let mut p = Principal::new("alice", RouteAuth::Jwt);
+        p.claims.insert("tenant".into(), tenant.into());
+        Arc::new(p)
+    }
+
+    fn ctx(tenant: &str) -> Context {
+        let mut c = Context::new();
+        c.insert("tenant", tenant);
+        c
+    }
+
+    const POLICY: &str = r#"
+[[key_policy]]
+key = "users"
+[[key_policy.statement]]
+sid = "own-tenant"
+effect = "allow"
+principals = ["*"]
+actions = ["seal", "open"]
+conditions = { "context.tenant" = "{claim.tenant}" }
+[[key_policy.statement]]
+sid = "no-mallory"
+effect = "deny"
+principals = ["mallory"]
+actions = ["*"]
+"#;
+
+    #[test]
+    fn conditions_deny_by_default_and_deny_wins() {
+        let p = policies(POLICY);
+        let users = KeyRef::parse("users").unwrap();
+        assert_eq!(
+            p.decide(&alice("acme"), &users, Action::Open, &ctx("acme"), &[]),
+            Decision::Allow(Basis::Statement("own-tenant".into()))
+        );
+        // Cached decisions are the same.
+        assert!(matches!(
+            p.decide(&alice("acme"), &users, Action::Open, &ctx("acme"), &[]),
+            Decision::Allow(_)
+        ));
+        let Decision::Deny(d) = p.decide(&alice("acme"), &users, Action::Open, &ctx("globex"), &[])
+        else {
+            panic!("another tenant's context must be refused")
+        };
+        assert_eq!(d.reason(), "no-allow");
+        assert!(
+            !d.to_string().contains("own-tenant"),
+            "never the policy text"
+        );
+        // No action listed: refused.
+        assert!(matches!(
+            p.decide(&alice("acme"), &users, Action::Rotate, &ctx("acme"), &[]),
+            Decision::Deny(_)
+        ));
+        let mut m = Principal::new("mallory", RouteAuth::Jwt);
+        m.claims.insert("tenant".into(), "acme".into());
+        let Decision::Deny(d) = p.decide(&Arc::new(m), &users, Action::Open, &ctx("acme"), &[])
+        else {
+            panic!("deny must win over allow")
+        };
+        assert_eq!(d.statement.as_deref(), Some("no-mallory"));
+        // A principal without the claim: the template cannot render, nothing matches.
+        let nobody = Arc::new(Principal::new("bob", RouteAuth::Jwt));
+        assert!(matches!(
+            p.decide(&nobody, &users, Action::Open, &ctx("acme"), &[]),
+            Decision::Deny(_)
+        ));
+        // A key without a policy is open to authenticated principals.
+        assert_eq!(
+            p.decide(
+                &nobody,
+                &KeyRef::parse("other").unwrap(),
+                Action::Open,
+                &ctx("x"),
+                &[]
+            ),
+            Decision::Allow(Basis::NoPolicy)
+        );
+    }
+
+    #[test]
+    fn like_present_any_of() {
+        let p = policies(
+            r#"
+[[key_policy]]
+key = "k"
+[[key_policy.statement]]
+effect = "allow"
+principals = ["spiffe://acme/ns/*/sa/api"]
+actions = ["open"]
+conditions = { "context.tenant" = { like = "acme-*" }, "context.region" = { present = false }, "principal.team" = { any_of = ["billing", "{claim.team}"] } }
+"#,
+        );
+        let k = KeyRef::parse("k").unwrap();
+        let mut pr = Principal::new("spiffe://acme/ns/prod/sa/api", RouteAuth::Mtls);
+        pr.attributes.insert("team".into(), "billing".into());
+        let pr = Arc::new(pr);
+        assert!(matches!(
+            p.decide(&pr, &k, Action::Open, &ctx("acme-eu"), &[]),
+            Decision::Allow(_)
+        ));
+        assert!(matches!(
+            p.decide(&pr, &k, Action::Open, &ctx("globex"), &[]),
+            Decision::Deny(_)
+        ));
+        let mut with_region = ctx("acme-eu");
+        with_region.insert("region", "eu");
+        assert!(matches!(
+            p.decide(&pr, &k, Action::Open, &with_region, &[]),
+            Decision::Deny(_)
+        ));
+        let other = Arc::new(Principal::new(
+            "spiffe://acme/ns/prod/sa/web",
+            RouteAuth::Mtls,
+        ));
+        assert!(matches!(
+            p.decide(&other, &k, Action::Open, &ctx("acme-eu"), &[]),
+            Decision::Deny(_)
+        ));
+    }
+}
