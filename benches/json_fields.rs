@@ -94,6 +94,7 @@ fn json_fields(c: &mut Criterion) {
         captures: &captures,
         headers: &headers,
         given: None,
+        principal: None,
     };
     let doc: Value = strict_json::parse(DOC.as_bytes(), MAX_DEPTH).expect("doc parses");
     let doc_len = serde_json::to_vec(&doc).expect("serialize").len();

@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct AuditEvent {
     /// `seal` (values encrypted on the way to storage), `open` (decrypted on the way back),
     /// `reject` (refused before anything was forwarded), `pass` (no key used).
@@ -62,6 +62,14 @@ pub struct AuditEvent {
     pub values: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The authenticated principal (`anonymous` on `auth = "none"` routes); absent when
+    /// authentication failed or was never tried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// What allowed each key use: `statement:SID`, `grant:ID` or `no-policy`; on a policy
+    /// refusal, the deny statement (`deny:SID`) or `no-allow`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub basis: Vec<String>,
 }
 
 #[derive(Serialize)]

@@ -339,6 +339,7 @@ pub async fn decrypt_offline(
         captures: &captures,
         headers: &headers,
         given: Some(&given),
+        principal: None,
     };
     let key_ctx = json_fields::key_context(jr, &meta).map_err(|e| e.to_string())?;
     let trimmed = input.trim();

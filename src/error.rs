@@ -74,6 +74,15 @@ pub enum ProxyError {
     SensitiveQueryParameter(String),
     #[error("query rejected: {0}")]
     BadQuery(&'static str),
+    #[error("not authenticated: {0}")]
+    Unauthenticated(crate::auth::AuthError, crate::config::RouteAuth),
+    /// A route requirement (`require`) does not hold: the message names the request value.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    PolicyDenied(crate::policy::Denial),
+    #[error("request quota exceeded; retry after {0} s")]
+    QuotaExceeded(u64),
 
     // -- stored data's fault ----------------------------------------------------------------
     #[error("a stored value could not be decrypted ({1})")]
@@ -136,6 +145,16 @@ impl ProxyError {
                 (StatusCode::BAD_REQUEST, "sensitive_query_parameter", false)
             }
             BadQuery(_) => (StatusCode::BAD_REQUEST, "bad_query", false),
+            // The authenticator could not check (JWKS unreachable): not the client's fault.
+            Unauthenticated(crate::auth::AuthError::Unavailable(_), _) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "authentication_unavailable",
+                true,
+            ),
+            Unauthenticated(..) => (StatusCode::UNAUTHORIZED, "unauthenticated", false),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", false),
+            PolicyDenied(_) => (StatusCode::FORBIDDEN, "access_denied", false),
+            QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", true),
             // What storage returned does not decrypt: the proxy cannot serve it.
             DecryptFailed(..) => (StatusCode::BAD_GATEWAY, "decrypt_failed", false),
             UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable", true),
@@ -206,6 +225,16 @@ impl ProxyError {
             }
             ProxyError::KeyBackend(_) => "the configured root key cannot be used".into(),
             ProxyError::UpstreamUnavailable(_) => "upstream unavailable".into(),
+            // Why a credential was refused stays in the audit log.
+            ProxyError::Unauthenticated(crate::auth::AuthError::Missing(what), _) => {
+                format!("authentication required: no {what} presented")
+            }
+            ProxyError::Unauthenticated(crate::auth::AuthError::Invalid(_), _) => {
+                "the credentials presented were refused".into()
+            }
+            ProxyError::Unauthenticated(crate::auth::AuthError::Unavailable(_), _) => {
+                "credentials cannot be verified now; retry later".into()
+            }
             other => other.to_string(),
         }
     }
@@ -228,6 +257,15 @@ impl ProxyError {
         );
         if retryable && status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if let ProxyError::QuotaExceeded(secs) = self {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        if let ProxyError::Unauthenticated(e, method) = self
+            && let Some(c) = crate::auth::Authenticators::challenge(*method, e)
+            && let Ok(v) = HeaderValue::from_str(&c)
+        {
+            h.insert(http::header::WWW_AUTHENTICATE, v);
         }
         resp
     }

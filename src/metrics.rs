@@ -26,6 +26,16 @@ pub struct BackendErrorLabels {
     pub kind: String,
 }
 
+/// An access refusal: `route`, `key` (`-` when no key was involved), `reason`
+/// (`unauthenticated-missing`, `unauthenticated-invalid`, `require`, `no-allow`,
+/// `explicit-deny`, `quota`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub route: String,
+    pub key: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
@@ -45,6 +55,7 @@ pub struct Metrics {
     decrypt_failures: Family<RouteLabels, Counter>,
     plaintext_reads: Family<RouteLabels, Counter>,
     unbound_object_reads: Family<RouteLabels, Counter>,
+    denials: Family<DenialLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -70,6 +81,12 @@ impl Metrics {
         let decrypt_failures = Family::<RouteLabels, Counter>::default();
         let plaintext_reads = Family::<RouteLabels, Counter>::default();
         let unbound_object_reads = Family::<RouteLabels, Counter>::default();
+        let denials = Family::<DenialLabels, Counter>::default();
+        registry.register(
+            "access_denials",
+            "Requests refused by authentication, route requirements, key policies or quotas, by route, key and reason",
+            denials.clone(),
+        );
         registry.register(
             "requests",
             "Requests handled, by route and status",
@@ -144,7 +161,28 @@ impl Metrics {
             decrypt_failures,
             plaintext_reads,
             unbound_object_reads,
+            denials,
         }
+    }
+
+    pub fn denial(&self, route: &str, key: &str, reason: &str) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                route: route.to_string(),
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn denials_of(&self, route: &str, key: &str, reason: &str) -> u64 {
+        self.denials
+            .get_or_create(&DenialLabels {
+                route: route.to_string(),
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+            .get()
     }
 
     pub fn request(&self, route: &str, status: u16, seconds: f64) {

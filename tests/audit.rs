@@ -23,6 +23,7 @@ fn event(i: usize) -> AuditEvent {
         keys: vec!["local:users".into()],
         values: 1,
         reason: None,
+        ..Default::default()
     }
 }
 

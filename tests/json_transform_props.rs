@@ -162,7 +162,7 @@ proptest! {
     fn seal_then_open_is_the_identity(doc in document()) {
         let f = fixture();
         let (captures, headers) = meta_parts();
-        let meta = RequestMeta { captures: &captures, headers: &headers, given: None };
+        let meta = RequestMeta { captures: &captures, headers: &headers, given: None ,    principal: None,};
         let key_ctx = json_fields::key_context(&f.route, &meta).unwrap();
         let mut sealed = doc.clone();
         f.rt.block_on(async {
@@ -186,7 +186,7 @@ proptest! {
     fn splicing_agrees_with_the_dom_path(doc in document(), pretty in any::<bool>(), disjoint in any::<bool>()) {
         let f = fixture_with(if disjoint { DISJOINT } else { OVERLAPPING });
         let (captures, headers) = meta_parts();
-        let meta = RequestMeta { captures: &captures, headers: &headers, given: None };
+        let meta = RequestMeta { captures: &captures, headers: &headers, given: None ,    principal: None,};
         let key_ctx = json_fields::key_context(&f.route, &meta).unwrap();
         let text = if pretty { serde_json::to_vec_pretty(&doc) } else { serde_json::to_vec(&doc) }.unwrap();
         let scanned = json_fields::scan_body(&text, 64).unwrap();
@@ -217,7 +217,7 @@ proptest! {
     fn opening_hostile_documents_never_panics(doc in document(), junk in ".{0,80}") {
         let f = fixture();
         let (captures, headers) = meta_parts();
-        let meta = RequestMeta { captures: &captures, headers: &headers, given: None };
+        let meta = RequestMeta { captures: &captures, headers: &headers, given: None ,    principal: None,};
         let key_ctx = json_fields::key_context(&f.route, &meta).unwrap();
         let mut d = doc;
         d["a"] = Value::String(format!("enc:v1:{junk}"));

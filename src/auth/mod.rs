@@ -58,10 +58,14 @@ impl Authenticators {
         }
     }
 
-    /// The `WWW-Authenticate` challenge of a 401 on a route authenticating with `method`.
-    pub fn challenge(method: RouteAuth) -> Option<&'static str> {
-        match method {
-            RouteAuth::Jwt => Some("Bearer realm=\"envelope-proxy\""),
+    /// The `WWW-Authenticate` challenge of a 401 on a route authenticating with `method`
+    /// (RFC 6750: `error="invalid_token"` when a token was presented and refused).
+    pub fn challenge(method: RouteAuth, error: &AuthError) -> Option<String> {
+        match (method, error) {
+            (RouteAuth::Jwt, AuthError::Invalid(_)) => {
+                Some("Bearer realm=\"envelope-proxy\", error=\"invalid_token\"".into())
+            }
+            (RouteAuth::Jwt, _) => Some("Bearer realm=\"envelope-proxy\"".into()),
             _ => None,
         }
     }

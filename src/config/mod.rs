@@ -212,6 +212,8 @@ struct FileS3Client {
     secret_access_key_env: Option<String>,
     secret_access_key_file: Option<PathBuf>,
     identity: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,6 +390,8 @@ pub struct S3ClientConfig {
     pub access_key_id: String,
     pub secret_access_key: SecretSource,
     pub identity: String,
+    /// The principal's attributes (`principal.NAME` in contexts, `require` and policies).
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1070,6 +1074,7 @@ fn resolve_s3(place: &str, s3: FileS3, errors: &mut Vec<String>) -> Option<Resol
                 access_key_id: c.access_key_id,
                 secret_access_key,
                 identity: c.identity,
+                attributes: c.attributes,
             });
         }
     }

@@ -10,11 +10,13 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body;
 
+use super::authorize::{self, ReadView};
 use super::upstream::{self, ClientInfo};
-use super::{AppState, BoxError, ProxyBody, full_body};
-use crate::config::{JsonRoute, Route};
+use super::{AppState, BoxError, ProxyBody, full_body, identity};
+use crate::auth::Principal;
+use crate::config::{Action, JsonRoute, Route};
 use crate::error::ProxyError;
-use crate::transform::json_fields::{self, RequestMeta};
+use crate::transform::json_fields::{self, RequestMeta, View};
 
 /// What a JSON route did, for the audit log.
 #[derive(Default)]
@@ -22,8 +24,13 @@ pub struct Outcome {
     pub sealed: usize,
     pub opened: usize,
     pub redacted: usize,
+    pub masked: usize,
+    pub withheld: usize,
+    /// What allowed each key use (`statement:SID`, `grant:ID`, `no-policy`).
+    pub basis: Vec<String>,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn handle<B>(
     state: &Arc<AppState>,
     route: &Route,
@@ -31,6 +38,7 @@ pub async fn handle<B>(
     captures: HashMap<String, String>,
     req: Request<B>,
     client: ClientInfo,
+    principal: &Arc<Principal>,
     outcome: &mut Outcome,
 ) -> Result<Response<ProxyBody>, ProxyError>
 where
@@ -38,15 +46,30 @@ where
     B::Error: Into<BoxError>,
 {
     let settings = &state.config.server;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     super::route::check_query(jr, parts.uri.query())?;
+    let grant_tokens = authorize::take_grant_tokens(&mut parts.headers);
+    let tokens: Vec<&str> = grant_tokens.iter().map(String::as_str).collect();
+    // The principal is known: its credentials go no further (nor into context values).
+    identity::strip_credentials(state, route, &mut parts.headers);
     let meta = RequestMeta {
         captures: &captures,
         headers: &parts.headers,
         given: None,
+        principal: Some(principal),
     };
-    // Identity and context: derived from this request alone, never from stored data.
+    // Identity and context: derived from this request and its principal alone, never from
+    // stored data.
+    identity::check_requirements(state, route, principal, &meta)?;
     let key_ctx = json_fields::key_context(jr, &meta)?;
+    // Policy: how values come back, decided before anything is forwarded. A read that could
+    // show nothing is refused.
+    let view = authorize::read_view(state, principal, &jr.keys, &key_ctx, &tokens);
+    if let ReadView::Withheld(denial) = &view
+        && (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
+    {
+        return Err(authorize::refuse_withheld(state, route, denial.clone()));
+    }
 
     // The request body: every byte of it is read, checked and sealed before anything is sent.
     if let Some(len) = parts
@@ -72,6 +95,16 @@ where
         }
         let depth = settings.max_json_depth;
         let doc = json_fields::scan_body(&bytes, depth).map_err(ProxyError::MalformedJson)?;
+        let allowed = authorize::authorize(
+            state,
+            route,
+            principal,
+            &jr.keys,
+            Action::Seal,
+            &key_ctx,
+            &tokens,
+        )?;
+        outcome.basis.extend(allowed.iter().map(|b| b.to_string()));
         let messages = json_fields::estimate_messages_scanned(jr, &doc);
         let key = state
             .keys
@@ -138,10 +171,28 @@ where
         let depth = settings.max_json_depth;
         let doc = json_fields::scan_body(&body, depth)
             .map_err(|_| ProxyError::UpstreamResponse("malformed JSON from upstream"))?;
+        let shown = match &view {
+            ReadView::Plain(_) => View::Plain,
+            ReadView::Masked(_) => View::Masked(state.mask_key.as_ref()),
+            ReadView::Withheld(_) => View::Withheld,
+        };
         let (opened, report) =
-            json_fields::open_scanned(jr, &meta, &key_ctx, &state.keys, &doc, depth).await?;
+            json_fields::open_scanned_as(jr, &meta, &key_ctx, &state.keys, &doc, depth, shown)
+                .await?;
         outcome.opened = report.opened;
         outcome.redacted = report.redacted;
+        outcome.masked = report.masked;
+        outcome.withheld = report.withheld;
+        if report.opened > 0
+            && let ReadView::Plain(b) | ReadView::Masked(b) = &view
+        {
+            outcome.basis.extend(b.iter().map(|b| b.to_string()));
+        }
+        if report.withheld > 0 {
+            rparts
+                .headers
+                .insert("x-envelope-withheld", HeaderValue::from(report.withheld));
+        }
         if report.redacted > 0 {
             rparts
                 .headers

@@ -11,6 +11,8 @@
 //! [`handle`] reads top to bottom; every error becomes a response in one place
 //! ([`ProxyError::to_response`]) and every request that used a key or was refused is audited.
 
+pub mod authorize;
+pub mod identity;
 pub mod json;
 pub mod route;
 pub mod upstream;
@@ -48,6 +50,10 @@ pub struct AppState {
     pub upstream: UpstreamClient,
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
+    pub policies: Arc<crate::policy::Policies>,
+    pub authenticators: crate::auth::Authenticators,
+    /// The key of `hash` masks (`[masking] hash_key_file`).
+    pub mask_key: Option<crate::transform::mask::MaskKey>,
 }
 
 pub async fn handle<B>(
@@ -150,9 +156,8 @@ where
                     path,
                     status: resp.status().as_u16(),
                     client: client.addr.ip().to_string(),
-                    keys: vec![],
-                    values: 0,
                     reason: Some(e.code().to_string()),
+                    ..Default::default()
                 })
                 .await;
             return resp;
@@ -163,22 +168,30 @@ where
         // S3: s3s authenticates the client, then the gateway encrypts and forwards.
         RouteKind::S3(s3) => {
             let (method, path) = (req.method().to_string(), req.uri().path().to_string());
-            let resp = s3_gateway(&state, route, req, client).await;
+            let outcome = Arc::new(std::sync::Mutex::new(
+                crate::s3::gateway::S3Outcome::default(),
+            ));
+            let resp = s3_gateway(&state, route, req, client, &outcome).await;
             finish(&state, &route.name, &resp, started);
             let status = resp.status();
+            let o = std::mem::take(&mut *outcome.lock().unwrap_or_else(|p| p.into_inner()));
             state
                 .audit
                 .record(AuditEvent {
-                    action: match method.as_str() {
-                        "PUT" | "POST" => "seal",
-                        "GET" | "HEAD" => "open",
-                        _ => "pass",
+                    action: match (o.action, o.denied.is_some()) {
+                        (_, true) => "reject",
+                        (Some(a), false) => a,
+                        (None, false) => "pass",
                     },
-                    outcome: if status.is_client_error() || status.is_server_error() {
+                    outcome: if o.denied.is_some() {
+                        "denied"
+                    } else if status.is_client_error() || status.is_server_error() {
                         "error"
                     } else {
                         "ok"
                     },
+                    principal: o.principal,
+                    basis: o.basis,
                     route: route.name.clone(),
                     method,
                     path,
@@ -186,14 +199,49 @@ where
                     client: client.addr.ip().to_string(),
                     keys: s3.keys.iter().map(|k| k.to_string()).collect(),
                     values: 0,
-                    reason: None,
+                    reason: o.denied.map(|d| format!("access_denied: {d}")),
                 })
                 .await;
             resp
         }
         // Explicit pass-through: stream both ways, nothing read or changed.
         RouteKind::Passthrough => {
-            let (parts, body) = req.into_parts();
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            let (mut parts, body) = req.into_parts();
+            let principal = match identity::identify(&state, route, &parts.headers, &client)
+                .await
+                .and_then(|p| {
+                    let meta = crate::transform::json_fields::RequestMeta {
+                        captures: &captures,
+                        headers: &parts.headers,
+                        given: None,
+                        principal: Some(&p),
+                    };
+                    identity::check_requirements(&state, route, &p, &meta).map(|()| p)
+                }) {
+                Ok(p) => p,
+                Err(e) => {
+                    let resp = e.to_response();
+                    finish(&state, &route.name, &resp, started);
+                    state
+                        .audit
+                        .record(AuditEvent {
+                            action: "reject",
+                            outcome: "error",
+                            route: route.name.clone(),
+                            method,
+                            path,
+                            status: resp.status().as_u16(),
+                            client: client.addr.ip().to_string(),
+                            reason: Some(audit_reason(&e)),
+                            ..Default::default()
+                        })
+                        .await;
+                    return resp;
+                }
+            };
+            drop(principal);
+            identity::strip_credentials(&state, route, &mut parts.headers);
             let body = body.map_err(Into::into).boxed();
             let result = match upstream::request(&route.upstream, &parts, body, client, None) {
                 Ok(up) => state.upstream.send(up).await.map(|resp| {
@@ -219,7 +267,24 @@ where
         RouteKind::JsonFields(jr) => {
             let (method, path) = (req.method().to_string(), req.uri().path().to_string());
             let mut outcome = json::Outcome::default();
-            let result = json::handle(&state, route, jr, captures, req, client, &mut outcome).await;
+            let mut who = None;
+            let result = match identity::identify(&state, route, req.headers(), &client).await {
+                Ok(principal) => {
+                    who = Some(principal.name.clone());
+                    json::handle(
+                        &state,
+                        route,
+                        jr,
+                        captures,
+                        req,
+                        client,
+                        &principal,
+                        &mut outcome,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             let (resp, error) = match result {
                 Ok(resp) => (resp, None),
                 Err(e) => {
@@ -246,10 +311,21 @@ where
                     } else {
                         "reject"
                     },
-                    outcome: match (&error, outcome.redacted) {
-                        (Some(_), _) => "error",
-                        (None, 0) => "ok",
-                        (None, _) => "redacted",
+                    outcome: match (&error, outcome.redacted, outcome.masked, outcome.withheld) {
+                        (Some(e), ..) if is_denial(e) => "denied",
+                        (Some(_), ..) => "error",
+                        (None, 0, 0, 0) => "ok",
+                        (None, r, ..) if r > 0 => "redacted",
+                        (None, _, m, _) if m > 0 => "masked",
+                        (None, ..) => "withheld",
+                    },
+                    principal: who,
+                    basis: match &error {
+                        Some(ProxyError::PolicyDenied(d)) => vec![match &d.statement {
+                            Some(s) => format!("deny:{s}"),
+                            None => "no-allow".into(),
+                        }],
+                        _ => std::mem::take(&mut outcome.basis),
                     },
                     route: route.name.clone(),
                     method,
@@ -258,12 +334,7 @@ where
                     client: client.addr.ip().to_string(),
                     keys: jr.keys.iter().map(|k| k.to_string()).collect(),
                     values: outcome.sealed + outcome.opened,
-                    reason: error.map(|e| match e {
-                        ProxyError::DecryptFailed(f, place) => {
-                            format!("decrypt_failed: {f} ({place})")
-                        }
-                        other => other.code().to_string(),
-                    }),
+                    reason: error.as_ref().map(audit_reason),
                 })
                 .await;
             resp
@@ -276,6 +347,7 @@ async fn s3_gateway<B>(
     route: &crate::config::Route,
     req: Request<B>,
     client: ClientInfo,
+    outcome: &Arc<std::sync::Mutex<crate::s3::gateway::S3Outcome>>,
 ) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
@@ -295,6 +367,7 @@ where
         state: state.clone(),
         route: index,
         client,
+        outcome: outcome.clone(),
     });
     let body = s3s::Body::http_body(body.map_err(|e| -> BoxError { e.into() }));
     match gateway.service.call(Request::from_parts(parts, body)).await {
@@ -307,6 +380,28 @@ where
             *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
             r
         }
+    }
+}
+
+/// A refusal by authentication, `require`, a key policy or a quota.
+fn is_denial(e: &ProxyError) -> bool {
+    matches!(
+        e,
+        ProxyError::Unauthenticated(..)
+            | ProxyError::Forbidden(_)
+            | ProxyError::PolicyDenied(_)
+            | ProxyError::QuotaExceeded(_)
+    )
+}
+
+/// The audit line's `reason`: the error code, with the detail the client is not told.
+fn audit_reason(e: &ProxyError) -> String {
+    match e {
+        ProxyError::DecryptFailed(f, place) => format!("decrypt_failed: {f} ({place})"),
+        ProxyError::Unauthenticated(a, _) => format!("{}: {a}", e.code()),
+        ProxyError::Forbidden(m) => format!("{}: {m}", e.code()),
+        ProxyError::PolicyDenied(d) => format!("{}: {d}", e.code()),
+        other => other.code().to_string(),
     }
 }
 

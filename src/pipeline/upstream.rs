@@ -23,6 +23,17 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
+impl ClientInfo {
+    /// What the authenticators see of the connection.
+    pub fn peer(&self) -> crate::auth::Peer {
+        crate::auth::Peer {
+            addr: self.addr,
+            certs: None,
+            unix: false,
+        }
+    }
+}
+
 pub struct UpstreamClient {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     timeout: Duration,

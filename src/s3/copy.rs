@@ -112,8 +112,10 @@ impl Ctx<'_> {
             .get("x-amz-metadata-directive")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"REPLACE"));
         // The source's key context, rendered as the destination's is but for its bucket.
-        let dest_ctx = self.key_context(&req.headers)?;
-        let src_ctx = self.source_ctx(&source).key_context(&req.headers)?;
+        let dest_ctx = self.authorized_context(&req.headers, crate::config::Action::Seal)?;
+        let src_ctx = self
+            .source_ctx(&source)
+            .authorized_context(&req.headers, crate::config::Action::Open)?;
         // A v2 object is bound to its bucket and key: a copy anywhere else is re-sealed.
         let onto_itself = self.target.bucket.as_deref() == Some(source.bucket.as_str())
             && self.target.key.as_deref() == Some(source.key.as_str());
@@ -302,7 +304,9 @@ impl Ctx<'_> {
             state: self.state.clone(),
             route: self.route,
             cfg: self.cfg,
-            identity: self.identity.clone(),
+            principal: self.principal.clone(),
+            grant_tokens: self.grant_tokens.clone(),
+            outcome: self.outcome.clone(),
             target: Target {
                 bucket: Some(source.bucket.clone()),
                 key: Some(source.key.clone()),

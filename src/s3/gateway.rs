@@ -55,6 +55,20 @@ pub struct RequestInfo {
     pub state: Arc<AppState>,
     pub route: usize,
     pub client: ClientInfo,
+    /// Filled by the gateway for the pipeline's audit line.
+    pub outcome: Arc<Mutex<S3Outcome>>,
+}
+
+/// What the gateway learnt of a request, for the audit line.
+#[derive(Debug, Default)]
+pub struct S3Outcome {
+    pub principal: Option<String>,
+    /// What allowed each key use, or the refusal (`deny:SID`, `no-allow`).
+    pub basis: Vec<String>,
+    /// `seal` or `open` once a key was used for it.
+    pub action: Option<&'static str>,
+    /// Why access was refused (`require` or policy), for the audit reason.
+    pub denied: Option<String>,
 }
 
 /// One S3 route's s3s service.
@@ -69,7 +83,7 @@ impl Gateway {
         for c in &cfg.clients {
             let secret = read_secret(&c.secret_access_key)?;
             secrets.insert(c.access_key_id.clone(), SecretKey::from(secret.as_str()));
-            identities.insert(c.access_key_id.clone(), c.identity.clone());
+            identities.insert(c.access_key_id.clone(), c.clone());
         }
         let upstream = UpstreamCredentials::new(
             read_secret(&cfg.upstream_access_key_id)?.to_string(),
@@ -135,7 +149,7 @@ struct NoOperations;
 impl s3s::S3 for NoOperations {}
 
 struct GatewayRoute {
-    identities: HashMap<String, String>,
+    identities: HashMap<String, crate::config::S3ClientConfig>,
     upstream: Arc<UpstreamCredentials>,
     suffixes: Vec<String>,
     path_style_hosts: Vec<String>,
@@ -157,12 +171,16 @@ impl S3Route for GatewayRoute {
         let RouteKind::S3(cfg) = &route.kind else {
             return Err(s3_error!(InternalError, "not an S3 route"));
         };
-        let identity = req
+        // 2. Identity: the client s3s verified by its access key.
+        let principal = req
             .credentials
             .as_ref()
             .and_then(|c| self.identities.get(&c.access_key))
-            .cloned()
+            .map(|c| Arc::new(crate::pipeline::identity::sigv4_principal(c)))
             .ok_or_else(|| s3_error!(AccessDenied))?;
+        if let Ok(mut o) = info.outcome.lock() {
+            o.principal = Some(principal.name.clone());
+        }
         guard::check_signed_headers(&req.method, &req.uri, &req.headers)?;
         let target = self.locate(&req)?;
         // Routes are chosen by path; a virtual-host request's bucket is not in its path. The
@@ -177,14 +195,38 @@ impl S3Route for GatewayRoute {
                 ));
             }
         }
+        let mut req = req;
+        let grant_tokens = crate::pipeline::authorize::take_grant_tokens(&mut req.headers);
         let ctx = Ctx {
             state: info.state.clone(),
             route,
             cfg,
-            identity,
+            principal,
             target,
             upstream: self.upstream.clone(),
+            grant_tokens: Arc::new(grant_tokens),
+            outcome: info.outcome.clone(),
         };
+        // The route's `require` rules, on the bucket and headers of this request.
+        let lookup = S3Lookup {
+            bucket: ctx.target.bucket.as_deref(),
+            principal: &ctx.principal,
+            headers: &req.headers,
+        };
+        if let Err(e) = crate::pipeline::identity::check_requirements(
+            &info.state,
+            route,
+            &ctx.principal,
+            &lookup,
+        ) {
+            if let Ok(mut o) = ctx.outcome.lock() {
+                o.denied = Some(e.to_string());
+            }
+            return Err(S3Error::with_message(
+                S3ErrorCode::AccessDenied,
+                e.to_string(),
+            ));
+        }
         if cfg.clear_metadata == crate::config::ClearMetadata::Refuse {
             guard::check_clear_metadata(
                 &req.method,
@@ -376,14 +418,17 @@ pub(super) struct Ctx<'a> {
     pub(super) state: Arc<AppState>,
     pub(super) route: &'a Route,
     pub(super) cfg: &'a S3RouteConfig,
-    pub(super) identity: String,
+    pub(super) principal: Arc<crate::auth::Principal>,
     pub(super) target: Target,
     pub(super) upstream: Arc<UpstreamCredentials>,
+    /// Grant tokens the client presented (`x-envelope-grant-token`), taken off its headers.
+    pub(super) grant_tokens: Arc<Vec<String>>,
+    pub(super) outcome: Arc<Mutex<S3Outcome>>,
 }
 
 struct S3Lookup<'a> {
     bucket: Option<&'a str>,
-    identity: &'a str,
+    principal: &'a crate::auth::Principal,
     headers: &'a HeaderMap,
 }
 
@@ -391,9 +436,19 @@ impl Lookup for S3Lookup<'_> {
     fn lookup(&self, source: &Source) -> Option<String> {
         match source {
             Source::S3Bucket => self.bucket.map(str::to_string),
-            Source::Identity => Some(self.identity.to_string()),
-            Source::Header(name) => self.headers.get(name)?.to_str().ok().map(str::to_string),
-            Source::Path(_) | Source::Json(_) | Source::Claim(_) | Source::Principal(_) => None,
+            Source::Identity | Source::Claim(_) | Source::Principal(_) => {
+                self.principal.value(source)
+            }
+            Source::Header(name) => {
+                let mut values = self.headers.get_all(name).iter();
+                let first = values.next()?;
+                // A repeated header is ambiguous (which one would the reader send?).
+                if values.next().is_some() {
+                    return None;
+                }
+                first.to_str().ok().map(str::to_string)
+            }
+            Source::Path(_) | Source::Json(_) => None,
         }
     }
 }
@@ -554,10 +609,54 @@ pub(super) fn upload_headers(client: &HeaderMap) -> HeaderMap {
 }
 
 impl Ctx<'_> {
+    /// The key context of this request, once the key policies allow `action` under it
+    /// (stage 4, before any key is used): 403 AccessDenied otherwise.
+    pub(super) fn authorized_context(
+        &self,
+        headers: &HeaderMap,
+        action: crate::config::Action,
+    ) -> S3Result<Context> {
+        let ctx = self.key_context(headers)?;
+        let tokens: Vec<&str> = self.grant_tokens.iter().map(String::as_str).collect();
+        let decided = crate::pipeline::authorize::authorize(
+            &self.state,
+            self.route,
+            &self.principal,
+            &self.cfg.keys,
+            action,
+            &ctx,
+            &tokens,
+        );
+        let mut o = self.outcome.lock().map_err(internal)?;
+        match decided {
+            Ok(bases) => {
+                o.basis.extend(bases.iter().map(|b| b.to_string()));
+                o.action = Some(match action {
+                    crate::config::Action::Seal => "seal",
+                    _ => "open",
+                });
+                Ok(ctx)
+            }
+            Err(e) => {
+                if let crate::error::ProxyError::PolicyDenied(d) = &e {
+                    o.basis.push(match &d.statement {
+                        Some(s) => format!("deny:{s}"),
+                        None => "no-allow".into(),
+                    });
+                }
+                o.denied = Some(e.to_string());
+                Err(S3Error::with_message(
+                    S3ErrorCode::AccessDenied,
+                    e.to_string(),
+                ))
+            }
+        }
+    }
+
     pub(super) fn key_context(&self, headers: &HeaderMap) -> S3Result<Context> {
         let lookup = S3Lookup {
             bucket: self.target.bucket.as_deref(),
-            identity: &self.identity,
+            principal: &self.principal,
             headers,
         };
         let mut ctx = Context::new();
@@ -731,7 +830,7 @@ impl Ctx<'_> {
 
     pub(super) async fn put_object(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         let (plain_len, verifier) = upload_prelude(&req.headers)?;
-        let key_ctx = self.key_context(&req.headers)?;
+        let key_ctx = self.authorized_context(&req.headers, crate::config::Action::Seal)?;
         let sealing = self
             .state
             .keys
@@ -946,7 +1045,7 @@ impl Ctx<'_> {
             .ok_or_else(|| decrypt_error("impossible stored size"))?;
 
         // The key context comes from this request; the object id from the object.
-        let key_ctx = self.key_context(&req.headers)?;
+        let key_ctx = self.authorized_context(&req.headers, crate::config::Action::Open)?;
         let (raw, used, data_key) = self.open_envelope(&meta, &key_ctx).await?;
         let c2sp: [u8; chunked::HEADER_LEN] = raw[used..]
             .try_into()

@@ -1011,7 +1011,7 @@ impl Ctx<'_> {
     }
 
     async fn create_upload(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
-        let key_ctx = self.key_context(&req.headers)?;
+        let key_ctx = self.authorized_context(&req.headers, crate::config::Action::Seal)?;
         // The parts' sizes are not known yet; each part is a message under this key.
         let sealing = self
             .state
@@ -1066,7 +1066,7 @@ impl Ctx<'_> {
         let part =
             parse_part_number(&query_param(query.as_deref(), "partNumber").unwrap_or_default())?;
         let (plain_len, verifier) = upload_prelude(&req.headers)?;
-        let key_ctx = self.key_context(&req.headers)?;
+        let key_ctx = self.authorized_context(&req.headers, crate::config::Action::Seal)?;
         let data_key = self
             .state
             .keys
@@ -1338,7 +1338,7 @@ impl Ctx<'_> {
             .ok_or_else(|| decrypt_error("impossible stored size for a multipart object"))?;
 
         // The key context comes from this request; the object id and header from the object.
-        let key_ctx = self.key_context(g.client_headers)?;
+        let key_ctx = self.authorized_context(g.client_headers, crate::config::Action::Open)?;
         // Multipart metadata holds the envelope header only: each part carries its C2SP header.
         let (env_header, used, data_key) = self.open_envelope(&g.meta, &key_ctx).await?;
         if used != env_header.len() {

@@ -103,7 +103,23 @@ pub async fn start(config: Config) -> Result<Running, String> {
             gateways.insert(route.name.clone(), gw);
         }
     }
+    let authenticators = crate::auth::Authenticators::build(&config.access.auth).await?;
+    let policies = Arc::new(crate::policy::Policies::new(
+        &config.access.key_policies,
+        Arc::new(crate::policy::Grants::disabled()),
+    ));
+    let mask_key = match &config.access.masking.hash_key {
+        Some(s) => Some(crate::transform::mask::MaskKey::new(
+            crate::secret::read_secret(s)
+                .map_err(|e| format!("masking.hash_key_file: {e}"))?
+                .as_bytes(),
+        )),
+        None => None,
+    };
     let state = Arc::new(AppState {
+        mask_key,
+        policies,
+        authenticators,
         gateways,
         config,
         keys,

@@ -133,6 +133,26 @@ pub struct RequestMeta<'a> {
     pub headers: &'a HeaderMap,
     /// Context values given by name (the offline `decrypt` command); they win over templates.
     pub given: Option<&'a HashMap<String, String>>,
+    /// The authenticated principal (`identity`, `claim.*`, `principal.*`).
+    pub principal: Option<&'a crate::auth::Principal>,
+}
+
+impl Lookup for RequestMeta<'_> {
+    /// Request values only (path captures, headers, the principal), as `require` reads them.
+    fn lookup(&self, source: &Source) -> Option<String> {
+        request_value(self, source)
+    }
+}
+
+/// How opened values are shown to the caller (decided by the key policies).
+#[derive(Clone, Copy, Debug)]
+pub enum View<'a> {
+    /// Plaintext.
+    Plain,
+    /// The route's `mask` rules applied to the plaintext (`hash` masks need the key).
+    Masked(Option<&'a crate::transform::mask::MaskKey>),
+    /// Not opened at all: every value at a configured path answers `null`; no key is used.
+    Withheld,
 }
 
 fn render(
@@ -173,8 +193,7 @@ fn request_value(meta: &RequestMeta, source: &Source) -> Option<String> {
         // Only S3 routes know these; config validation keeps them off JSON routes; `json.*`
         // comes from the document.
         Source::S3Bucket | Source::Json(_) => None,
-        // The principal's values: see `RequestMeta::principal`.
-        Source::Identity | Source::Claim(_) | Source::Principal(_) => None,
+        Source::Identity | Source::Claim(_) | Source::Principal(_) => meta.principal?.value(source),
     }
 }
 
@@ -524,11 +543,25 @@ pub async fn open_scanned(
     doc: &Scanned<'_>,
     max_depth: usize,
 ) -> Result<(Vec<u8>, OpenReport), ProxyError> {
+    open_scanned_as(route, meta, key_ctx, keys, doc, max_depth, View::Plain).await
+}
+
+/// [`open_scanned`], showing the values as `view` says.
+#[allow(clippy::too_many_arguments)]
+pub async fn open_scanned_as(
+    route: &JsonRoute,
+    meta: &RequestMeta<'_>,
+    key_ctx: &Context,
+    keys: &KeyService,
+    doc: &Scanned<'_>,
+    max_depth: usize,
+    view: View<'_>,
+) -> Result<(Vec<u8>, OpenReport), ProxyError> {
     let docs = scanned_documents(route, doc);
     let Some(matches) = splice_plan(route, doc, &docs) else {
         let mut body = strict_json::parse(doc.source().as_bytes(), max_depth)
             .map_err(|_| ProxyError::UpstreamResponse("malformed JSON from upstream"))?;
-        let report = open_body(route, meta, key_ctx, keys, &mut body).await?;
+        let report = open_body_as(route, meta, key_ctx, keys, &mut body, view).await?;
         let out =
             serde_json::to_vec(&body).map_err(|_| ProxyError::Internal("serialize".into()))?;
         return Ok((out, report));
@@ -542,6 +575,11 @@ pub async fn open_scanned(
         Vec::with_capacity(matches.len());
     for m in &matches {
         let field = &route.fields[m.field];
+        if let View::Withheld = view {
+            edits.push((doc.span(m.node), zeroize::Zeroizing::new(b"null".to_vec())));
+            report.withheld += 1;
+            continue;
+        }
         let ctx = contexts[m.doc]
             .get_or_insert_with(|| scanned_context(route, meta, doc, docs[m.doc], key_ctx));
         let outcome = match (ctx, doc.kind(m.node)) {
@@ -561,7 +599,14 @@ pub async fn open_scanned(
         };
         match outcome {
             Ok(plaintext) => {
-                edits.push((doc.span(m.node), plaintext));
+                let shown = match view {
+                    View::Masked(key) => {
+                        report.masked += 1;
+                        crate::transform::mask::apply(&route.masks[m.field], &plaintext, key)
+                    }
+                    _ => plaintext,
+                };
+                edits.push((doc.span(m.node), shown));
                 report.opened += 1;
             }
             Err(failure) => {
@@ -629,6 +674,10 @@ fn list_position(index: usize, documents: usize, root_is_list: bool) -> Option<u
 pub struct OpenReport {
     pub opened: usize,
     pub redacted: usize,
+    /// Of `opened`, values answered masked.
+    pub masked: usize,
+    /// Values answered `null` because the caller may not open them.
+    pub withheld: usize,
 }
 
 /// Open every token at a configured path in `body`.
@@ -644,6 +693,18 @@ pub async fn open_body(
     keys: &KeyService,
     body: &mut Value,
 ) -> Result<OpenReport, ProxyError> {
+    open_body_as(route, meta, key_ctx, keys, body, View::Plain).await
+}
+
+/// [`open_body`], showing the values as `view` says.
+pub async fn open_body_as(
+    route: &JsonRoute,
+    meta: &RequestMeta<'_>,
+    key_ctx: &Context,
+    keys: &KeyService,
+    body: &mut Value,
+    view: View<'_>,
+) -> Result<OpenReport, ProxyError> {
     let mut report = OpenReport::default();
     let mut opener = TokenOpener::new(route, key_ctx, keys);
     let root_is_list = body.is_array();
@@ -654,18 +715,37 @@ pub async fn open_body(
             Some(doc) => message_context(route, meta, doc, key_ctx),
             None => continue,
         };
-        for field in route.fields.iter().rev() {
+        for (field_index, field) in route.fields.iter().enumerate().rev() {
             let locations = match get(body, &doc_loc) {
                 Some(doc) => field.locate(doc)?,
                 None => break,
             };
             for loc in locations {
                 let full: Vec<Step> = doc_loc.iter().chain(loc.iter()).cloned().collect();
+                if let View::Withheld = view {
+                    if let Some(slot) = get_mut(body, &full) {
+                        *slot = Value::Null;
+                        report.withheld += 1;
+                    }
+                    continue;
+                }
                 let outcome = match (&msg_ctx, get(body, &full)) {
                     (Ok(ctx), Some(Value::String(token))) => {
                         match opener.open(token, field, ctx).await {
-                            Ok(plaintext) => serde_json::from_slice(&plaintext)
-                                .map_err(|_| DecryptFailure::Message),
+                            Ok(plaintext) => {
+                                let shown = match view {
+                                    View::Masked(key) => {
+                                        report.masked += 1;
+                                        crate::transform::mask::apply(
+                                            &route.masks[field_index],
+                                            &plaintext,
+                                            key,
+                                        )
+                                    }
+                                    _ => plaintext,
+                                };
+                                serde_json::from_slice(&shown).map_err(|_| DecryptFailure::Message)
+                            }
                             Err(e) => Err(e),
                         }
                     }

@@ -4,5 +4,6 @@
 
 pub mod json_fields;
 pub mod json_scan;
+pub mod mask;
 pub mod s3_object;
 pub mod strict_json;
