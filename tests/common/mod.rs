@@ -106,6 +106,12 @@ impl Proxy {
     /// Start with `routes` (TOML for the [[route]] tables) and extra top-level TOML.
     /// `{DIR}` in either is replaced with the proxy's temp directory.
     pub async fn start(routes: &str, extra: &str) -> Proxy {
+        Self::start_with_files(routes, extra, &[]).await
+    }
+
+    /// As [`start`](Self::start), with secret files (mode 0600) written into the proxy's
+    /// directory first: `(name, contents)`, named in the config as `{DIR}/name`.
+    pub async fn start_with_files(routes: &str, extra: &str, files: &[(&str, &str)]) -> Proxy {
         // TEST_LOG=debug shows the proxy's logs (off by default).
         if let Ok(filter) = std::env::var("TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -114,6 +120,9 @@ impl Proxy {
                 .try_init();
         }
         let dir = tempfile::tempdir().unwrap();
+        for (name, contents) in files {
+            s3::secret_file(dir.path(), name, contents);
+        }
         let d = dir.path().display().to_string();
         let text = format!(
             r#"
