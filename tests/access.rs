@@ -455,3 +455,60 @@ actions = ["open"]
     let line = audit_of(&proxy, "/globex-data/a").await;
     assert_eq!(line["basis"][0], "no-allow", "{line}");
 }
+
+#[tokio::test]
+async fn quotas_answer_429_with_retry_after_and_forward_nothing() {
+    let js = JsonServer::start();
+    let routes = route(
+        &js.url(),
+        "quota = { seal_per_second = 1, open_per_second = 1000, burst = 2 }",
+    );
+    let proxy = Proxy::start(
+        &routes.replace(
+            r#"mask = { "$.ssn" = "last4", "$.name" = "first1", "$.email" = "hash", "$.note" = { fixed = "[hidden]" } }"#,
+            "",
+        ),
+        "",
+    )
+    .await;
+    let http = Http::default();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..3 {
+        let r = http
+            .post_json(
+                &proxy.url("/tenants/acme/users"),
+                &[],
+                &doc(&format!("q{i}")),
+            )
+            .await;
+        statuses.push(r.status);
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(r.error_code(), "quota_exceeded");
+            retry_after = r.headers.get("retry-after").cloned();
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::CREATED,
+            StatusCode::CREATED,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    let secs: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&secs), "{secs}");
+    // Reads have their own (here generous) quota.
+    let r = http.get(&proxy.url("/tenants/acme/users/q0"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        stored(&js).as_array().unwrap().len(),
+        2,
+        "the refused write was not forwarded"
+    );
+    assert_eq!(proxy.state().metrics.denials_of("users", "-", "quota"), 1);
+    let line = audit_of(&proxy, "/tenants/acme/users").await;
+    assert_eq!(line["status"], 429);
+    assert_eq!(line["outcome"], "denied");
+}

@@ -22,10 +22,25 @@ pub fn authorize(
     context: &Context,
     grant_tokens: &[&str],
 ) -> Result<Vec<Basis>, ProxyError> {
-    state
+    let bases = state
         .policies
         .decide_all(principal, keys, action, context, grant_tokens)
-        .map_err(|d| refused(state, route, d))
+        .map_err(|d| refused(state, route, d))?;
+    charge(state, route, principal, action)?;
+    Ok(bases)
+}
+
+/// The route's request quota for this principal (seal or open).
+pub fn charge(
+    state: &AppState,
+    route: &Route,
+    principal: &Principal,
+    action: Action,
+) -> Result<(), ProxyError> {
+    state
+        .quotas
+        .charge(&route.name, &principal.name, action)
+        .inspect_err(|_| state.metrics.denial(&route.name, "-", "quota"))
 }
 
 fn refused(state: &AppState, route: &Route, d: Denial) -> ProxyError {

@@ -70,6 +70,14 @@ where
     {
         return Err(authorize::refuse_withheld(state, route, denial.clone()));
     }
+    // A read (a request without a body to seal) counts against the open quota.
+    let reads_only = !matches!(
+        parts.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    );
+    if reads_only && !matches!(view, ReadView::Withheld(_)) {
+        authorize::charge(state, route, principal, Action::Open)?;
+    }
 
     // The request body: every byte of it is read, checked and sealed before anything is sent.
     if let Some(len) = parts

@@ -14,6 +14,7 @@
 pub mod authorize;
 pub mod identity;
 pub mod json;
+pub mod quota;
 pub mod route;
 pub mod upstream;
 
@@ -54,6 +55,7 @@ pub struct AppState {
     pub authenticators: crate::auth::Authenticators,
     /// The key of `hash` masks (`[masking] hash_key_file`).
     pub mask_key: Option<crate::transform::mask::MaskKey>,
+    pub quotas: quota::Quotas,
 }
 
 pub async fn handle<B>(

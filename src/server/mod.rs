@@ -116,7 +116,9 @@ pub async fn start(config: Config) -> Result<Running, String> {
         )),
         None => None,
     };
+    let quotas = crate::pipeline::quota::Quotas::new(&config.routes);
     let state = Arc::new(AppState {
+        quotas,
         mask_key,
         policies,
         authenticators,
@@ -127,6 +129,19 @@ pub async fn start(config: Config) -> Result<Running, String> {
         audit,
         metrics,
     });
+
+    // Quotas forget idle principals once a minute (memory stays bounded by active callers).
+    let weak = Arc::downgrade(&state);
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            match weak.upgrade() {
+                Some(s) => s.quotas.shrink(),
+                None => break,
+            }
+        }
+    }));
 
     let admin_addr = match admin {
         Some((a, token)) => {
