@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check-config`, `keys`, `decrypt` (offline), `audit-verify`.
+//! The command line: `serve`, `check-config`, `keys`, `policy simulate`, `decrypt` (offline),
+//! `audit-verify`.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -47,6 +48,11 @@ enum Command {
     Keys {
         #[command(subcommand)]
         action: KeysAction,
+    },
+    /// Key policies: what a request would get.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
     },
     /// Decrypt a token or a JSON document offline, with the same keys as the proxy.
     ///
@@ -112,6 +118,31 @@ enum KeysAction {
     AcceptGeneration { generation: u64 },
 }
 
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Decide one key use as the running proxy would (exit status 0 allow, 1 deny).
+    Simulate {
+        /// The principal's name (a SPIFFE id, a JWT subject, an S3 client identity, anonymous).
+        #[arg(long)]
+        principal: String,
+        /// A principal attribute NAME=VALUE (repeatable).
+        #[arg(long = "attribute", value_parser = parse_pair)]
+        attributes: Vec<(String, String)>,
+        /// A JWT claim NAME=VALUE (repeatable).
+        #[arg(long = "claim", value_parser = parse_pair)]
+        claims: Vec<(String, String)>,
+        /// The root key, as routes name it (`users`, `kms:alias/app`).
+        #[arg(long)]
+        key: String,
+        /// seal, open, open-masked, reencrypt, describe, rotate, ...
+        #[arg(long, default_value = "open")]
+        action: String,
+        /// An encryption-context pair NAME=VALUE (repeatable).
+        #[arg(long = "context", value_parser = parse_pair)]
+        context: Vec<(String, String)>,
+    },
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -159,8 +190,55 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::CheckConfig { file } => {
             let path = file.unwrap_or(cli.config);
             let cfg = load(&path)?;
+            for w in cfg.warnings() {
+                println!("warning: {w}");
+            }
             println!("{}: OK ({} routes)", path.display(), cfg.routes.len());
             Ok(())
+        }
+        Command::Policy {
+            action:
+                PolicyAction::Simulate {
+                    principal,
+                    attributes,
+                    claims,
+                    key,
+                    action,
+                    context,
+                },
+        } => {
+            let cfg = load(&cli.config)?;
+            let key =
+                KeyRef::parse(&key).ok_or_else(|| format!("{key:?} is not a key reference"))?;
+            let action = config::Action::parse(&action)
+                .ok_or_else(|| format!("{action:?} is not an action"))?;
+            let mut p = crate::auth::Principal::new(principal, config::RouteAuth::None);
+            p.attributes = attributes.into_iter().collect();
+            p.claims = claims.into_iter().collect();
+            let mut ctx = crate::envelope::Context::new();
+            for (k, v) in context {
+                ctx.insert(k, v);
+            }
+            let policies = crate::policy::Policies::new(
+                &cfg.access.key_policies,
+                Arc::new(crate::policy::Grants::disabled()),
+            );
+            match policies.evaluate(&p, &key, action, &ctx, &[]) {
+                crate::policy::Decision::Allow(basis) => {
+                    println!("allow ({basis})");
+                    Ok(())
+                }
+                crate::policy::Decision::Deny(d) => {
+                    println!(
+                        "deny ({}): {d}",
+                        match &d.statement {
+                            Some(s) => format!("statement {s} denies"),
+                            None => "no statement allows it".into(),
+                        }
+                    );
+                    Err("denied".into())
+                }
+            }
         }
         Command::Keys { action } => {
             let cfg = load(&cli.config)?;

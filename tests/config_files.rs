@@ -174,3 +174,135 @@ fields = ["$.ssn"]
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+const POLICY_CONFIG: &str = r#"
+[server]
+listen = "0.0.0.0:8080"
+[keyring]
+path = "k.json"
+master_key_file = "m.key"
+[auth.jwt]
+jwks_file = "jwks.json"
+issuer = "https://issuer.example"
+audience = "envelope-proxy"
+[[route]]
+name = "users"
+path = "/tenants/{tenant}/users/{id?}"
+upstream = "http://127.0.0.1:3000"
+auth = "jwt"
+require = { "path.tenant" = "{claim.tenant}" }
+key = "users"
+fields = ["$.ssn"]
+context = { tenant = "{claim.tenant}" }
+[[route]]
+name = "health"
+path = "/health"
+upstream = "http://127.0.0.1:3000"
+auth = "none"
+passthrough = true
+[[key_policy]]
+key = "users"
+[[key_policy.statement]]
+sid = "own-tenant"
+effect = "allow"
+principals = ["*"]
+actions = ["seal", "open"]
+conditions = { "context.tenant" = "{claim.tenant}" }
+[[key_policy.statement]]
+sid = "no-interns"
+effect = "deny"
+principals = ["intern-*"]
+actions = ["open"]
+"#;
+
+fn cli(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn policy_simulate_answers_what_a_request_would_get() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.toml"), POLICY_CONFIG).unwrap();
+    let sim = |extra: &[&str]| {
+        let mut args = vec!["--config", "p.toml", "policy", "simulate", "--key", "users"];
+        args.extend_from_slice(extra);
+        cli(dir.path(), &args)
+    };
+    let (ok, out) = sim(&[
+        "--principal",
+        "alice",
+        "--claim",
+        "tenant=acme",
+        "--context",
+        "tenant=acme",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("allow (statement:own-tenant)"), "{out}");
+    let (ok, out) = sim(&[
+        "--principal",
+        "alice",
+        "--claim",
+        "tenant=acme",
+        "--context",
+        "tenant=globex",
+    ]);
+    assert!(!ok && out.contains("no statement allows it"), "{out}");
+    let (ok, out) = sim(&[
+        "--principal",
+        "intern-bob",
+        "--claim",
+        "tenant=acme",
+        "--context",
+        "tenant=acme",
+    ]);
+    assert!(!ok && out.contains("statement no-interns denies"), "{out}");
+    let (ok, out) = sim(&["--principal", "alice", "--action", "fly"]);
+    assert!(!ok && out.contains("is not an action"), "{out}");
+}
+
+#[test]
+fn check_config_warns_about_unauthenticated_routes_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.toml"), POLICY_CONFIG).unwrap();
+    let (ok, out) = cli(dir.path(), &["check-config", "p.toml"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: route \"health\" has auth = \"none\"")
+            && !out.contains("route \"users\" has auth"),
+        "{out}"
+    );
+}
+
+#[test]
+fn routes_must_say_how_clients_authenticate() {
+    let text = POLICY_CONFIG.replace("auth = \"none\"\n", "");
+    let e = envelope_proxy::config::parse(&text)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("route[1] (\"health\").auth: not set"), "{e}");
+    // Principal values only where a principal is authenticated.
+    let text = POLICY_CONFIG.replace("auth = \"jwt\"", "auth = \"none\"");
+    let e = envelope_proxy::config::parse(&text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("claim.tenant is only known on routes with auth = \"jwt\""),
+        "{e}"
+    );
+    let text = POLICY_CONFIG.replace("\"open\"]\n\"#", "\"fly\"]\n\"#");
+    let bad = text.replace("actions = [\"open\"]", "actions = [\"fly\"]");
+    let e = envelope_proxy::config::parse(&bad).unwrap_err().to_string();
+    assert!(e.contains("\"fly\" is not one of"), "{e}");
+}

@@ -436,6 +436,27 @@ pub struct Upstream {
     pub base_path: String,
 }
 
+impl Config {
+    /// Routes that authenticate nobody but listen beyond loopback: allowed (a sidecar behind a
+    /// network policy), said out loud.
+    pub fn warnings(&self) -> Vec<String> {
+        let cfg = self;
+        if cfg.server.listen.ip().is_loopback() {
+            return Vec::new();
+        }
+        cfg.routes
+        .iter()
+        .filter(|r| r.auth == RouteAuth::None)
+        .map(|r| {
+            format!(
+                "route {:?} has auth = \"none\" and the listener {} is not a loopback address: anyone who can reach it acts as \"anonymous\"",
+                r.name, cfg.server.listen
+            )
+        })
+        .collect()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Loading.
 

@@ -50,6 +50,9 @@ impl Running {
 
 /// Open the keyring, build the state and bind every listener.
 pub async fn start(config: Config) -> Result<Running, String> {
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     let metrics = Arc::new(Metrics::new());
     let (keyring, backends) = crate::keys::connect_backends(&config).await?;
     check_route_keys(&config, &keyring, &backends).await?;
