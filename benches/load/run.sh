@@ -5,6 +5,8 @@
 #   direct       wrk → demo store
 #   passthrough  wrk → envelope-proxy (passthrough = true route) → demo store
 #   encrypting   wrk → envelope-proxy (3 fields sealed / opened)  → demo store
+#   authorized   the same, with a key policy on the route's key (a statement with a
+#                context condition, decided per request with a warm decision cache)
 #   nginx        wrk → nginx proxy_pass (1 worker, upstream keep-alive) → demo store
 #
 # Loopback only, bounded in time (MAX_SECONDS), and every process it starts is stopped on exit.
@@ -14,7 +16,7 @@
 #   WARMUP=2          seconds of unrecorded warm-up before each throughput run
 #   THREADS=2         wrk threads;  CONNS=64  wrk connections for the throughput runs
 #   LAT_DURATION=5    seconds per single-connection latency run (0 = skip those runs)
-#   CASES="direct passthrough encrypting nginx"   METHODS="GET POST"
+#   CASES="direct passthrough encrypting authorized nginx"   METHODS="GET POST"
 #   BASE_PORT=18080   ports BASE_PORT..BASE_PORT+3 on 127.0.0.1 are used
 #   PROXY_CPU=0 LOAD_CPU=1   cores for the proxy/nginx and for wrk + demo store (taskset)
 #   PIN=1             0 = do not pin anything
@@ -37,7 +39,7 @@ WARMUP=${WARMUP:-2}
 THREADS=${THREADS:-2}
 CONNS=${CONNS:-64}
 LAT_DURATION=${LAT_DURATION:-5}
-CASES=${CASES:-"direct passthrough encrypting nginx"}
+CASES=${CASES:-"direct passthrough encrypting authorized nginx"}
 METHODS=${METHODS:-"GET POST"}
 BASE_PORT=${BASE_PORT:-18080}
 PROXY_CPU=${PROXY_CPU:-0}
@@ -130,6 +132,20 @@ upstream = "http://127.0.0.1:$UPSTREAM_PORT"
 passthrough = true
 EOF
 
+# The same proxy with a key policy on "users": what authorization costs per request.
+cp "$WORK/proxy.toml" "$WORK/proxy-authorized.toml"
+cat >>"$WORK/proxy-authorized.toml" <<EOF
+
+[[key_policy]]
+key = "users"
+[[key_policy.statement]]
+sid = "bench"
+effect = "allow"
+principals = ["anonymous"]
+actions = ["seal", "open"]
+conditions = { "context.tenant" = { like = "acme*" }, "context.table" = "users" }
+EOF
+
 sed -e "s|@PREFIX@|$WORK|g" -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@NGINX_PORT@|$NGINX_PORT|g" \
 	"$HERE/nginx.conf.template" >"$WORK/nginx.conf"
 
@@ -145,7 +161,8 @@ start_upstream() {
 }
 
 start_proxy() {
-	start_bg "$WORK/proxy.log" "$PROXY_PORT" envelope-proxy "${PIN_PROXY[@]}" "$BIN" serve --config "$WORK/proxy.toml"
+	local config=${1:-$WORK/proxy.toml}
+	start_bg "$WORK/proxy.log" "$PROXY_PORT" envelope-proxy "${PIN_PROXY[@]}" "$BIN" serve --config "$config"
 	SUT_PID=$BG_PID
 }
 
@@ -282,7 +299,7 @@ run_wrk() {
 case_port() {
 	case $1 in
 	direct) echo "$UPSTREAM_PORT" ;;
-	passthrough | encrypting) echo "$PROXY_PORT" ;;
+	passthrough | encrypting | authorized) echo "$PROXY_PORT" ;;
 	nginx) echo "$NGINX_PORT" ;;
 	*) die "unknown case $1" ;;
 	esac
@@ -309,12 +326,13 @@ for case in $CASES; do
 	seed_store
 	case $case in
 	passthrough | encrypting) start_proxy ;;
+	authorized) start_proxy "$WORK/proxy-authorized.toml" ;;
 	nginx) start_nginx ;;
 	esac
 	# Functional check before measuring.
 	reply=$(http 200 GET "http://127.0.0.1:$port$(get_path "$case")")
-	if [[ $case == encrypting ]]; then
-		grep -q "$SSN" <<<"$reply" || die "encrypting route: GET did not decrypt"
+	if [[ $case == encrypting || $case == authorized ]]; then
+		grep -q "$SSN" <<<"$reply" || die "$case route: GET did not decrypt"
 	else
 		grep -q 'enc:v1:' <<<"$reply" || die "$case: GET did not return the stored document"
 	fi
@@ -329,7 +347,7 @@ for case in $CASES; do
 			run_wrk "$case" "$method" "$port" "$path" lat "$LAT_DURATION" 1 1
 		fi
 	done
-	if [[ $case == passthrough || $case == encrypting ]] && grep -q 'WARN\|ERROR' "$WORK/proxy.log"; then
+	if [[ $case == passthrough || $case == encrypting || $case == authorized ]] && grep -q 'WARN\|ERROR' "$WORK/proxy.log"; then
 		log "  the proxy logged warnings or errors:"
 		grep -m5 'WARN\|ERROR' "$WORK/proxy.log" >&2 || true
 	fi
@@ -380,9 +398,9 @@ report() {
 					printf "- %s: pass-through at %.0f%% of nginx throughput (goal ≥ 100%%): %s\n", m, 100 * p / n, (p >= n ? "met" : "NOT met")
 				d = p50["direct/" m "/lat"]
 				if (d > 0) {
-					split("passthrough encrypting nginx", cs, " ")
+					split("passthrough encrypting authorized nginx", cs, " ")
 					line = ""
-					for (j = 1; j <= 3; j++) {
+					for (j = 1; j <= 4; j++) {
 						c = cs[j]; v = p50[c "/" m "/lat"]
 						if (v > 0) line = line sprintf("%s%s +%.0f µs", (line == "" ? "" : ", "), c, v - d)
 					}
@@ -390,6 +408,12 @@ report() {
 					if (e > 0)
 						printf "- %s: added p50 latency over direct, 1 connection: %s (goal < 100 µs for encrypting: %s)\n", m, line, (e - d < 100 ? "met" : "NOT met")
 				}
+				a = p50["authorized/" m "/lat"]; e = p50["encrypting/" m "/lat"]
+				if (a > 0 && e > 0)
+					printf "- %s: authorization (key policy, warm decision cache): %+.0f µs p50 per request over the encrypting route, 1 connection (goal ≤ 2 µs; wrk resolves ~1 µs, see benches/policy.rs for the stage alone)\n", m, a - e
+				a = rps["authorized/" m "/tput"]; e = rps["encrypting/" m "/tput"]
+				if (a > 0 && e > 0)
+					printf "- %s: authorized route at %.1f%% of the throughput of the encrypting route (%.2f µs of proxy time per request)\n", m, 100 * a / e, 1e6 / a - 1e6 / e
 			}
 		}' "$RESULTS"
 }
