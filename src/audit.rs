@@ -109,10 +109,13 @@ impl AuditKey {
     /// The audit key derived from a secret (the keyring master key, or an audit key file's
     /// content): `HMAC-SHA-256(secret, "envelope-proxy.audit.v2 key")`. The secret itself is
     /// never used as the key, so the audit key opens nothing else.
+    /// The label the audit key is derived under (from a secret or the keyring master key).
+    pub const LABEL: &'static [u8] = b"envelope-proxy.audit.v2 key";
+
     pub fn derive(secret: &[u8]) -> AuditKey {
         let mut m = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(secret)
             .expect("HMAC takes a key of any length");
-        m.update(b"envelope-proxy.audit.v2 key");
+        m.update(Self::LABEL);
         let mut key = Zeroizing::new([0u8; 32]);
         key.copy_from_slice(&m.finalize().into_bytes());
         AuditKey(key)
@@ -175,7 +178,7 @@ pub fn key_for(
             }
             Ok(AuditKey::derive(secret.as_bytes()))
         }
-        None => Ok(keyring.audit_key()),
+        None => Ok(AuditKey(keyring.derive_key(AuditKey::LABEL))),
     }
 }
 

@@ -7,8 +7,8 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
+use crate::body::ProxyBody;
 use crate::keys::BackendError;
-use crate::pipeline::ProxyBody;
 use crate::transform::strict_json::JsonError;
 
 /// Why one stored value did not open. Never shown to the peer (it gets one opaque error);
@@ -244,7 +244,7 @@ impl ProxyError {
         let (status, code, retryable) = self.classify();
         let body =
             serde_json::json!({ "error": { "code": code, "message": self.public_message() } });
-        let mut resp = Response::new(crate::pipeline::full_body(Bytes::from(body.to_string())));
+        let mut resp = Response::new(crate::body::full_body(Bytes::from(body.to_string())));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(

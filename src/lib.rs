@@ -20,6 +20,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod devstore;

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::KeyRef;
 use super::template::{Source, Template};
 use super::{SecretSource, section};
-use crate::keys::KeyRef;
 
 // ---------------------------------------------------------------------------------------------
 // File types.

@@ -6,6 +6,7 @@
 //! `config/reference.toml` documents every option and its default.
 
 pub mod auth;
+pub mod keys;
 pub mod pattern;
 pub mod template;
 
@@ -18,11 +19,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::envelope::context::RESERVED_PREFIX;
-use crate::keys::keyring::MasterKeySource;
-use crate::keys::resilience::ResilienceSettings;
-use crate::keys::{CacheLimits, KeyRef};
-use crate::transform::json_fields::FieldPath;
+use crate::transform::field_path::FieldPath;
 pub use auth::{Access, Action, Mask, Quota, Requirement, RouteAuth};
+pub use keys::{CacheLimits, KeyRef, MasterKeySource, ResilienceSettings};
 pub use pattern::PathPattern;
 pub use template::{Source, Template};
 
@@ -991,7 +990,7 @@ fn resolve_keys(
     for (i, k) in key_strings.iter().enumerate() {
         match KeyRef::parse(k) {
             Some(kr) if kr.backend == KeyRef::DEFAULT_BACKEND => {
-                match crate::keys::keyring::validate_key_name(&kr.key_id) {
+                match keys::validate_key_name(&kr.key_id) {
                     Ok(()) => keys.push(kr),
                     Err(e) => errors.push(format!("{place}.keys[{i}]: {e}")),
                 }

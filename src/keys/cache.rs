@@ -12,40 +12,13 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use moka::future::Cache;
 
 use super::{BackendError, DataKey, KeyRef, SealingKey};
 use crate::envelope::{Context, WrappedKey};
 
-/// Cache limits. The defaults stay far inside NIST's limits for AES-GCM under one key
-/// (each message also gets its own HKDF-derived key, so these bound exposure, not nonce reuse).
-#[derive(Debug, Clone)]
-pub struct CacheLimits {
-    /// Age after which a sealing key is dropped (default 5 minutes).
-    pub max_age: Duration,
-    /// Messages one sealing key may seal (default 2^20).
-    pub max_messages: u64,
-    /// Plaintext bytes one sealing key may seal (default 4 GiB).
-    pub max_bytes: u64,
-    /// Entries per side before least-recently-used eviction (default 10,000; bounds memory).
-    pub max_entries: u64,
-    /// How long an unwrapped data key is kept for opening (default 5 minutes).
-    pub open_ttl: Duration,
-}
-
-impl Default for CacheLimits {
-    fn default() -> Self {
-        CacheLimits {
-            max_age: Duration::from_secs(300),
-            max_messages: 1 << 20,
-            max_bytes: 4 << 30,
-            max_entries: 10_000,
-            open_ttl: Duration::from_secs(300),
-        }
-    }
-}
+pub use crate::config::keys::CacheLimits;
 
 struct SealEntry {
     key: Arc<SealingKey>,
@@ -195,6 +168,7 @@ mod tests {
     use super::*;
     use crate::envelope::Header;
     use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
 
     fn fake_key() -> SealingKey {
         SealingKey {

@@ -106,14 +106,7 @@ fn mark_mac(master: &[u8; 32], generation: u64, given: Option<&[u8]>) -> bool {
     given.is_some_and(|g| mark_hmac(master, generation).verify_slice(g).is_ok())
 }
 
-/// Where the master key comes from.
-#[derive(Debug, Clone)]
-pub enum MasterKeySource {
-    /// A file holding 64 hex characters (or 32 raw bytes); created on first start.
-    File(PathBuf),
-    /// An environment variable holding 64 hex characters.
-    Env(String),
-}
+pub use crate::config::keys::MasterKeySource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
@@ -269,9 +262,17 @@ impl Keyring {
         let _ = self.metrics.set(metrics);
     }
 
-    /// The audit chain's key, derived from the master key (which it cannot reveal).
-    pub fn audit_key(&self) -> crate::audit::AuditKey {
-        crate::audit::AuditKey::derive(self.master.as_ref())
+    /// A key for another purpose, derived from the master key (which it cannot reveal):
+    /// HMAC-SHA-256(master, `label`). Each purpose has its own label (the audit chain's key,
+    /// grant tokens), so no derived key says anything about another or about the master.
+    pub fn derive_key(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        use hmac::{KeyInit, Mac};
+        let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(self.master.as_ref())
+            .expect("HMAC takes a key of any length");
+        m.update(label);
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&m.finalize().into_bytes());
+        key
     }
 
     /// The keyring's generation as loaded.
@@ -776,18 +777,7 @@ fn unix_now() -> u64 {
 }
 
 pub fn validate_key_name(name: &str) -> Result<(), KeyringError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
-    if ok {
-        Ok(())
-    } else {
-        Err(KeyringError::Invalid(format!(
-            "invalid key name {name:?}: use 1-64 characters from A-Z a-z 0-9 - _ . /"
-        )))
-    }
+    crate::config::keys::validate_key_name(name).map_err(KeyringError::Invalid)
 }
 
 fn file_stamp(path: &Path) -> Result<(SystemTime, u64), KeyringError> {

@@ -15,6 +15,7 @@ pub mod keyring;
 pub mod pkcs11;
 pub mod resilience;
 
+pub use crate::config::keys::KeyRef;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -290,37 +291,6 @@ async fn connect_one(b: &crate::config::BackendConfig) -> Result<Arc<dyn RootKey
                 Err(missing("pkcs11"))
             }
         }
-    }
-}
-
-/// A reference to a root key: `backend:key_id` (a bare name means the local keyring).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct KeyRef {
-    pub backend: String,
-    pub key_id: String,
-}
-
-impl KeyRef {
-    pub const DEFAULT_BACKEND: &'static str = "local";
-
-    pub fn parse(s: &str) -> Option<KeyRef> {
-        let (backend, key_id) = match s.split_once(':') {
-            Some((b, k)) => (b, k),
-            None => (Self::DEFAULT_BACKEND, s),
-        };
-        if backend.is_empty() || key_id.is_empty() || backend.len() > 64 || key_id.len() > 255 {
-            return None;
-        }
-        Some(KeyRef {
-            backend: backend.to_string(),
-            key_id: key_id.to_string(),
-        })
-    }
-}
-
-impl fmt::Display for KeyRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.backend, self.key_id)
     }
 }
 

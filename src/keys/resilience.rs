@@ -16,31 +16,7 @@ use async_trait::async_trait;
 use super::{BackendError, DataKey, GeneratedKey, KeyDescription, RootKeyProvider};
 use crate::envelope::{Context, WrappedKey};
 
-#[derive(Debug, Clone)]
-pub struct ResilienceSettings {
-    /// Deadline for one backend call (default 2 s).
-    pub call_timeout: Duration,
-    /// Retries after the first attempt for retryable errors (default 2).
-    pub retries: u32,
-    /// First backoff; doubles each retry, with full jitter (default 50 ms).
-    pub backoff: Duration,
-    /// Consecutive failures that open the circuit (default 5).
-    pub failure_threshold: u32,
-    /// How long the circuit stays open before a trial call (default 10 s).
-    pub open_for: Duration,
-}
-
-impl Default for ResilienceSettings {
-    fn default() -> Self {
-        ResilienceSettings {
-            call_timeout: Duration::from_secs(2),
-            retries: 2,
-            backoff: Duration::from_millis(50),
-            failure_threshold: 5,
-            open_for: Duration::from_secs(10),
-        }
-    }
-}
+pub use crate::config::keys::ResilienceSettings;
 
 /// What `/readyz` reports for a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

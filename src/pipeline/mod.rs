@@ -24,8 +24,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Body;
 
 use crate::audit::{AuditEvent, AuditLog};
@@ -35,12 +34,7 @@ use crate::keys::KeyService;
 use crate::metrics::Metrics;
 pub use upstream::{ClientInfo, UpstreamClient};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
-
-pub fn full_body(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
-}
+pub use crate::body::{BoxError, ProxyBody, full_body};
 
 /// Everything a request needs, shared by all connections.
 pub struct AppState {

@@ -23,86 +23,17 @@ use crate::envelope::context::FIELD_KEY;
 use crate::envelope::token::{self, ParsedToken};
 use crate::error::{DecryptFailure, ProxyError, ValuePlace};
 use crate::keys::{BackendError, DataKey, KeyService, SealingKey};
-use crate::transform::json_scan::{self, CompiledPath, Kind, NodeId, Scanned};
+use crate::transform::json_scan::{self, Kind, NodeId, Scanned};
 use crate::transform::strict_json::{self, JsonError};
 
-/// A configured JSONPath. Filters, slices and functions are refused: whether they select a value
-/// can depend on other (possibly encrypted) values, so a write and a read could disagree.
-#[derive(Debug, Clone)]
-pub struct FieldPath {
-    source: String,
-    /// The path, evaluated on scanned bodies ([`json_scan`]) and, through their
-    /// serialization, on `Value`s.
-    compiled: CompiledPath,
-}
-
+pub use crate::transform::field_path::FieldPath;
 pub use crate::transform::json_scan::Step;
 
-impl FieldPath {
-    pub fn parse(source: &str) -> Result<FieldPath, String> {
-        if !source.starts_with('$') {
-            return Err(format!("{source:?} must start with '$'"));
-        }
-        if source.trim() == "$" {
-            return Err("\"$\" would encrypt the whole document; name the fields".into());
-        }
-        let mut quote: Option<char> = None;
-        let mut escaped = false;
-        for c in source.chars() {
-            match quote {
-                Some(q) => {
-                    if escaped {
-                        escaped = false;
-                    } else if c == '\\' {
-                        escaped = true;
-                    } else if c == q {
-                        quote = None;
-                    }
-                }
-                None => match c {
-                    '\'' | '"' => quote = Some(c),
-                    '?' | '(' | ':' | '@' => {
-                        return Err(format!(
-                            "{source:?}: filters, slices and functions are not supported in encrypted field paths"
-                        ));
-                    }
-                    _ => {}
-                },
-            }
-        }
-        let query = jsonpath_rust::parser::parse_json_path(source)
-            .map_err(|e| format!("{source:?} is not a valid JSONPath: {e}"))?;
-        let compiled = CompiledPath::compile(&query).map_err(|e| format!("{source:?}: {e}"))?;
-        Ok(FieldPath {
-            source: source.to_string(),
-            compiled,
-        })
-    }
-
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
-    /// The member names a query parameter would call the encrypted values by.
-    pub fn last_names(&self) -> Vec<&str> {
-        self.compiled.last_names()
-    }
-
-    /// Locations of the matches in `doc`, shallowest first, none inside another. One matcher
-    /// serves both paths: the compiled path ([`CompiledPath::locate`]), run here on the
-    /// value's serialization. A value it cannot run on is an error, never "no match": on the
-    /// way to storage that would leave a field in clear.
-    pub fn locate(&self, doc: &Value) -> Result<Vec<Vec<Step>>, ProxyError> {
-        let cannot = || ProxyError::Internal("cannot evaluate a field path on this value".into());
-        let text = serde_json::to_vec(doc).map_err(|_| cannot())?;
-        let scanned = json_scan::scan(&text, usize::MAX).map_err(|_| cannot())?;
-        Ok(scanned.locations(&self.compiled.locate(&scanned, scanned.root())))
-    }
-
-    /// Whether the path matches anything in `doc` (or cannot tell: then it may).
-    pub fn matches_any(&self, doc: &Value) -> bool {
-        self.locate(doc).map_or(true, |l| !l.is_empty())
-    }
+/// [`FieldPath::locate`] with the proxy's error: a value the path cannot run on is an error,
+/// never "no match" (on the way to storage that would leave a field in clear).
+fn locate(path: &FieldPath, doc: &Value) -> Result<Vec<Vec<Step>>, ProxyError> {
+    path.locate(doc)
+        .map_err(|_| ProxyError::Internal("cannot evaluate a field path on this value".into()))
 }
 
 fn get_mut<'a>(mut v: &'a mut Value, steps: &[Step]) -> Option<&'a mut Value> {
@@ -281,7 +212,7 @@ fn documents(route: &JsonRoute, body: &Value) -> Result<Vec<Vec<Step>>, ProxyErr
     };
     {
         for d in &route.documents {
-            for loc in d.locate(body)? {
+            for loc in locate(d, body)? {
                 if let Some(Value::Array(items)) = get(body, &loc) {
                     out.extend((0..items.len()).map(|i| {
                         let mut l = loc.clone();
@@ -327,7 +258,7 @@ pub fn seal_body(
         for field in &route.fields {
             let mut ctx = msg_ctx.clone();
             ctx.insert(FIELD_KEY, field.source());
-            for loc in field.locate(doc)? {
+            for loc in locate(field, doc)? {
                 let Some(value) = get_mut(doc, &loc) else {
                     continue;
                 };
@@ -717,7 +648,7 @@ pub async fn open_body_as(
         };
         for (field_index, field) in route.fields.iter().enumerate().rev() {
             let locations = match get(body, &doc_loc) {
-                Some(doc) => field.locate(doc)?,
+                Some(doc) => locate(field, doc)?,
                 None => break,
             };
             for loc in locations {

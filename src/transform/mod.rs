@@ -2,6 +2,7 @@
 //! module with the same verbs rather than a trait: `seal_*` on the way to storage, `open_*` on
 //! the way back.
 
+pub mod field_path;
 pub mod json_fields;
 pub mod json_scan;
 pub mod mask;
