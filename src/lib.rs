@@ -1,15 +1,19 @@
 //! envelope-proxy: a reverse proxy that does transparent envelope encryption.
 //!
 //! ```text
-//! client ──► server ──► pipeline::route ──► context ──► keys (cache → backend)
-//!                           │                               │
-//!                           ▼                               ▼
-//!                    transform (seal JSON fields)  ──►  pipeline::upstream ──► storage
-//!                                                           │
-//! client ◄── transform (open JSON fields) ◄─────────────────┘
+//!                JSON route                          S3 route (s3s checks SigV4 first)
+//! client ──► server ──► pipeline::route ──► pipeline::identity (auth: mTLS | JWT | XFCC | none;
+//!                                              S3: access key) ──► require rules
+//!                  ──► context (path, headers, bucket, principal)
+//!                  ──► pipeline::authorize (policy: key policies + grants; quota)
+//!                  ──► keys (cache → backend) ──► transform (JSON fields | S3 object stream)
+//!                  ──► pipeline::upstream ──► storage
+//! client ◄── transform (open | masked | withheld) ◄──┘      every request audited
 //! ```
 //!
-//! - [`config`]: TOML → typed settings, every problem reported with its place.
+//! - [`config`]: TOML → typed settings (plain data, the bottom layer), every problem reported
+//!   with its place.
+//! - [`auth`]: authenticators → [`auth::Principal`]; [`policy`]: key policies and grants.
 //! - [`server`]: listeners (TLS via rustls), admin endpoints, graceful shutdown.
 //! - [`pipeline`]: the data path, one stage per module; `pipeline::handle` reads top to bottom.
 //! - [`transform`]: body transforms (JSON fields).

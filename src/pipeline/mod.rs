@@ -1,21 +1,31 @@
-//! The data path, one stage per module, in the order a request meets them:
+//! The data path, one stage per module, in the order a request meets them, for both kinds of
+//! route:
 //!
 //! 1. [`route`]: check the path, pick the route (unmatched → 404, never forwarded).
-//! 2. identity and context: [`crate::transform::json_fields::key_context`] from path captures
-//!    and headers (the client identity joins here with the S3 gateway).
-//! 3. data key: [`crate::keys::KeyService`] (cache, then backend).
-//! 4. transform: [`crate::transform`] (JSON fields; S3 object bodies next).
-//! 5. [`upstream`]: forward to storage.
-//! 6. response transform: decrypt on the way back ([`json`]).
+//! 2. [`identity`]: who is calling: the route's authenticator (`crate::auth`: mTLS, JWT, a
+//!    trusted proxy's header, none; S3: the SigV4 access key s3s verified) → a `Principal`
+//!    (401 without one); then the route's `require` rules (403).
+//! 3. context: the key context from path captures, headers, the bucket and the principal
+//!    ([`crate::transform::json_fields::key_context`]; S3: the gateway's `key_context`).
+//! 4. [`authorize`]: the key policies and grants (`crate::policy`) allow this use of the
+//!    route's keys under this context, and the principal's [`quota`] has room (403 / 429),
+//!    before any key is used. Reads are shown plain, masked or withheld.
+//! 5. data key: [`crate::keys::KeyService`] (cache, then backend).
+//! 6. transform: [`crate::transform`] (JSON fields; S3 object bodies in `crate::s3` with
+//!    `crate::transform::s3_object`).
+//! 7. [`upstream`]: forward to storage, then the response transform on the way back
+//!    ([`json`]; [`s3`]).
 //!
 //! [`handle`] reads top to bottom; every error becomes a response in one place
-//! ([`ProxyError::to_response`]) and every request that used a key or was refused is audited.
+//! ([`ProxyError::to_response`]; S3 errors as S3 XML) and every request that used a key or was
+//! refused is audited with its principal and what allowed or refused it.
 
 pub mod authorize;
 pub mod identity;
 pub mod json;
 pub mod quota;
 pub mod route;
+pub mod s3;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -161,43 +171,11 @@ where
     };
 
     match &route.kind {
-        // S3: s3s authenticates the client, then the gateway encrypts and forwards.
+        // S3: s3s verifies the client's signature, then the same stages run inside the
+        // gateway (see `s3`).
         RouteKind::S3(s3) => {
-            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
-            let outcome = Arc::new(std::sync::Mutex::new(
-                crate::s3::gateway::S3Outcome::default(),
-            ));
-            let resp = s3_gateway(&state, route, req, client, &outcome).await;
+            let resp = s3::handle(&state, route, s3, req, client).await;
             finish(&state, &route.name, &resp, started);
-            let status = resp.status();
-            let o = std::mem::take(&mut *outcome.lock().unwrap_or_else(|p| p.into_inner()));
-            state
-                .audit
-                .record(AuditEvent {
-                    action: match (o.action, o.denied.is_some()) {
-                        (_, true) => "reject",
-                        (Some(a), false) => a,
-                        (None, false) => "pass",
-                    },
-                    outcome: if o.denied.is_some() {
-                        "denied"
-                    } else if status.is_client_error() || status.is_server_error() {
-                        "error"
-                    } else {
-                        "ok"
-                    },
-                    principal: o.principal,
-                    basis: o.basis,
-                    route: route.name.clone(),
-                    method,
-                    path,
-                    status: status.as_u16(),
-                    client: client.addr.ip().to_string(),
-                    keys: s3.keys.iter().map(|k| k.to_string()).collect(),
-                    values: 0,
-                    reason: o.denied.map(|d| format!("access_denied: {d}")),
-                })
-                .await;
             resp
         }
         // Explicit pass-through: stream both ways, nothing read or changed.
@@ -338,49 +316,8 @@ where
     }
 }
 
-async fn s3_gateway<B>(
-    state: &Arc<AppState>,
-    route: &crate::config::Route,
-    req: Request<B>,
-    client: ClientInfo,
-    outcome: &Arc<std::sync::Mutex<crate::s3::gateway::S3Outcome>>,
-) -> Response<ProxyBody>
-where
-    B: Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
-{
-    let Some(gateway) = state.gateways.get(&route.name) else {
-        return ProxyError::Internal("no gateway for route".into()).to_response();
-    };
-    let index = state
-        .config
-        .routes
-        .iter()
-        .position(|r| r.name == route.name)
-        .unwrap_or(0);
-    let (mut parts, body) = req.into_parts();
-    parts.extensions.insert(crate::s3::gateway::RequestInfo {
-        state: state.clone(),
-        route: index,
-        client,
-        outcome: outcome.clone(),
-    });
-    let body = s3s::Body::http_body(body.map_err(|e| -> BoxError { e.into() }));
-    match gateway.service.call(Request::from_parts(parts, body)).await {
-        Ok(resp) => resp.map(|b| b.map_err(|e| -> BoxError { e }).boxed()),
-        Err(e) => {
-            tracing::error!(error = ?e, "S3 gateway failed");
-            let mut r = Response::new(full_body(Bytes::from_static(
-                b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InternalError</Code><Message>internal error</Message></Error>",
-            )));
-            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-            r
-        }
-    }
-}
-
 /// A refusal by authentication, `require`, a key policy or a quota.
-fn is_denial(e: &ProxyError) -> bool {
+pub(crate) fn is_denial(e: &ProxyError) -> bool {
     matches!(
         e,
         ProxyError::Unauthenticated(..)
@@ -391,7 +328,7 @@ fn is_denial(e: &ProxyError) -> bool {
 }
 
 /// The audit line's `reason`: the error code, with the detail the client is not told.
-fn audit_reason(e: &ProxyError) -> String {
+pub(crate) fn audit_reason(e: &ProxyError) -> String {
     match e {
         ProxyError::DecryptFailed(f, place) => format!("decrypt_failed: {f} ({place})"),
         ProxyError::Unauthenticated(a, _) => format!("{}: {a}", e.code()),
