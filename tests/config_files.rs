@@ -306,3 +306,36 @@ fn routes_must_say_how_clients_authenticate() {
     let e = envelope_proxy::config::parse(&bad).unwrap_err().to_string();
     assert!(e.contains("\"fly\" is not one of"), "{e}");
 }
+
+#[test]
+fn key_policy_statements_can_live_in_a_file_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("users.policy.toml");
+    std::fs::write(
+        &policy,
+        "[[statement]]\nsid = \"from-file\"\neffect = \"allow\"\nprincipals = [\"*\"]\nactions = [\"open\"]\n",
+    )
+    .unwrap();
+    let start = POLICY_CONFIG.find("[[key_policy]]").unwrap();
+    let text = format!(
+        "{}[[key_policy]]\nkey = \"users\"\nfile = \"{}\"\n",
+        &POLICY_CONFIG[..start],
+        policy.display()
+    );
+    let cfg = envelope_proxy::config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.access.key_policies[0].statements[0].sid, "from-file");
+    std::fs::write(
+        &policy,
+        "[[statement]]\neffect = \"maybe\"\nprincipals = [\"*\"]\nactions = [\"open\"]\n",
+    )
+    .unwrap();
+    let e = envelope_proxy::config::parse(&text)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"maybe\" is not \"allow\" or \"deny\""), "{e}");
+    std::fs::remove_file(&policy).unwrap();
+    let e = envelope_proxy::config::parse(&text)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("key_policy[0].file"), "{e}");
+}

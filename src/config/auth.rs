@@ -67,6 +67,16 @@ struct FileKeyPolicy {
     key: String,
     #[serde(default)]
     statement: Vec<FileStatement>,
+    /// The statements in a file of their own (`[[statement]]` tables), e.g. one file per key
+    /// owned by its team; relative to the working directory.
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePolicyFile {
+    #[serde(default)]
+    statement: Vec<FileStatement>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -699,10 +709,32 @@ pub fn cidr_contains((net, len): (IpAddr, u8), addr: IpAddr) -> bool {
 
 fn resolve_policy(
     place: &str,
-    p: FileKeyPolicy,
+    mut p: FileKeyPolicy,
     backends: &[&str],
     errors: &mut Vec<String>,
 ) -> Option<KeyPolicy> {
+    if let Some(file) = &p.file {
+        if !p.statement.is_empty() {
+            errors.push(format!(
+                "{place}: statements go in the file or here, not both"
+            ));
+            return None;
+        }
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{place}.file: {}: {e}", file.display()));
+                return None;
+            }
+        };
+        match toml::from_str::<FilePolicyFile>(&text) {
+            Ok(f) => p.statement = f.statement,
+            Err(e) => {
+                errors.push(format!("{place}.file: {}: {}", file.display(), e.message()));
+                return None;
+            }
+        }
+    }
     let key = match KeyRef::parse(&p.key) {
         Some(k)
             if k.backend == KeyRef::DEFAULT_BACKEND || backends.contains(&k.backend.as_str()) =>

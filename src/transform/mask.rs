@@ -4,7 +4,7 @@
 //!
 //! - `last4`: `123-45-6789` → `***-**-6789`: letters and digits but the last four become `*`,
 //!   other characters (separators) stay; values of four characters or fewer become all `*`.
-//! - `first1`: `Jane` → `J***`.
+//! - `first1`: `Jane` → `J***` (a one-character value becomes `*`).
 //! - `hash`: hex HMAC-SHA-256 of the value's JSON text under `[masking] hash_key_file`:
 //!   equal values give equal hashes (joins), without the key nobody can test guesses.
 //! - fixed string; `null` (the default for fields without a rule).
@@ -59,12 +59,13 @@ pub fn apply(mask: &Mask, plaintext: &[u8], key: Option<&MaskKey>) -> Zeroizing<
                     .collect(),
             )
         }
+        // A one-character value would be shown whole: all `*` then.
+        Mask::First1 if text.chars().count() <= 1 => Some("*".repeat(text.chars().count())),
         Mask::First1 => {
             let mut chars = text.chars();
             chars
                 .next()
                 .map(|first| std::iter::once(first).chain(chars.map(|_| '*')).collect())
-                .or(Some(String::new()))
         }
         Mask::Hash => key.map(|k| {
             let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&k.0)
@@ -99,6 +100,7 @@ mod tests {
         assert_eq!(m(Mask::Last4, "123456"), r#""**3456""#);
         assert_eq!(m(Mask::First1, r#""Jane""#), r#""J***""#);
         assert_eq!(m(Mask::First1, r#""""#), r#""""#);
+        assert_eq!(m(Mask::First1, r#""X""#), r#""*""#, "never the whole value");
         assert_eq!(m(Mask::Null, r#""x""#), "null");
         assert_eq!(m(Mask::Fixed("[hidden]".into()), r#""x""#), r#""[hidden]""#);
         let h1 = m(Mask::Hash, r#""a@example.com""#);
