@@ -48,7 +48,8 @@ use zeroize::Zeroizing;
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEvent {
     /// `seal` (values encrypted on the way to storage), `open` (decrypted on the way back),
-    /// `reject` (refused before anything was forwarded), `pass` (no key used).
+    /// `reject` (refused before anything was forwarded), `pass` (no key used); admin API calls
+    /// (route `admin`): `admin:` and the operation (`admin:create-grant`, `admin:rotate`, ...).
     pub action: &'static str,
     /// `ok`, `redacted` (some values did not open and were nulled), or `error`.
     pub outcome: &'static str,
@@ -62,6 +63,13 @@ pub struct AuditEvent {
     pub values: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The authenticated caller's name, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// The grant the request was allowed by, or the grant an admin call created, retired or
+    /// revoked (its id; never its token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 #[derive(Serialize)]

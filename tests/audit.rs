@@ -23,6 +23,8 @@ fn event(i: usize) -> AuditEvent {
         keys: vec!["local:users".into()],
         values: 1,
         reason: None,
+        principal: None,
+        grant: None,
     }
 }
 

@@ -48,6 +48,7 @@ pub struct AppState {
     pub upstream: UpstreamClient,
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
+    pub policies: Arc<crate::policy::Policies>,
 }
 
 pub async fn handle<B>(
@@ -153,6 +154,8 @@ where
                     keys: vec![],
                     values: 0,
                     reason: Some(e.code().to_string()),
+                    principal: None,
+                    grant: None,
                 })
                 .await;
             return resp;
@@ -187,6 +190,8 @@ where
                     keys: s3.keys.iter().map(|k| k.to_string()).collect(),
                     values: 0,
                     reason: None,
+                    principal: None,
+                    grant: None,
                 })
                 .await;
             resp
@@ -264,6 +269,8 @@ where
                         }
                         other => other.code().to_string(),
                     }),
+                    principal: None,
+                    grant: None,
                 })
                 .await;
             resp
