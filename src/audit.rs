@@ -48,7 +48,8 @@ use zeroize::Zeroizing;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AuditEvent {
     /// `seal` (values encrypted on the way to storage), `open` (decrypted on the way back),
-    /// `reject` (refused before anything was forwarded), `pass` (no key used).
+    /// `reject` (refused before anything was forwarded), `pass` (no key used); admin API calls
+    /// (route `admin`): `admin:` and the operation (`admin:create-grant`, `admin:rotate`, ...).
     pub action: &'static str,
     /// `ok`, `redacted` (some values did not open and were nulled), or `error`.
     pub outcome: &'static str,
@@ -70,6 +71,9 @@ pub struct AuditEvent {
     /// refusal, the deny statement (`deny:SID`) or `no-allow`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub basis: Vec<String>,
+    /// The grant an admin call created, retired or revoked (its id; never its token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -1,5 +1,5 @@
-//! The command line: `serve`, `check-config`, `keys`, `policy simulate`, `decrypt` (offline),
-//! `audit-verify`.
+//! The command line: `serve`, `check-config`, `keys`, `grants`, `policy simulate`, `decrypt`
+//! (offline), `audit-verify`.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -53,6 +53,12 @@ enum Command {
     Policy {
         #[command(subcommand)]
         action: PolicyAction,
+    },
+    /// Manage grants in the grants file (offline; running proxies read the file again within
+    /// `[grants] reload_secs`).
+    Grants {
+        #[command(subcommand)]
+        action: GrantsAction,
     },
     /// Decrypt a token or a JSON document offline, with the same keys as the proxy.
     ///
@@ -143,6 +149,50 @@ enum PolicyAction {
     },
 }
 
+#[derive(Subcommand)]
+enum GrantsAction {
+    /// Create a grant; prints its id and grant token (give the token to the grantee).
+    Create {
+        /// The key: `name` (local keyring) or `backend:key`.
+        #[arg(long)]
+        key: String,
+        /// The principal name the grant is for.
+        #[arg(long)]
+        grantee: String,
+        /// Grantable actions, comma-separated: seal, open, open-masked, reencrypt, describe.
+        #[arg(long, value_delimiter = ',', required = true)]
+        operations: Vec<String>,
+        /// The encryption context must be exactly these pairs (repeatable NAME=VALUE).
+        #[arg(long = "context-equals", value_parser = parse_pair, conflicts_with = "subset")]
+        equals: Vec<(String, String)>,
+        /// The encryption context must contain these pairs (repeatable NAME=VALUE).
+        #[arg(long = "context-subset", value_parser = parse_pair)]
+        subset: Vec<(String, String)>,
+        /// Who besides the grantee may retire the grant.
+        #[arg(long)]
+        retiring_principal: Option<String>,
+        /// The grant allows nothing after this many seconds.
+        #[arg(long)]
+        expires_in_secs: Option<u64>,
+    },
+    /// List grants (JSON lines), by key and/or grantee.
+    List {
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        grantee: Option<String>,
+    },
+    /// Retire a grant, as its grantee or retiring principal.
+    Retire {
+        id: String,
+        /// The principal retiring it (the grantee or the retiring principal).
+        #[arg(long = "as")]
+        principal: String,
+    },
+    /// Revoke a grant (an administrator's act).
+    Revoke { id: String },
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -219,10 +269,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             for (k, v) in context {
                 ctx.insert(k, v);
             }
-            let policies = crate::policy::Policies::new(
-                &cfg.access.key_policies,
-                Arc::new(crate::policy::Grants::disabled()),
-            );
+            // Grants count too: the grants file, read as the running proxy reads it.
+            let keyring = open_keyring(&cfg)?;
+            let grants = crate::policy::Grants::open(&cfg.access.grants, &keyring)
+                .map_err(|e| format!("grants: {e}"))?;
+            let policies = crate::policy::Policies::new(&cfg.access.key_policies, Arc::new(grants));
             match policies.evaluate(&p, &key, action, &ctx, &[]) {
                 crate::policy::Decision::Allow(basis) => {
                     println!("allow ({basis})");
@@ -299,6 +350,12 @@ async fn run(cli: Cli) -> Result<(), String> {
                 KeysAction::AcceptGeneration { .. } => {}
             }
             Ok(())
+        }
+        Command::Grants { action } => {
+            let cfg = load(&cli.config)?;
+            let keyring = open_keyring(&cfg)?;
+            let grants = crate::policy::Grants::open(&cfg.access.grants, &keyring)?;
+            grants_command(&grants, action)
         }
         Command::Decrypt {
             route,
@@ -383,6 +440,73 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn grants_command(grants: &crate::policy::Grants, action: GrantsAction) -> Result<(), String> {
+    use crate::config::Action;
+    use crate::policy::grants::{Constraints, NewGrant};
+    let key_ref = |k: &str| {
+        KeyRef::parse(k)
+            .ok_or_else(|| format!("{k:?} is not a key like \"name\" or \"backend:key\""))
+    };
+    let json =
+        |g: &crate::policy::grants::Grant| serde_json::to_string(g).map_err(|e| e.to_string());
+    match action {
+        GrantsAction::Create {
+            key,
+            grantee,
+            operations,
+            equals,
+            subset,
+            retiring_principal,
+            expires_in_secs,
+        } => {
+            let operations = operations
+                .iter()
+                .map(|o| Action::parse(o.trim()).ok_or_else(|| format!("{o:?} is not an action")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let new = NewGrant {
+                key: key_ref(&key)?,
+                grantee,
+                operations,
+                constraints: Constraints {
+                    equals: (!equals.is_empty()).then(|| equals.into_iter().collect()),
+                    subset: (!subset.is_empty()).then(|| subset.into_iter().collect()),
+                },
+                retiring_principal,
+                expires_at: expires_in_secs.map(|s| now.saturating_add(s)),
+            };
+            let by = format!(
+                "cli:{}",
+                std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+            );
+            let (g, token) = grants.create(new, &by).map_err(|e| e.to_string())?;
+            println!("grant_id {}", g.id);
+            println!("grant_token {token}");
+        }
+        GrantsAction::List { key, grantee } => {
+            let key = key.as_deref().map(key_ref).transpose()?;
+            for g in grants
+                .list(key.as_ref(), grantee.as_deref())
+                .map_err(|e| e.to_string())?
+            {
+                println!("{}", json(&g)?);
+            }
+        }
+        GrantsAction::Retire { id, principal } => {
+            let g = grants.retire(&id, &principal).map_err(|e| e.to_string())?;
+            println!("retired {} ({} on {})", g.id, g.grantee, g.key);
+        }
+        GrantsAction::Revoke { id } => {
+            let g = grants.revoke(&id).map_err(|e| e.to_string())?;
+            println!("revoked {} ({} on {})", g.id, g.grantee, g.key);
+        }
+    }
+    Ok(())
 }
 
 /// Decrypt `input` (a token or a stored document) as `route` would on a read.

@@ -512,3 +512,95 @@ async fn quotas_answer_429_with_retry_after_and_forward_nothing() {
     assert_eq!(line["status"], 429);
     assert_eq!(line["outcome"], "denied");
 }
+
+#[tokio::test]
+async fn a_grant_token_works_on_a_replica_that_has_not_read_the_grant_yet() {
+    let js = JsonServer::start();
+    // This replica reads the grants file once an hour: a grant made elsewhere reaches it
+    // only through its token.
+    let routes = route(&js.url(), "")
+        + &policy(
+            r#"
+[[key_policy.statement]]
+effect = "allow"
+principals = ["someone-else"]
+actions = ["seal", "open"]
+"#,
+        )
+        + "\n[grants]\nreload_secs = 3600\n";
+    let proxy = Proxy::start_with_files(&routes, "", &[("mask.key", "mask-key-for-tests")]).await;
+    let http = Http::default();
+    let refused = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[], &doc("u1"))
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    // Another replica (here the CLI, on the shared grants file) grants anonymous seal and open
+    // on acme's context only.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+        .args(["--config", proxy.config_path.to_str().unwrap()])
+        .args([
+            "grants",
+            "create",
+            "--key",
+            "users",
+            "--grantee",
+            "anonymous",
+        ])
+        .args([
+            "--operations",
+            "seal,open",
+            "--context-equals",
+            "tenant=acme",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (id, token) = (field("grant_id"), field("grant_token"));
+    let with_token = [("x-envelope-grant-token", token.as_str())];
+    // Without the token this replica does not know the grant yet.
+    let still = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[], &doc("u1"))
+        .await;
+    assert_eq!(still.status, StatusCode::FORBIDDEN);
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &with_token, &doc("u1"))
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    assert_eq!(w.json()["ssn"], "123-45-6789");
+    let line = audit_of(&proxy, "/tenants/acme/users").await;
+    assert_eq!(line["basis"][0], format!("grant:{id}"), "{line}");
+    assert!(!proxy.audit_text().contains(&token), "never the token");
+    // The grant's constraint holds: another tenant's context is refused, token or not.
+    let other = http
+        .post_json(&proxy.url("/tenants/globex/users"), &with_token, &doc("u2"))
+        .await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN);
+    // A token altered by one character is refused.
+    let mut forged = token.clone().into_bytes();
+    let i = forged.len() - 3;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let r = http
+        .get(
+            &proxy.url("/tenants/acme/users/u1"),
+            &[("x-envelope-grant-token", forged.as_str())],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = http
+        .get(&proxy.url("/tenants/acme/users/u1"), &with_token)
+        .await;
+    assert_eq!(r.json()["ssn"], "123-45-6789");
+}

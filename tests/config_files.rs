@@ -259,6 +259,35 @@ fn policy_simulate_answers_what_a_request_would_get() {
         "tenant=globex",
     ]);
     assert!(!ok && out.contains("no statement allows it"), "{out}");
+    // A grant (from the grants file, as the running proxy reads it) allows what the policy
+    // does not.
+    let (ok, out) = cli(
+        dir.path(),
+        &[
+            "--config",
+            "p.toml",
+            "grants",
+            "create",
+            "--key",
+            "users",
+            "--grantee",
+            "alice",
+            "--operations",
+            "open",
+            "--context-equals",
+            "tenant=globex",
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = sim(&[
+        "--principal",
+        "alice",
+        "--claim",
+        "tenant=acme",
+        "--context",
+        "tenant=globex",
+    ]);
+    assert!(ok && out.contains("allow (grant:"), "{out}");
     let (ok, out) = sim(&[
         "--principal",
         "intern-bob",

@@ -59,6 +59,9 @@ struct FileTls {
 struct FileAdmin {
     listen: String,
     token_file: Option<PathBuf>,
+    /// How callers of the admin API (`/v1/...`) authenticate: "jwt", "mtls", or "none"
+    /// (loopback only; the caller is `anonymous`). Unset: no admin API.
+    auth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,6 +300,10 @@ pub struct AdminSettings {
     /// A bearer token file: `/metrics` and `/readyz`'s details need `Authorization: Bearer`.
     /// Required when `listen` is not a loopback address.
     pub token: Option<SecretSource>,
+    /// How callers of the admin API (`/v1/keys`, `/v1/grants`) authenticate; `None`: the API
+    /// is off. `RouteAuth::None` only on a loopback address (the caller is `anonymous`, and
+    /// key policies decide what it may do).
+    pub api_auth: Option<RouteAuth>,
 }
 
 #[derive(Debug, Clone)]
@@ -531,7 +538,6 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
     let demo: Option<FileDemoStore> = section(&table, "demo_store", &mut errors, false);
 
     let server = server.map(|s| resolve_server(s, &mut errors));
-    let admin = admin.and_then(|a| resolve_admin(a, &mut errors));
     let demo_store = demo.and_then(|d| socket_addr("demo_store.listen", &d.listen, &mut errors));
     let keyring = keyring.and_then(|k| resolve_keyring(k, &mut errors));
     let cache = resolve_cache(cache.unwrap_or_default(), &mut errors);
@@ -539,13 +545,15 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
     let backends = resolve_backends(table.get("backend"), &mut errors);
     let backend_names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
     let access = auth::resolve_access(&table, &backend_names, &mut errors);
+    let client_ca = server
+        .as_ref()
+        .is_some_and(|s| s.0.client_ca_file.is_some());
+    let admin = admin.and_then(|a| resolve_admin(a, &access, client_ca, &mut errors));
     let facts = RouteFacts {
         backends: &backend_names,
         default_auth: server.as_ref().and_then(|s| s.1),
         access: &access,
-        client_ca: server
-            .as_ref()
-            .is_some_and(|s| s.0.client_ca_file.is_some()),
+        client_ca,
     };
 
     let mut routes = Vec::new();
@@ -659,8 +667,44 @@ fn section<T: DeserializeOwned>(
 
 /// The admin endpoints have no other protection than where they listen: anything but a
 /// loopback address needs a bearer token file.
-fn resolve_admin(a: FileAdmin, errors: &mut Vec<String>) -> Option<AdminSettings> {
+///
+/// The admin API (`auth`) needs an authenticated caller: `jwt` (an `[auth.jwt]` section),
+/// `mtls` (`[server] tls` with `client_ca_file`; the admin listener then speaks TLS with the
+/// server's certificate), or `none` on a loopback address only.
+fn resolve_admin(
+    a: FileAdmin,
+    access: &Access,
+    client_ca: bool,
+    errors: &mut Vec<String>,
+) -> Option<AdminSettings> {
     let listen = socket_addr("admin.listen", &a.listen, errors)?;
+    let api_auth = match a.auth.as_deref() {
+        None => None,
+        Some(s) => match RouteAuth::parse(s) {
+            Some(RouteAuth::None) if !listen.ip().is_loopback() => {
+                errors.push(format!(
+                    "admin.auth: \"none\" would let anyone who reaches {listen} manage keys and \
+                     grants; use \"jwt\" or \"mtls\", or bind the admin listener to 127.0.0.1"
+                ));
+                None
+            }
+            Some(RouteAuth::Jwt) if access.auth.jwt.is_none() => {
+                errors.push("admin.auth: \"jwt\" needs an [auth.jwt] section".into());
+                None
+            }
+            Some(RouteAuth::Mtls) if !client_ca => {
+                errors.push("admin.auth: \"mtls\" needs [server] tls with client_ca_file".into());
+                None
+            }
+            Some(m @ (RouteAuth::None | RouteAuth::Jwt | RouteAuth::Mtls)) => Some(m),
+            _ => {
+                errors.push(format!(
+                    "admin.auth: {s:?} is not one of \"jwt\", \"mtls\", \"none\""
+                ));
+                None
+            }
+        },
+    };
     if !listen.ip().is_loopback() && a.token_file.is_none() {
         errors.push(format!(
             "admin.listen: {listen} is not a loopback address and the admin endpoints would be \
@@ -672,6 +716,7 @@ fn resolve_admin(a: FileAdmin, errors: &mut Vec<String>) -> Option<AdminSettings
     Some(AdminSettings {
         listen,
         token: a.token_file.map(SecretSource::File),
+        api_auth,
     })
 }
 

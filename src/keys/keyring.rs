@@ -275,6 +275,17 @@ impl Keyring {
         key
     }
 
+    /// The keys of grant tokens and the grants file, derived from the master key with their
+    /// own labels (HKDF-SHA-256): every replica sharing the keyring derives the same.
+    pub fn grant_keys(&self) -> crate::policy::grants::GrantKeys {
+        crate::policy::grants::GrantKeys::derive(self.master.as_ref())
+    }
+
+    /// The keyring file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The keyring's generation as loaded.
     pub fn generation(&self) -> u64 {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner())
@@ -786,7 +797,7 @@ fn file_stamp(path: &Path) -> Result<(SystemTime, u64), KeyringError> {
 }
 
 /// Refuse a secret file that group or others can access.
-fn check_private(path: &Path) -> Result<(), KeyringError> {
+pub(crate) fn check_private(path: &Path) -> Result<(), KeyringError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -830,7 +841,7 @@ fn open_private(path: &Path, create_new: bool) -> std::io::Result<File> {
 }
 
 /// temp file in the same directory → write → fsync → rename → fsync the directory.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), KeyringError> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), KeyringError> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

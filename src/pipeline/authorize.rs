@@ -81,26 +81,14 @@ pub fn read_view(
     }
 }
 
-/// The header clients present grant tokens in (comma-separated).
-pub const GRANT_TOKEN_HEADER: &str = "x-envelope-grant-token";
-
-/// The grant tokens a request presents, removed from its headers: a token is a credential
-/// for the proxy and never reaches storage.
+/// The grant tokens a request presents (`x-envelope-grant-token`), removed from its headers:
+/// a token is a credential for the proxy and never reaches storage.
 pub fn take_grant_tokens(headers: &mut http::HeaderMap) -> Vec<String> {
-    let mut out = Vec::new();
-    for v in headers.get_all(GRANT_TOKEN_HEADER) {
-        if let Ok(s) = v.to_str() {
-            out.extend(
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .take(8)
-                    .map(str::to_string),
-            );
-        }
-    }
-    headers.remove(GRANT_TOKEN_HEADER);
-    out.truncate(8);
+    let out = crate::policy::grants::tokens_from(headers)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    headers.remove(crate::policy::grants::GRANT_TOKEN_HEADER);
     out
 }
 

@@ -309,6 +309,7 @@ where
                     keys: jr.keys.iter().map(|k| k.to_string()).collect(),
                     values: outcome.sealed + outcome.opened,
                     reason: error.as_ref().map(audit_reason),
+                    grant: None,
                 })
                 .await;
             resp

@@ -67,6 +67,7 @@ where
             keys: s3.keys.iter().map(|k| k.to_string()).collect(),
             values: 0,
             reason: o.denied.map(|d| format!("access_denied: {d}")),
+            grant: None,
         })
         .await;
     resp

@@ -1,6 +1,8 @@
 //! Listeners: the proxy (HTTP/1.1 and HTTP/2, optionally TLS), the admin endpoints
-//! (`/healthz`, `/readyz`, `/metrics`), the optional demo store, and graceful shutdown.
+//! (`/healthz`, `/readyz`, `/metrics`, and the admin API under `/v1/`: [`admin_api`]), the
+//! optional demo store, and graceful shutdown.
 
+pub mod admin_api;
 mod linger;
 pub mod tls;
 
@@ -58,6 +60,15 @@ pub async fn start(config: Config) -> Result<Running, String> {
     check_route_keys(&config, &keyring, &backends).await?;
     keyring.report_to(metrics.clone());
     keyring.watch(Duration::from_secs(1));
+    let grants = Arc::new(
+        crate::policy::Grants::open(&config.access.grants, &keyring)
+            .map_err(|e| format!("grants: {e}"))?,
+    );
+    grants.watch(config.access.grants.reload);
+    let policies = Arc::new(crate::policy::Policies::new(
+        &config.access.key_policies,
+        grants,
+    ));
     let keys = KeyService::new(backends, config.cache.clone(), metrics.clone());
     let audit = match &config.audit_path {
         Some(p) => AuditLog::to_file(
@@ -95,8 +106,15 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let listener = bind(config.server.listen).await?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin = match &config.admin {
-        Some(a) => Some((a.listen, admin_token(a)?)),
+        Some(a) => Some((a.listen, admin_token(a)?, a.api_auth)),
         None => None,
+    };
+    // The admin API with client certificates: the admin listener speaks TLS.
+    let admin_tls = match (admin.as_ref().and_then(|a| a.2), &config.server.tls) {
+        (Some(crate::config::RouteAuth::Mtls), Some((cert, key))) => {
+            Some(tls::acceptor(cert, key)?)
+        }
+        _ => None,
     };
     let mut gateways = std::collections::HashMap::new();
     for route in &config.routes {
@@ -107,10 +125,6 @@ pub async fn start(config: Config) -> Result<Running, String> {
         }
     }
     let authenticators = crate::auth::Authenticators::build(&config.access.auth).await?;
-    let policies = Arc::new(crate::policy::Policies::new(
-        &config.access.key_policies,
-        Arc::new(crate::policy::Grants::disabled()),
-    ));
     let mask_key = match &config.access.masking.hash_key {
         Some(s) => Some(crate::transform::mask::MaskKey::new(
             crate::secret::read_secret(s)
@@ -147,11 +161,25 @@ pub async fn start(config: Config) -> Result<Running, String> {
     }));
 
     let admin_addr = match admin {
-        Some((a, token)) => {
+        Some((a, token, api_auth)) => {
             let l = bind(a).await?;
             let bound = l.local_addr().map_err(|e| e.to_string())?;
             let st = state.clone();
-            tasks.push(tokio::spawn(serve_admin(l, st, token, shutdown_rx.clone())));
+            let api = api_auth.map(|auth| {
+                Arc::new(admin_api::AdminApi {
+                    state: state.clone(),
+                    keyring: keyring.clone(),
+                    auth,
+                })
+            });
+            tasks.push(tokio::spawn(serve_admin(
+                l,
+                st,
+                token,
+                api,
+                admin_tls,
+                shutdown_rx.clone(),
+            )));
             Some(bound)
         }
         None => None,
@@ -345,30 +373,82 @@ async fn serve_admin(
     listener: TcpListener,
     state: Arc<AppState>,
     token: Option<Arc<Zeroizing<String>>>,
+    api: Option<Arc<admin_api::AdminApi>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, addr) = tokio::select! {
             r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             _ = shutdown.changed() => break,
         };
         let st = state.clone();
         let token = token.clone();
+        let api = api.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let st = st.clone();
-                let token = token.clone();
-                async move {
-                    // Without a token configured, the listener is on loopback (config checks).
-                    let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
-                    Ok::<_, Infallible>(admin(&st, req, authorized).await)
+            let serve = |certs, io| {
+                let peer = crate::auth::Peer {
+                    addr,
+                    certs,
+                    unix: false,
+                };
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let st = st.clone();
+                    let token = token.clone();
+                    let api = api.clone();
+                    let peer = peer.clone();
+                    async move {
+                        if req.uri().path().starts_with("/v1/") {
+                            return Ok::<_, Infallible>(match &api {
+                                Some(api) => admin_api::serve(api, req, peer).await,
+                                None => admin_api_off(),
+                            });
+                        }
+                        // Without a token configured, the listener is on loopback (config checks).
+                        let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
+                        Ok::<_, Infallible>(admin(&st, req, authorized).await)
+                    }
+                });
+                hyper::server::conn::http1::Builder::new().serve_connection(io, service)
+            };
+            match tls {
+                None => {
+                    let _ = serve(None, TokioIo::new(Box::new(stream) as Box<dyn AdminIo>)).await;
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                    else {
+                        return;
+                    };
+                    let certs = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+                    let _ = serve(certs, TokioIo::new(Box::new(stream) as Box<dyn AdminIo>)).await;
+                }
+            }
         });
     }
+}
+
+/// A connection of the admin listener, plain or TLS.
+trait AdminIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AdminIo for T {}
+
+fn admin_api_off() -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": { "code": "admin_api_off",
+        "message": "the admin API is off; set [admin] auth to \"jwt\" or \"mtls\"" } });
+    let mut resp = Response::new(full_body(Bytes::from(body.to_string())));
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// The admin endpoints. `/healthz` is open (liveness says nothing); `/readyz` answers its
