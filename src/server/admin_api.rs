@@ -411,6 +411,16 @@ fn authorize(
         .policies()
         .decide(principal, key, action, &Context::new(), &[])
     {
+        // A key without a policy is open to the routes' principals for data, never for
+        // management: an API caller must be allowed by name.
+        Decision::Allow(crate::policy::Basis::NoPolicy) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "access_denied",
+            format!(
+                "{} may not {action} key {key}: the key has no key policy, and the admin API manages only keys whose policy allows it",
+                principal.name
+            ),
+        )),
         Decision::Allow(_) => Ok(()),
         Decision::Deny(d) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
