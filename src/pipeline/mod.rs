@@ -163,7 +163,7 @@ where
         // S3: s3s authenticates the client, then the gateway encrypts and forwards.
         RouteKind::S3(s3) => {
             let (method, path) = (req.method().to_string(), req.uri().path().to_string());
-            let resp = s3_gateway(&state, route, req, client).await;
+            let resp = s3_gateway(&state, route, req, client.clone()).await;
             finish(&state, &route.name, &resp, started);
             let status = resp.status();
             state
@@ -219,7 +219,16 @@ where
         RouteKind::JsonFields(jr) => {
             let (method, path) = (req.method().to_string(), req.uri().path().to_string());
             let mut outcome = json::Outcome::default();
-            let result = json::handle(&state, route, jr, captures, req, client, &mut outcome).await;
+            let result = json::handle(
+                &state,
+                route,
+                jr,
+                captures,
+                req,
+                client.clone(),
+                &mut outcome,
+            )
+            .await;
             let (resp, error) = match result {
                 Ok(resp) => (resp, None),
                 Err(e) => {
