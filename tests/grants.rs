@@ -707,13 +707,15 @@ async fn the_admin_api_authenticates_and_authorizes_every_call() {
 }
 
 #[tokio::test]
-async fn without_credentials_the_admin_api_answers_401() {
+async fn the_admin_api_with_jwt_authenticates_then_authorizes_every_call() {
+    use common::jwt::{TestKey, jwks, now};
     let dir = tempfile::tempdir().unwrap();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    let key = TestKey::ed("admin-key");
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[&key])).unwrap();
     let admin = format!(
         "auth = \"jwt\"\n[auth.jwt]\njwks_file = \"{}\"\nissuer = \"https://issuer.test\"\naudience = \"envelope-admin\"\n",
-        jwks.display()
+        jwks_file.display()
     );
     let r = Replica::start(dir.path(), "jwt", &admin, 1).await;
     let http = Http::default();
@@ -725,34 +727,84 @@ async fn without_credentials_the_admin_api_answers_401() {
         let reply = http.send(method, &r.api(path), &[], "{}").await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{path}");
         assert_eq!(reply.error_code(), "unauthenticated");
-        assert!(
-            reply
-                .headers
-                .get("www-authenticate")
-                .is_some_and(|v| v.to_str().unwrap().starts_with("Bearer"))
+        assert_eq!(
+            reply.headers["www-authenticate"],
+            "Bearer realm=\"envelope-proxy\""
         );
     }
-    // A bearer token that does not verify is never accepted.
+    // A bearer token that does not verify: 401 with invalid_token.
     let reply = http
         .get(&r.api("/v1/keys"), &[("authorization", "Bearer not-a-jwt")])
         .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     assert!(
-        reply.status == StatusCode::UNAUTHORIZED || reply.status == StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.status
+        reply.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("error=\"invalid_token\"")
     );
-    assert!(reply.json()["error"]["code"].is_string());
-    // Nothing was created; the refusals are audited.
+    // The policy lets "anonymous" describe and rotate "users"; a JWT principal is named by
+    // its `sub`, so "ops-bot" is refused and a token for "anonymous" would be allowed.
+    let token = |sub: &str| {
+        key.token(
+            &serde_json::json!({"iss": "https://issuer.test", "aud": "envelope-admin",
+            "sub": sub, "exp": now() + 300}),
+        )
+    };
+    let bot = format!("Bearer {}", token("ops-bot"));
+    let reply = http
+        .get(&r.api("/v1/keys/users"), &[("authorization", bot.as_str())])
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert!(reply.text().contains("ops-bot may not describe"));
+    let named = format!("Bearer {}", token("anonymous"));
+    let reply = http
+        .get(
+            &r.api("/v1/keys/users"),
+            &[("authorization", named.as_str())],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // A token from another issuer's key: refused.
+    let other = TestKey::ed("admin-key");
+    let forged = format!(
+        "Bearer {}",
+        other.token(
+            &serde_json::json!({"iss": "https://issuer.test", "aud": "envelope-admin",
+            "sub": "anonymous", "exp": now() + 300})
+        )
+    );
+    let reply = http
+        .get(
+            &r.api("/v1/keys/users"),
+            &[("authorization", forged.as_str())],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    // Nothing was created; every call is audited, naming the principal when there is one.
     assert!(!dir.path().join("grants.json").exists());
     let lines = r.audit_lines().await;
     let auth: Vec<_> = lines
         .iter()
         .filter(|l| l["action"] == "admin:authenticate")
         .collect();
-    assert_eq!(auth.len(), 4);
+    assert_eq!(auth.len(), 5);
     assert_eq!(auth[0]["outcome"], "denied");
     assert_eq!(auth[0]["reason"], "missing");
     assert!(auth[0].get("principal").is_none());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["principal"] == "ops-bot" && l["status"] == 403)
+    );
+    assert!(lines.iter().any(|l| l["principal"] == "anonymous"
+        && l["action"] == "admin:describe"
+        && l["status"] == 200));
+    let text = std::fs::read_to_string(dir.path().join("audit-jwt.log")).unwrap();
+    assert!(
+        !text.contains(&token("x")[..24]),
+        "no token in the audit log"
+    );
 }
 
 #[test]

@@ -17,6 +17,10 @@ use crate::config::RouteAuth;
 use crate::config::auth::AuthSettings;
 use crate::config::template::Source;
 
+pub mod cert;
+pub mod jwt;
+pub mod xfcc;
+
 /// What the connection tells about the caller.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -30,14 +34,29 @@ pub struct Peer {
 
 /// The configured authenticators, built once at start.
 pub struct Authenticators {
-    #[allow(dead_code)]
-    settings: AuthSettings,
+    jwt: Option<jwt::JwtAuthenticator>,
+    mtls: Option<cert::MtlsAuthenticator>,
+    trusted_header: Option<xfcc::TrustedHeaderAuthenticator>,
 }
 
+/// The realm of our `WWW-Authenticate` challenges.
+pub const REALM: &str = "envelope-proxy";
+
 impl Authenticators {
+    /// Build the configured authenticators. A JWKS file that does not load or a JWKS CA file
+    /// that does not load stops the start; a JWKS URL is first fetched on use.
     pub async fn build(settings: &AuthSettings) -> Result<Authenticators, String> {
+        let jwt = match &settings.jwt {
+            Some(j) => Some(jwt::JwtAuthenticator::new(j).await?),
+            None => None,
+        };
         Ok(Authenticators {
-            settings: settings.clone(),
+            jwt,
+            mtls: settings.mtls.as_ref().map(cert::MtlsAuthenticator::new),
+            trusted_header: settings
+                .trusted_header
+                .as_ref()
+                .map(xfcc::TrustedHeaderAuthenticator::new),
         })
     }
 
@@ -46,15 +65,39 @@ impl Authenticators {
     pub async fn authenticate(
         &self,
         method: RouteAuth,
-        _headers: &HeaderMap,
-        _peer: &Peer,
+        headers: &HeaderMap,
+        peer: &Peer,
     ) -> Result<Principal, AuthError> {
+        // `[auth.mtls]` may be left out: its defaults (URI SAN identity, no attributes) apply.
+        static MTLS_DEFAULT: std::sync::LazyLock<cert::MtlsAuthenticator> =
+            std::sync::LazyLock::new(|| {
+                cert::MtlsAuthenticator::new(&crate::config::auth::MtlsSettings {
+                    identity: crate::config::auth::CertIdentity::UriSan,
+                    attributes: BTreeMap::new(),
+                })
+            });
         match method {
             RouteAuth::None => Ok(Principal::anonymous()),
-            other => Err(AuthError::Unavailable(format!(
-                "{} authentication is not built yet",
-                other.name()
-            ))),
+            RouteAuth::Mtls => self
+                .mtls
+                .as_ref()
+                .unwrap_or(&MTLS_DEFAULT)
+                .authenticate(peer),
+            RouteAuth::Jwt => match &self.jwt {
+                Some(j) => j.authenticate(headers).await,
+                None => Err(AuthError::Unavailable(
+                    "[auth.jwt] is not configured".into(),
+                )),
+            },
+            RouteAuth::TrustedHeader => match &self.trusted_header {
+                Some(t) => t.authenticate(headers, peer),
+                None => Err(AuthError::Unavailable(
+                    "[auth.trusted_header] is not configured".into(),
+                )),
+            },
+            RouteAuth::SigV4 => Err(AuthError::Invalid(
+                "SigV4 is verified by the S3 gateway, not here".into(),
+            )),
         }
     }
 

@@ -174,7 +174,7 @@ where
         // S3: s3s verifies the client's signature, then the same stages run inside the
         // gateway (see `s3`).
         RouteKind::S3(s3) => {
-            let resp = s3::handle(&state, route, s3, req, client).await;
+            let resp = s3::handle(&state, route, s3, req, client.clone()).await;
             finish(&state, &route.name, &resp, started);
             resp
         }
@@ -251,7 +251,7 @@ where
                         jr,
                         captures,
                         req,
-                        client,
+                        client.clone(),
                         &principal,
                         &mut outcome,
                     )

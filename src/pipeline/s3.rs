@@ -39,6 +39,7 @@ where
 {
     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
     let outcome = Arc::new(Mutex::new(S3Outcome::default()));
+    let client_ip = client.addr.ip().to_string();
     let resp = gateway(state, route, req, client, &outcome).await;
     let status = resp.status();
     let o = std::mem::take(&mut *outcome.lock().unwrap_or_else(|p| p.into_inner()));
@@ -63,7 +64,7 @@ where
             method,
             path,
             status: status.as_u16(),
-            client: client.addr.ip().to_string(),
+            client: client_ip,
             keys: s3.keys.iter().map(|k| k.to_string()).collect(),
             values: 0,
             reason: o.denied.map(|d| format!("access_denied: {d}")),

@@ -2,6 +2,7 @@
 //! rustls (webpki roots plus an optional CA file), timeouts, and header hygiene both ways.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -11,24 +12,28 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
 
 use super::ProxyBody;
 use crate::config::{ServerSettings, Upstream};
 use crate::error::ProxyError;
 
-/// Who called us, for `X-Forwarded-*`.
-#[derive(Debug, Clone, Copy)]
+/// Who called us, for `X-Forwarded-*` and client authentication.
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub addr: SocketAddr,
     pub tls: bool,
+    /// The client certificate chain the TLS handshake verified against `client_ca_file`
+    /// (end entity first); `None` without TLS, without a client CA, or when none was presented.
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
 impl ClientInfo {
-    /// What the authenticators see of the connection.
+    /// What the connection tells the authenticators about the caller.
     pub fn peer(&self) -> crate::auth::Peer {
         crate::auth::Peer {
             addr: self.addr,
-            certs: None,
+            certs: self.peer_certs.clone(),
             unix: false,
         }
     }

@@ -81,7 +81,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
     };
     let upstream = UpstreamClient::new(&config.server)?;
     let tls = match &config.server.tls {
-        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        Some((cert, key)) => {
+            let tls = tls::Tls::load(cert, key, config.server.client_ca_file.as_deref())?;
+            tls.watch(Duration::from_secs(1));
+            Some(tls)
+        }
         None => None,
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -110,10 +114,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
         None => None,
     };
     // The admin API with client certificates: the admin listener speaks TLS.
-    let admin_tls = match (admin.as_ref().and_then(|a| a.2), &config.server.tls) {
-        (Some(crate::config::RouteAuth::Mtls), Some((cert, key))) => {
-            Some(tls::acceptor(cert, key)?)
-        }
+    // The admin API with client certificates: the admin listener speaks TLS with the
+    // listener's certificate and client CAs (reloaded with them).
+    let admin_tls = match admin.as_ref().and_then(|a| a.2) {
+        Some(crate::config::RouteAuth::Mtls) => tls.clone(),
         _ => None,
     };
     let mut gateways = std::collections::HashMap::new();
@@ -279,7 +283,7 @@ async fn wait_for_signal() {
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<AppState>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<tls::Tls>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -296,18 +300,15 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let client = ClientInfo {
-            addr: peer,
-            tls: tls.is_some(),
-        };
-        let st = state.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let st = st.clone();
-            async move { Ok::<_, Infallible>(pipeline::handle(st, req, client).await) }
-        });
         let builder = auto::Builder::new(TokioExecutor::new());
         match &tls {
             None => {
+                let client = ClientInfo {
+                    addr: peer,
+                    tls: false,
+                    peer_certs: None,
+                };
+                let service = proxy_service(state.clone(), client);
                 let conn = builder
                     .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                     .into_owned();
@@ -318,9 +319,11 @@ async fn accept_loop(
                     }
                 });
             }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
+            Some(tls) => {
+                // The config current now: a reload while this handshake runs applies to the next.
+                let acceptor = tls.acceptor();
                 let watcher = graceful.watcher();
+                let st = state.clone();
                 tokio::spawn(async move {
                     let stream = match tokio::time::timeout(
                         Duration::from_secs(10),
@@ -329,8 +332,15 @@ async fn accept_loop(
                     .await
                     {
                         Ok(Ok(s)) => s,
-                        _ => return,
+                        Ok(Err(e)) => {
+                            // A client certificate that does not verify ends here.
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
                     };
+                    let client = client_info(peer, &stream);
+                    let service = proxy_service(st, client);
                     let conn = builder
                         .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                         .into_owned();
@@ -342,6 +352,41 @@ async fn accept_loop(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+}
+
+/// The caller of a TLS connection: its address and the client certificate chain the
+/// handshake verified (rustls reports peer certificates only after verifying them).
+pub fn client_info<IO>(
+    addr: SocketAddr,
+    stream: &tokio_rustls::server::TlsStream<IO>,
+) -> ClientInfo {
+    let peer_certs = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .filter(|c| !c.is_empty())
+        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+    ClientInfo {
+        addr,
+        tls: true,
+        peer_certs,
+    }
+}
+
+fn proxy_service(
+    state: Arc<AppState>,
+    client: ClientInfo,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req: Request<Incoming>| {
+        let st = state.clone();
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(pipeline::handle(st, req, client).await) }
+    })
 }
 
 /// The admin bearer token, read once at start through the one secret reader (0600 check).
@@ -374,7 +419,7 @@ async fn serve_admin(
     state: Arc<AppState>,
     token: Option<Arc<Zeroizing<String>>>,
     api: Option<Arc<admin_api::AdminApi>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<tls::Tls>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -416,7 +461,8 @@ async fn serve_admin(
                 None => {
                     let _ = serve(None, TokioIo::new(Box::new(stream) as Box<dyn AdminIo>)).await;
                 }
-                Some(acceptor) => {
+                Some(tls) => {
+                    let acceptor = tls.acceptor();
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                             .await

@@ -1,8 +1,21 @@
-//! TLS for the listener (rustls) and PEM loading.
+//! TLS for the listener (rustls, ring provider), PEM loading, client-certificate verification
+//! and certificate reload.
+//!
+//! With `client_ca_file`, the handshake verifies a presented client certificate against those
+//! CAs (`WebPkiClientVerifier`: chain, validity, `clientAuth` usage) and refuses the connection
+//! when it does not verify; a client that presents none is let in at the TLS level, so routes
+//! without `auth = "mtls"` keep working, and `auth = "mtls"` routes refuse it (401).
+//!
+//! Reload: [`Tls::watch`] looks at the certificate, key and client CA files every second; when
+//! one changed it builds a new `ServerConfig` for new connections (open ones keep theirs). A
+//! file that does not load (half written, a key that does not match) keeps the old config and
+//! is reported once per change, by path only: never its contents.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
+use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -17,18 +30,161 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+/// The listener's `ServerConfig`: its certificate and key, and with `client_ca` a client
+/// certificate verifier that allows clients without one.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = load_certs(cert_file)?;
+    // The key's parse error names the file only: rustls-pki-types errors never quote contents.
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("{}: {e}", key_file.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("TLS certificate/key: {e}"))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("{}: bad CA certificate: {e}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS certificate/key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
+}
+
+/// An acceptor for the certificate and key (no client certificates).
+pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    Ok(tokio_rustls::TlsAcceptor::from(server_config(
+        cert_file, key_file, None,
+    )?))
+}
+
+/// What identifies one version of a file without reading it: modification time, length and
+/// inode (a file replaced by rename keeps neither).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp(Option<(SystemTime, u64, u64)>);
+
+fn stamp(path: &Path) -> Stamp {
+    Stamp(std::fs::metadata(path).ok().map(|m| {
+        #[cfg(unix)]
+        let ino = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let ino = 0;
+        (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), ino)
+    }))
+}
+
+/// The listener's TLS settings, rebuilt when their files change.
+pub struct Tls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca: Option<PathBuf>,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+    /// The stamps of the files `current` was built from, and of the last set that failed
+    /// (reported once, retried when a file changes again).
+    stamps: Mutex<(Vec<Stamp>, Option<Vec<Stamp>>)>,
+}
+
+impl Tls {
+    /// Load the files; any that does not load is an error (at start, unlike on reload).
+    pub fn load(
+        cert_file: &Path,
+        key_file: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<Arc<Tls>, String> {
+        let tls = Tls {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            client_ca: client_ca.map(Path::to_path_buf),
+            current: RwLock::new(server_config(cert_file, key_file, client_ca)?),
+            stamps: Mutex::new((Vec::new(), None)),
+        };
+        let stamps = tls.stamps();
+        tls.stamps.lock().unwrap_or_else(PoisonError::into_inner).0 = stamps;
+        Ok(Arc::new(tls))
+    }
+
+    fn stamps(&self) -> Vec<Stamp> {
+        let mut s = vec![stamp(&self.cert_file), stamp(&self.key_file)];
+        if let Some(ca) = &self.client_ca {
+            s.push(stamp(ca));
+        }
+        s
+    }
+
+    /// The acceptor for the next connection.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = self
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+
+    /// Rebuild the config if a file changed since the last look: `Ok(true)` when it was
+    /// replaced, `Err` (once per change) when the new files do not load: the old config stays.
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        let now = self.stamps();
+        {
+            let stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+            if stamps.0 == now || stamps.1.as_ref() == Some(&now) {
+                return Ok(false);
+            }
+        }
+        let built = server_config(&self.cert_file, &self.key_file, self.client_ca.as_deref());
+        let mut stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        match built {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
+                *stamps = (now, None);
+                Ok(true)
+            }
+            Err(e) => {
+                stamps.1 = Some(now);
+                Err(e)
+            }
+        }
+    }
+
+    /// Look for changed files every `every` until the last `Arc` is dropped.
+    pub fn watch(self: &Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(tls) = weak.upgrade() else { break };
+                // Reading and parsing a few PEM files: small enough for the runtime thread.
+                match tls.reload_if_changed() {
+                    Ok(true) => tracing::info!(
+                        cert = %tls.cert_file.display(),
+                        "TLS certificate, key or client CA reloaded; new connections use them"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "TLS files changed but do not load; keeping the previous certificate"
+                    ),
+                }
+            }
+        });
+    }
 }

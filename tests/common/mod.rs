@@ -2,6 +2,9 @@
 //! 127.0.0.1:0, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod jwt;
+pub mod pki;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
