@@ -120,3 +120,37 @@ pub async fn tls_connect(
         .connect("localhost".try_into().unwrap(), tcp)
         .await
 }
+
+/// One request over a new TLS connection (HTTP/1.1), presenting what `config` holds.
+pub async fn https_send(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: bytes::Bytes,
+) -> Result<super::Reply, String> {
+    use http_body_util::BodyExt;
+    let stream = tls_connect(addr, config).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(http_body_util::Full::new(body)).unwrap();
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(super::Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
