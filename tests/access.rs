@@ -604,3 +604,41 @@ actions = ["seal", "open"]
         .await;
     assert_eq!(r.json()["ssn"], "123-45-6789");
 }
+
+#[tokio::test]
+async fn s3_quotas_answer_slow_down_and_write_nothing() {
+    use http_body_util::BodyExt;
+    let moto = Moto::start();
+    let proxy = s3_gateway(&moto, "quota = { seal_per_second = 1, burst = 1 }", "").await;
+    s3_send(&proxy, ACME, Method::PUT, "/acme-data", b"").await;
+    let (s, b) = s3_send(&proxy, ACME, Method::PUT, "/acme-data/one", b"1").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // The second write within the second: throttled, with S3's code and a Retry-After.
+    let creds = envelope_proxy::s3::sign::UpstreamCredentials::new(
+        ACME.0.into(),
+        zeroize::Zeroizing::new(ACME.1.to_string()),
+    );
+    let mut req = http::Request::put(proxy.url("/acme-data/two"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"2")))
+        .unwrap();
+    envelope_proxy::s3::sign::sign_request(&mut req, &creds, "us-east-1").unwrap();
+    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("<Code>SlowDown</Code>"));
+    let (s, _) = common::s3::raw_get(&moto, "acme-data", "two").await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "the throttled write was not forwarded"
+    );
+    // Reads are not limited by the seal quota.
+    let (s, b) = s3_send(&proxy, ACME, Method::GET, "/acme-data/one", b"").await;
+    assert_eq!((s, b.as_str()), (StatusCode::OK, "1"));
+    assert_eq!(proxy.state().metrics.denials_of("objects", "-", "quota"), 1);
+}

@@ -645,10 +645,18 @@ impl Ctx<'_> {
                     });
                 }
                 o.denied = Some(e.to_string());
-                Err(S3Error::with_message(
-                    S3ErrorCode::AccessDenied,
-                    e.to_string(),
-                ))
+                Err(match e {
+                    // Throttling as S3 clients know it: SDKs back off and retry on SlowDown.
+                    crate::error::ProxyError::QuotaExceeded(secs) => {
+                        let mut err = S3Error::with_message(S3ErrorCode::SlowDown, e.to_string());
+                        err.set_status_code(StatusCode::TOO_MANY_REQUESTS);
+                        let mut h = HeaderMap::new();
+                        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                        err.set_headers(h);
+                        err
+                    }
+                    _ => S3Error::with_message(S3ErrorCode::AccessDenied, e.to_string()),
+                })
             }
         }
     }
