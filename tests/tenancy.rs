@@ -423,3 +423,88 @@ message_context = {{ id = "{{path.id|json.id}}" }}
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
     assert_eq!(r.error_code(), "unauthenticated");
 }
+
+/// An upstream that records the headers it receives and answers `{}`.
+async fn header_recorder() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<http::HeaderMap>>>,
+) {
+    use hyper::service::service_fn;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    s.lock().unwrap().push(req.headers().clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn credentials_for_the_proxy_never_reach_storage() {
+    let (addr, seen) = header_recorder().await;
+    let key = TestKey::ed("k");
+    let routes = format!(
+        r#"
+[auth.jwt]
+jwks_file = "{{DIR}}/jwks.json"
+issuer = "{ISS}"
+audience = "{AUD}"
+
+[[route]]
+name = "users"
+path = "/users/{{id?}}"
+upstream = "http://{addr}"
+auth = "jwt"
+key = "users"
+fields = ["$.ssn"]
+
+[[route]]
+name = "raw"
+path = "/raw/**"
+upstream = "http://{addr}"
+auth = "jwt"
+passthrough = true
+"#
+    );
+    let proxy = Proxy::start_with_files(&routes, "", &[("jwks.json", &jwks(&[&key]))]).await;
+    let http = Http::default();
+    let bearer = token(&key, "app", "acme", None);
+    let creds = [
+        ("authorization", bearer.as_str()),
+        ("x-envelope-grant-token", "ept1.some.token"),
+        ("x-request-id", "r-1"),
+    ];
+    for path in ["/users/1", "/raw/anything"] {
+        let r = http.get(&proxy.url(path), &creds).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for h in seen {
+        assert!(!h.contains_key("authorization"), "{h:?}");
+        assert!(!h.contains_key("x-envelope-grant-token"), "{h:?}");
+        assert_eq!(h["x-request-id"], "r-1", "other headers pass");
+    }
+}

@@ -215,7 +215,9 @@ where
                 }
             };
             drop(principal);
+            // Credentials for the proxy never reach storage, on pass-through routes too.
             identity::strip_credentials(&state, route, &mut parts.headers);
+            authorize::take_grant_tokens(&mut parts.headers);
             let body = body.map_err(Into::into).boxed();
             let result = match upstream::request(&route.upstream, &parts, body, client, None) {
                 Ok(up) => state.upstream.send(up).await.map(|resp| {
