@@ -4,7 +4,6 @@
 //! Messages never carry plaintext, keys or request content: only names from the config (route,
 //! header, capture names) and positions.
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
@@ -244,17 +243,8 @@ impl ProxyError {
         let (status, code, retryable) = self.classify();
         let body =
             serde_json::json!({ "error": { "code": code, "message": self.public_message() } });
-        let mut resp = Response::new(crate::body::full_body(Bytes::from(body.to_string())));
-        *resp.status_mut() = status;
+        let mut resp = crate::body::json_response(status, &body);
         let h = resp.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            http::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        );
         if retryable && status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
         }

@@ -34,6 +34,7 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod pki;
 pub mod policy;
 pub mod s3;
 pub mod secret;

@@ -55,23 +55,6 @@ fn stored(js: &JsonServer) -> Value {
     serde_json::from_str::<Value>(&js.db_file()).unwrap()["users"].clone()
 }
 
-/// The audit line of the last request to `path` (audit lines are written off the request
-/// path: wait for it).
-async fn audit_of(p: &Proxy, path: &str) -> Value {
-    for _ in 0..100 {
-        if let Some(l) = p
-            .audit_lines()
-            .into_iter()
-            .rev()
-            .find(|l| l["path"] == path)
-        {
-            return l;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("no audit line for {path}")
-}
-
 #[tokio::test]
 async fn masked_reads_for_principals_allowed_open_masked_only() {
     let js = JsonServer::start();
@@ -127,7 +110,7 @@ actions = ["seal", "open-masked"]
         .await;
     let r2 = http.get(&proxy.url("/tenants/acme/users/u2"), &[]).await;
     assert_eq!(r2.json()["email"], got["email"]);
-    let line = audit_of(&proxy, "/tenants/acme/users/u2").await;
+    let line = proxy.audit_of("/tenants/acme/users/u2").await;
     assert_eq!(line["outcome"], "masked", "{line}");
     assert_eq!(line["principal"], "anonymous");
     assert_eq!(line["basis"][0], "statement:write-and-read-masked");
@@ -157,7 +140,7 @@ actions = ["open"]
     let msg = w.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("seal") && msg.contains("local:users"), "{msg}");
     assert_eq!(stored(&js), json!([]), "nothing reached storage");
-    let line = audit_of(&proxy, "/tenants/acme/users").await;
+    let line = proxy.audit_of("/tenants/acme/users").await;
     assert_eq!(line["outcome"], "denied", "{line}");
     assert_eq!(line["basis"][0], "no-allow");
     assert_eq!(line["status"], 403);
@@ -209,7 +192,7 @@ conditions = { "context.tenant" = "acme-test" }
         .get(&proxy.url("/tenants/acme-test/users/u1"), &[])
         .await;
     assert_eq!(denied.status, StatusCode::FORBIDDEN, "{}", denied.text());
-    let line = audit_of(&proxy, "/tenants/acme-test/users/u1").await;
+    let line = proxy.audit_of("/tenants/acme-test/users/u1").await;
     assert_eq!(line["basis"][0], "deny:not-acme-test", "{line}");
     assert!(
         !denied.text().contains("not-acme-test"),
@@ -400,7 +383,7 @@ conditions = { "context.tenant" = "{principal.tenant}" }
     assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, _) = common::s3::raw_get(&moto, "acme-data", "x.txt").await;
     assert_eq!(s, StatusCode::NOT_FOUND, "nothing was written");
-    audit_of(&proxy, "/acme-data/x.txt").await;
+    proxy.audit_of("/acme-data/x.txt").await;
     let lines = proxy.audit_lines();
     let put = lines
         .iter()
@@ -452,7 +435,7 @@ actions = ["open"]
             .denials_of("objects", "local:objects", "no-allow"),
         1
     );
-    let line = audit_of(&proxy, "/globex-data/a").await;
+    let line = proxy.audit_of("/globex-data/a").await;
     assert_eq!(line["basis"][0], "no-allow", "{line}");
 }
 
@@ -508,7 +491,7 @@ async fn quotas_answer_429_with_retry_after_and_forward_nothing() {
         "the refused write was not forwarded"
     );
     assert_eq!(proxy.state().metrics.denials_of("users", "-", "quota"), 1);
-    let line = audit_of(&proxy, "/tenants/acme/users").await;
+    let line = proxy.audit_of("/tenants/acme/users").await;
     assert_eq!(line["status"], 429);
     assert_eq!(line["outcome"], "denied");
 }
@@ -579,7 +562,7 @@ actions = ["seal", "open"]
         .await;
     assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
     assert_eq!(w.json()["ssn"], "123-45-6789");
-    let line = audit_of(&proxy, "/tenants/acme/users").await;
+    let line = proxy.audit_of("/tenants/acme/users").await;
     assert_eq!(line["basis"][0], format!("grant:{id}"), "{line}");
     assert!(!proxy.audit_text().contains(&token), "never the token");
     // The grant's constraint holds: another tenant's context is refused, token or not.

@@ -32,21 +32,6 @@ async fn db_when(js: &JsonServer, n: usize) -> Value {
     panic!("json-server holds fewer than {n} users: {}", js.db_file())
 }
 
-async fn audit_of(p: &Proxy, path: &str) -> Value {
-    for _ in 0..100 {
-        if let Some(l) = p
-            .audit_lines()
-            .into_iter()
-            .rev()
-            .find(|l| l["path"] == path)
-        {
-            return l;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no audit line for {path}")
-}
-
 fn ada() -> Value {
     json!({ "id": "u1", "name": "Ada", "ssn": "123-45-6789", "plan": "pro" })
 }
@@ -173,7 +158,7 @@ async fn jwt_principals_are_pinned_to_their_tenant() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["ssn"], "123-45-6789");
-    let line = audit_of(&proxy, "/tenants/acme/users/u1").await;
+    let line = proxy.audit_of("/tenants/acme/users/u1").await;
     assert_eq!(line["principal"], "app-acme");
     assert_eq!(line["basis"][0], "statement:apps-own-tenant");
 
@@ -228,7 +213,7 @@ async fn support_staff_see_masked_values_and_apps_see_plaintext() {
     assert_eq!(r.json()["ssn"], "***-**-6789");
     assert_eq!(r.json()["name"], "A**");
     assert_eq!(r.json()["plan"], "pro");
-    let line = audit_of(&proxy, "/tenants/acme/users/u1").await;
+    let line = proxy.audit_of("/tenants/acme/users/u1").await;
     assert_eq!(
         (line["principal"].as_str(), line["outcome"].as_str()),
         (Some("jane"), Some("masked"))
@@ -344,7 +329,7 @@ conditions = {{ "context.tenant" = "{{principal.tenant}}", "principal.team" = "b
     .await
     .unwrap();
     assert_eq!(r.json()["ssn"], "123-45-6789");
-    let line = audit_of(&proxy, "/tenants/acme/users/u1").await;
+    let line = proxy.audit_of("/tenants/acme/users/u1").await;
     assert_eq!(line["principal"], "spiffe://acme.test/ns/billing/sa/api");
     assert_eq!(line["basis"][0], "statement:acme-workloads");
 
@@ -403,7 +388,7 @@ message_context = {{ id = "{{path.id|json.id}}" }}
         )
         .await;
     assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
-    let line = audit_of(&proxy, "/tenants/acme/users").await;
+    let line = proxy.audit_of("/tenants/acme/users").await;
     assert_eq!(line["principal"], "spiffe://acme.test/ns/app/sa/api");
     let r = http.get(&proxy.url("/tenants/acme/users/u1"), &[]).await;
     assert_eq!(

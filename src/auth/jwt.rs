@@ -607,22 +607,7 @@ impl UrlKeys {
         if url.scheme_str() != Some("https") {
             return Err("only https:// URLs (keys fetched in clear could be replaced)".into());
         }
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(ca) = ca_file {
-            for c in crate::server::tls::load_certs(ca)? {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("{}: bad CA certificate: {e}", ca.display()))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = crate::pki::client_config(ca_file)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(Duration::from_secs(5)));

@@ -46,23 +46,7 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     pub fn new(settings: &ServerSettings) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(ca) = &settings.upstream_ca_file {
-            let certs = crate::server::tls::load_certs(ca)?;
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("{}: bad CA certificate: {e}", ca.display()))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = crate::pki::client_config(settings.upstream_ca_file.as_deref())?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(settings.connect_timeout));

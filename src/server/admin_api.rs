@@ -31,11 +31,12 @@ use serde_json::{Value, json};
 
 use crate::audit::AuditEvent;
 use crate::auth::{AuthError, Authenticators, Peer, Principal};
+use crate::body::json_response;
 use crate::config::{Action, RouteAuth};
 use crate::envelope::Context;
 use crate::keys::keyring::{Keyring, KeyringError};
 use crate::keys::{BackendError, KeyRef};
-use crate::pipeline::{AppState, ProxyBody, full_body};
+use crate::pipeline::{AppState, ProxyBody};
 use crate::policy::grants::{Constraints, Grant, GrantError, NewGrant};
 use crate::policy::{Decision, Policies};
 
@@ -140,21 +141,6 @@ fn backend_error(e: BackendError) -> ApiError {
         ),
         e => ApiError::new(StatusCode::BAD_GATEWAY, "key_backend", e.to_string()),
     }
-}
-
-fn json_response(status: StatusCode, body: &Value) -> Response<ProxyBody> {
-    let mut resp = Response::new(full_body(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
-    resp
 }
 
 fn error_response(e: &ApiError) -> Response<ProxyBody> {

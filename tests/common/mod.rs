@@ -184,6 +184,23 @@ path = "{d}/audit.log"
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The audit line of the last request to `path` (lines are written off the request
+    /// path: wait up to 2 s for it).
+    pub async fn audit_of(&self, path: &str) -> Value {
+        for _ in 0..100 {
+            if let Some(l) = self
+                .audit_lines()
+                .into_iter()
+                .rev()
+                .find(|l| l["path"] == path)
+            {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no audit line for {path}")
+    }
+
     pub fn audit_text(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
     }
