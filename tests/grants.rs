@@ -463,12 +463,13 @@ async fn constraints_equals_and_subset_and_grant_expiry() {
     let (_, short) = create_grant(
         &http,
         &a,
-        json!({"key": "users", "grantee": "app", "operations": ["open"], "expires_in_secs": 1}),
+        // Expiry is in whole seconds: 2 s leave at least 1 s of validity for the first check.
+        json!({"key": "users", "grantee": "app", "operations": ["open"], "expires_in_secs": 2}),
     )
     .await;
     let c = ctx(&[("tenant", "acme")]);
     assert!(decide(&c, &short, Action::Open).is_some());
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(decide(&c, &short, Action::Open), None);
     assert_eq!(
         allowed_by(a.policies().decide(&app, &users(), Action::Open, &c, &[])),
