@@ -580,15 +580,15 @@ async fn concurrent_creates_on_two_replicas_all_survive() {
     let ids: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(ids.len(), 40);
     // Another process's view: a fresh handle on the file.
+    let keyring = envelope_proxy::keys::keyring::Keyring::open(
+        "local",
+        &dir.path().join("keyring.json"),
+        &envelope_proxy::keys::keyring::MasterKeySource::File(dir.path().join("master.key")),
+    )
+    .unwrap();
     let fresh = Grants::open_with(
         dir.path().join("grants.json"),
-        envelope_proxy::keys::keyring::Keyring::open(
-            "local",
-            &dir.path().join("keyring.json"),
-            &envelope_proxy::keys::keyring::MasterKeySource::File(dir.path().join("master.key")),
-        )
-        .unwrap()
-        .grant_keys(),
+        envelope_proxy::policy::grants::GrantKeys::from_keyring(&keyring),
         Duration::from_secs(300),
     )
     .unwrap();

@@ -10,12 +10,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::JsonServer;
 use envelope_proxy::auth::{AuthError, Authenticators, Peer, Principal};
 use envelope_proxy::config::RouteAuth;
@@ -23,8 +20,7 @@ use envelope_proxy::config::auth::{
     AuthSettings, CertIdentity, JwksSource, JwtAlgorithm, JwtSettings, MtlsSettings,
 };
 use http::HeaderMap;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -382,101 +378,7 @@ async fn presented(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Certi
 // ---------------------------------------------------------------------------------------------
 // JWT with a JWKS URL.
 
-struct JwksServer {
-    addr: SocketAddr,
-    doc: Arc<Mutex<String>>,
-    hits: Arc<AtomicUsize>,
-    fail: Arc<AtomicBool>,
-    ca_file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl JwksServer {
-    async fn start(doc: String) -> JwksServer {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::new(dir.path(), "jwks");
-        let leaf = pki.server();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der.clone()],
-            PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let doc = Arc::new(Mutex::new(doc));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let fail = Arc::new(AtomicBool::new(false));
-        let (d, h, f) = (doc.clone(), hits.clone(), fail.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    break;
-                };
-                let acceptor = acceptor.clone();
-                let (d, h, f) = (d.clone(), h.clone(), f.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let (d, h, f) = (d.clone(), h.clone(), f.clone());
-                            async move {
-                                h.fetch_add(1, Ordering::SeqCst);
-                                let (status, body) = if f.load(Ordering::SeqCst) {
-                                    (500, "down".to_string())
-                                } else if req.uri().path() != "/jwks" {
-                                    (404, String::new())
-                                } else {
-                                    (200, d.lock().unwrap().clone())
-                                };
-                                let mut resp = http::Response::new(http_body_util::Full::new(
-                                    Bytes::from(body),
-                                ));
-                                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                                Ok::<_, std::convert::Infallible>(resp)
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        JwksServer {
-            addr,
-            doc,
-            hits,
-            fail,
-            ca_file: pki.ca_file("jwks"),
-            _dir: dir,
-        }
-    }
-
-    fn source(&self, refresh: Duration) -> JwksSource {
-        JwksSource::Url {
-            url: format!("https://127.0.0.1:{}/jwks", self.addr.port()),
-            ca_file: Some(self.ca_file.clone()),
-            refresh,
-        }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-
-    fn serve(&self, doc: String) {
-        *self.doc.lock().unwrap() = doc;
-    }
-}
+use common::jwt::JwksServer;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn jwks_url_is_fetched_on_use_cached_and_follows_key_rotation() {
@@ -517,13 +419,13 @@ async fn jwks_url_refreshes_keeps_cached_keys_when_down_and_is_503_when_never_re
     assert_eq!(server.hits(), 2, "refreshed after `refresh`");
 
     // The endpoint fails: the keys we have keep working.
-    server.fail.store(true, Ordering::SeqCst);
+    server.set_failing(true);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(jwt(&a, &k1.token(&c)).await.is_ok());
     assert_eq!(server.hits(), 3, "a refresh was attempted");
 
     // Back, without k1: after the next refresh k1's tokens stop working.
-    server.fail.store(false, Ordering::SeqCst);
+    server.set_failing(false);
     server.serve(jwks(&[&k2]));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(jwt(&a, &k2.token(&c)).await.is_ok());

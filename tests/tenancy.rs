@@ -493,3 +493,62 @@ passthrough = true
         assert_eq!(h["x-request-id"], "r-1", "other headers pass");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_keys_from_an_https_jwks_endpoint_and_their_rotation() {
+    use common::jwt::JwksServer;
+    let js = JsonServer::start();
+    let (old, new) = (TestKey::rsa("2026-11"), TestKey::ed("2026-12"));
+    let server = JwksServer::start(jwks(&[&old])).await;
+    let routes = format!(
+        r#"
+[auth.jwt]
+jwks_url = "{url}"
+jwks_ca_file = "{ca}"
+issuer = "{ISS}"
+audience = "{AUD}"
+
+[[route]]
+name = "users"
+path = "/tenants/{{tenant}}/users/{{id?}}"
+upstream = "{up}"
+auth = "jwt"
+require = {{ "path.tenant" = "{{claim.tenant}}" }}
+key = "users"
+fields = ["$.ssn"]
+context = {{ tenant = "{{claim.tenant}}" }}
+message_context = {{ id = "{{path.id|json.id}}" }}
+"#,
+        url = server.url(),
+        ca = server.ca_file.display(),
+        up = js.url()
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    let w = http
+        .post_json(
+            &proxy.url("/tenants/acme/users"),
+            &[(
+                "authorization",
+                token(&old, "app-acme", "acme", None).as_str(),
+            )],
+            &ada(),
+        )
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    // The issuer rotates: a token signed by the new key (a kid the proxy has not seen) makes
+    // it fetch the JWKS again, and works.
+    server.serve(jwks(&[&old, &new]));
+    let r = http
+        .get(
+            &proxy.url("/tenants/acme/users/u1"),
+            &[(
+                "authorization",
+                token(&new, "app-acme", "acme", None).as_str(),
+            )],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["ssn"], "123-45-6789");
+    assert!(server.hits() >= 2, "fetched again for the new kid");
+}

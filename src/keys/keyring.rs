@@ -275,12 +275,6 @@ impl Keyring {
         key
     }
 
-    /// The keys of grant tokens and the grants file, derived from the master key with their
-    /// own labels (HKDF-SHA-256): every replica sharing the keyring derives the same.
-    pub fn grant_keys(&self) -> crate::policy::grants::GrantKeys {
-        crate::policy::grants::GrantKeys::derive(self.master.as_ref())
-    }
-
     /// The keyring file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -43,7 +43,7 @@
 //! does not verify (constant time), when it was issued more than `token_lifetime` ago (or more
 //! than a minute in the future), past the grant's own expiry, or when the grant is revoked in
 //! the file as this replica last read it. The token key is HKDF-SHA-256 of `[grants]
-//! token_key_file` (at least 32 characters), else of the keyring master key, with its own
+//! token_key_file` (at least 32 characters), else of a key the keyring derives from its master key, with its own
 //! label: every replica sharing the keyring has it, and it opens nothing else. Clients send
 //! tokens in [`GRANT_TOKEN_HEADER`] (several comma-separated). Tokens are never logged.
 
@@ -282,7 +282,7 @@ impl std::fmt::Debug for GrantKeys {
 }
 
 impl GrantKeys {
-    /// HKDF-SHA-256 of `secret` (the keyring master key, or a token key file's content) with
+    /// HKDF-SHA-256 of `secret` (a key derived from the keyring master key, or a token key file's content) with
     /// the grants' own salt and labels: the secret itself is never used as a key.
     pub fn derive(secret: &[u8]) -> GrantKeys {
         let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, HKDF_SALT).extract(secret);
@@ -298,6 +298,16 @@ impl GrantKeys {
             token: expand(TOKEN_KEY_INFO),
             file: expand(FILE_KEY_INFO),
         }
+    }
+
+    /// The keys every replica sharing the keyring derives: from a key the keyring derives
+    /// from its master key for grants alone ([`Keyring::derive_key`](crate::keys::keyring::Keyring::derive_key)).
+    pub fn from_keyring(keyring: &crate::keys::keyring::Keyring) -> GrantKeys {
+        GrantKeys::derive(
+            keyring
+                .derive_key(b"envelope-proxy.grants.v1 master")
+                .as_ref(),
+        )
     }
 
     /// The keys for `settings`: from `token_key_file` (at least 32 characters, mode 0600) when
@@ -319,7 +329,7 @@ impl GrantKeys {
                 }
                 Ok(GrantKeys::derive(secret.as_bytes()))
             }
-            None => Ok(keyring.grant_keys()),
+            None => Ok(GrantKeys::from_keyring(keyring)),
         }
     }
 

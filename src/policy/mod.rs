@@ -85,7 +85,8 @@ pub enum Decision {
     Deny(Denial),
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// What a cached decision was made for; kept beside it and compared on every hit, so a hash
+/// collision can never hand one request another's decision.
 struct CacheKey {
     principal: Arc<Principal>,
     key: KeyRef,
@@ -94,11 +95,30 @@ struct CacheKey {
     generation: u64,
 }
 
+impl CacheKey {
+    fn is(
+        &self,
+        principal: &Arc<Principal>,
+        key: &KeyRef,
+        action: Action,
+        context: &Context,
+        generation: u64,
+    ) -> bool {
+        self.action == action
+            && self.generation == generation
+            && (Arc::ptr_eq(&self.principal, principal) || *self.principal == **principal)
+            && self.key == *key
+            && self.context == *context
+    }
+}
+
 /// The key policies and grants of a running proxy.
 pub struct Policies {
     by_key: HashMap<KeyRef, KeyPolicy>,
     grants: Arc<Grants>,
-    cache: moka::sync::Cache<CacheKey, Decision>,
+    /// Decisions by a keyed hash of what they were made for (no allocation on a hit).
+    cache: moka::sync::Cache<u64, Arc<(CacheKey, Decision)>>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl std::fmt::Debug for Policies {
@@ -121,6 +141,7 @@ impl Policies {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
@@ -150,18 +171,31 @@ impl Policies {
         if !grant_tokens.is_empty() {
             return self.evaluate(principal, key, action, context, grant_tokens);
         }
+        let generation = self.grants.generation();
+        let slot = {
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = self.hasher.build_hasher();
+            principal.hash(&mut h);
+            key.hash(&mut h);
+            action.hash(&mut h);
+            context.hash(&mut h);
+            generation.hash(&mut h);
+            h.finish()
+        };
+        if let Some(hit) = self.cache.get(&slot)
+            && hit.0.is(principal, key, action, context, generation)
+        {
+            return hit.1.clone();
+        }
+        let d = self.evaluate(principal, key, action, context, &[]);
         let ck = CacheKey {
             principal: principal.clone(),
             key: key.clone(),
             action,
             context: context.clone(),
-            generation: self.grants.generation(),
+            generation,
         };
-        if let Some(d) = self.cache.get(&ck) {
-            return d;
-        }
-        let d = self.evaluate(principal, key, action, context, &[]);
-        self.cache.insert(ck, d.clone());
+        self.cache.insert(slot, Arc::new((ck, d.clone())));
         d
     }
 

@@ -1,7 +1,14 @@
 //! JWTs signed in the tests (RS256 with a committed test key, ES256 and EdDSA keys made by
 //! ring) and the JWKS documents that publish them.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use envelope_proxy::config::auth::JwksSource;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -122,4 +129,110 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// An https JWKS endpoint (`/jwks`) with a CA of its own; it counts requests and can fail.
+pub struct JwksServer {
+    pub addr: SocketAddr,
+    doc: Arc<Mutex<String>>,
+    hits: Arc<AtomicUsize>,
+    fail: Arc<AtomicBool>,
+    pub ca_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl JwksServer {
+    pub async fn start(doc: String) -> JwksServer {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = super::pki::Pki::new(dir.path(), "jwks");
+        let leaf = pki.server();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der.clone()],
+            PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let doc = Arc::new(Mutex::new(doc));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let fail = Arc::new(AtomicBool::new(false));
+        let (d, h, f) = (doc.clone(), hits.clone(), fail.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    break;
+                };
+                let acceptor = acceptor.clone();
+                let (d, h, f) = (d.clone(), h.clone(), f.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (d, h, f) = (d.clone(), h.clone(), f.clone());
+                            async move {
+                                h.fetch_add(1, Ordering::SeqCst);
+                                let (status, body) = if f.load(Ordering::SeqCst) {
+                                    (500, "down".to_string())
+                                } else if req.uri().path() != "/jwks" {
+                                    (404, String::new())
+                                } else {
+                                    (200, d.lock().unwrap().clone())
+                                };
+                                let mut resp = http::Response::new(http_body_util::Full::new(
+                                    Bytes::from(body),
+                                ));
+                                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            addr,
+            doc,
+            hits,
+            fail,
+            ca_file: pki.ca_file("jwks"),
+            _dir: dir,
+        }
+    }
+
+    pub fn source(&self, refresh: Duration) -> JwksSource {
+        JwksSource::Url {
+            url: format!("https://127.0.0.1:{}/jwks", self.addr.port()),
+            ca_file: Some(self.ca_file.clone()),
+            refresh,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/jwks", self.addr.port())
+    }
+
+    /// Answer 500 to everything (or stop).
+    pub fn set_failing(&self, fail: bool) {
+        self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn serve(&self, doc: String) {
+        *self.doc.lock().unwrap() = doc;
+    }
 }
