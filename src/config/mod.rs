@@ -42,6 +42,11 @@ struct FileServer {
     upstream_ca_file: Option<PathBuf>,
     /// The routes' default `auth` ("none", "mtls", "jwt", "trusted-header").
     auth: Option<String>,
+    /// A unix socket to serve on as well (sidecars: the app reaches the proxy through a
+    /// shared volume).
+    unix_socket: Option<PathBuf>,
+    /// Its permissions, octal (default "0600").
+    unix_socket_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +263,9 @@ pub struct ServerSettings {
     pub upstream_ca_file: Option<PathBuf>,
     /// Client certificates presented are verified against these CAs (`auth = "mtls"`).
     pub client_ca_file: Option<PathBuf>,
+    /// Also serve on this unix socket (created at start with `unix_socket_mode`).
+    pub unix_socket: Option<PathBuf>,
+    pub unix_socket_mode: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -761,7 +769,24 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
         None => 64,
     };
     let client_ca_file = s.tls.as_ref().and_then(|t| t.client_ca_file.clone());
+    let unix_socket_mode = match s.unix_socket_mode.as_deref() {
+        None => 0o600,
+        Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+            Ok(v) if v <= 0o777 && v & 0o007 == 0 => v,
+            _ => {
+                errors.push(format!(
+                    "server.unix_socket_mode: {m:?} must be octal permissions without access for others, like \"0600\" or \"0660\""
+                ));
+                0o600
+            }
+        },
+    };
+    if s.unix_socket_mode.is_some() && s.unix_socket.is_none() {
+        errors.push("server.unix_socket_mode: only with unix_socket".into());
+    }
     let settings = ServerSettings {
+        unix_socket: s.unix_socket,
+        unix_socket_mode,
         listen,
         client_ca_file,
         tls: s.tls.map(|t| (t.cert_file, t.key_file)),

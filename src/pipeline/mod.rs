@@ -161,7 +161,7 @@ where
                     method,
                     path,
                     status: resp.status().as_u16(),
-                    client: client.addr.ip().to_string(),
+                    client: client.label(),
                     reason: Some(e.code().to_string()),
                     ..Default::default()
                 })
@@ -206,7 +206,7 @@ where
                             method,
                             path,
                             status: resp.status().as_u16(),
-                            client: client.addr.ip().to_string(),
+                            client: client.label(),
                             reason: Some(audit_reason(&e)),
                             ..Default::default()
                         })
@@ -307,7 +307,7 @@ where
                     method,
                     path,
                     status: resp.status().as_u16(),
-                    client: client.addr.ip().to_string(),
+                    client: client.label(),
                     keys: jr.keys.iter().map(|k| k.to_string()).collect(),
                     values: outcome.sealed + outcome.opened,
                     reason: error.as_ref().map(audit_reason),

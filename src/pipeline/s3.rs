@@ -39,7 +39,7 @@ where
 {
     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
     let outcome = Arc::new(Mutex::new(S3Outcome::default()));
-    let client_ip = client.addr.ip().to_string();
+    let client_ip = client.label();
     let resp = gateway(state, route, req, client, &outcome).await;
     let status = resp.status();
     let o = std::mem::take(&mut *outcome.lock().unwrap_or_else(|p| p.into_inner()));

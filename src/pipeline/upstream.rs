@@ -26,6 +26,8 @@ pub struct ClientInfo {
     /// The client certificate chain the TLS handshake verified against `client_ca_file`
     /// (end entity first); `None` without TLS, without a client CA, or when none was presented.
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The connection came over the unix socket (`addr` is then a placeholder).
+    pub unix: bool,
 }
 
 impl ClientInfo {
@@ -34,7 +36,16 @@ impl ClientInfo {
         crate::auth::Peer {
             addr: self.addr,
             certs: self.peer_certs.clone(),
-            unix: false,
+            unix: self.unix,
+        }
+    }
+
+    /// The caller as the audit log names it: its IP address, or `unix`.
+    pub fn label(&self) -> String {
+        if self.unix {
+            "unix".into()
+        } else {
+            self.addr.ip().to_string()
         }
     }
 }
@@ -154,12 +165,15 @@ pub fn request(
     if let Some(h) = original_host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), h);
     }
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", client.addr.ip()),
-        None => client.addr.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    // A unix-socket caller has no address to add (RFC 7239 would say "unknown").
+    if !client.unix {
+        let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {}", client.addr.ip()),
+            None => client.addr.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+            headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+        }
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),

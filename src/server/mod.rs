@@ -35,6 +35,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub demo_store_addr: Option<SocketAddr>,
+    /// The unix socket served beside `addr` (`[server] unix_socket`).
+    pub unix_socket: Option<std::path::PathBuf>,
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -153,10 +155,14 @@ pub async fn start(config: Config) -> Result<Running, String> {
 
     // Quotas forget idle principals once a minute (memory stays bounded by active callers).
     let weak = Arc::downgrade(&state);
+    let mut stop = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => break,
+            }
             match weak.upgrade() {
                 Some(s) => s.quotas.shrink(),
                 None => break,
@@ -189,6 +195,20 @@ pub async fn start(config: Config) -> Result<Running, String> {
         None => None,
     };
 
+    let unix_socket = match &state.config.server.unix_socket {
+        Some(path) => {
+            let l = bind_unix(path, state.config.server.unix_socket_mode)?;
+            tasks.push(tokio::spawn(accept_unix(
+                l,
+                path.clone(),
+                state.clone(),
+                shutdown_rx.clone(),
+            )));
+            tracing::info!(path = %path.display(), "envelope-proxy listening on a unix socket");
+            Some(path.clone())
+        }
+        None => None,
+    };
     let st = state.clone();
     tasks.push(tokio::spawn(accept_loop(listener, st, tls, shutdown_rx)));
     tracing::info!(%addr, "envelope-proxy listening");
@@ -196,6 +216,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         addr,
         admin_addr,
         demo_store_addr,
+        unix_socket,
         state,
         shutdown,
         tasks,
@@ -307,6 +328,7 @@ async fn accept_loop(
                     addr: peer,
                     tls: false,
                     peer_certs: None,
+                    unix: false,
                 };
                 let service = proxy_service(state.clone(), client);
                 let conn = builder
@@ -370,7 +392,74 @@ pub fn client_info<IO>(
         addr,
         tls: true,
         peer_certs,
+        unix: false,
     }
+}
+
+/// Bind the unix socket: a stale socket (a crashed process's) is replaced, anything else at
+/// the path is an error; the socket gets `mode` before anyone can connect through a wider one
+/// (it is created inside the process's umask, then narrowed or widened to `mode`).
+fn bind_unix(path: &std::path::Path, mode: u32) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| format!("{}: cannot replace the stale socket: {e}", path.display()))?,
+        Ok(_) => {
+            return Err(format!(
+                "{}: exists and is not a socket; refusing to replace it",
+                path.display()
+            ));
+        }
+        Err(_) => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+/// The unix-socket listener: the same service, every caller labelled `unix` (trusted as a
+/// local process: `trusted-header` believes its header; its audit lines say `unix`).
+async fn accept_unix(
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unix accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let client = ClientInfo {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: false,
+            peer_certs: None,
+            unix: true,
+        };
+        let service = proxy_service(state.clone(), client);
+        let conn = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(Lingering::new(stream)), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&path);
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 
 fn proxy_service(
