@@ -552,3 +552,69 @@ message_context = {{ id = "{{path.id|json.id}}" }}
     assert_eq!(r.json()["ssn"], "123-45-6789");
     assert!(server.hits() >= 2, "fetched again for the new kid");
 }
+
+#[tokio::test]
+async fn the_admin_api_over_mtls_names_callers_by_their_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "ops");
+    let (cert, key) = write_leaf(dir.path(), "server", &pki.server());
+    let ca = pki.ca_file("ops");
+    let server = format!(
+        "tls = {{ cert_file = \"{}\", key_file = \"{}\", client_ca_file = \"{}\" }}",
+        cert.display(),
+        key.display(),
+        ca.display()
+    );
+    let routes = r#"
+[admin]
+listen = "127.0.0.1:0"
+auth = "mtls"
+
+[[route]]
+name = "users"
+path = "/users/{id?}"
+upstream = "http://127.0.0.1:9"
+key = "users"
+fields = ["$.ssn"]
+
+[[key_policy]]
+key = "users"
+[[key_policy.statement]]
+sid = "operators"
+effect = "allow"
+principals = ["spiffe://acme.test/ns/ops/*"]
+actions = ["describe", "rotate"]
+"#;
+    let proxy = Proxy::start(routes, &server).await;
+    let admin = proxy.running.as_ref().unwrap().admin_addr.unwrap();
+    let operator = pki.client("op", "spiffe://acme.test/ns/ops/sa/rotator");
+    let app = pki.client("app", "spiffe://acme.test/ns/billing/sa/api");
+    let call = |who: Option<&common::pki::Leaf>, method: Method, path: &'static str| {
+        https_send(
+            admin,
+            client_config(&ca, who),
+            method,
+            path,
+            &[],
+            bytes::Bytes::new(),
+        )
+    };
+    let r = call(None, Method::GET, "/v1/keys/users").await.unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    let r = call(Some(&app), Method::GET, "/v1/keys/users")
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    let r = call(Some(&operator), Method::GET, "/v1/keys/users")
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = call(Some(&operator), Method::POST, "/v1/keys/users/rotate")
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["current_version"], 2);
+    let line = proxy.audit_of("/v1/keys/users/rotate").await;
+    assert_eq!(line["principal"], "spiffe://acme.test/ns/ops/sa/rotator");
+    assert_eq!(line["outcome"], "ok");
+}
