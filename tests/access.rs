@@ -491,7 +491,7 @@ async fn quotas_answer_429_with_retry_after_and_forward_nothing() {
         "the refused write was not forwarded"
     );
     assert_eq!(proxy.state().metrics.denials_of("users", "-", "quota"), 1);
-    let line = proxy.audit_of("/tenants/acme/users").await;
+    let line = proxy.audit_for("/tenants/acme/users", 429).await;
     assert_eq!(line["status"], 429);
     assert_eq!(line["outcome"], "denied");
 }
@@ -562,7 +562,7 @@ actions = ["seal", "open"]
         .await;
     assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
     assert_eq!(w.json()["ssn"], "123-45-6789");
-    let line = proxy.audit_of("/tenants/acme/users").await;
+    let line = proxy.audit_for("/tenants/acme/users", 201).await;
     assert_eq!(line["basis"][0], format!("grant:{id}"), "{line}");
     assert!(!proxy.audit_text().contains(&token), "never the token");
     // The grant's constraint holds: another tenant's context is refused, token or not.

@@ -184,21 +184,26 @@ path = "{d}/audit.log"
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// The audit line of the last request to `path` (lines are written off the request
-    /// path: wait up to 2 s for it).
+    /// The newest audit line for `path` (lines are written off the request path: wait up to
+    /// 2 s for one). With several requests to one path, use [`audit_for`](Self::audit_for).
     pub async fn audit_of(&self, path: &str) -> Value {
+        self.audit_where(|l| l["path"] == path, path).await
+    }
+
+    /// The newest audit line for `path` with `status`.
+    pub async fn audit_for(&self, path: &str, status: u16) -> Value {
+        self.audit_where(|l| l["path"] == path && l["status"] == status, path)
+            .await
+    }
+
+    async fn audit_where(&self, found: impl Fn(&Value) -> bool, what: &str) -> Value {
         for _ in 0..100 {
-            if let Some(l) = self
-                .audit_lines()
-                .into_iter()
-                .rev()
-                .find(|l| l["path"] == path)
-            {
+            if let Some(l) = self.audit_lines().into_iter().rev().find(|l| found(l)) {
                 return l;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("no audit line for {path}")
+        panic!("no audit line for {what}")
     }
 
     pub fn audit_text(&self) -> String {
