@@ -131,6 +131,9 @@ enum PolicyAction {
         /// The principal's name (a SPIFFE id, a JWT subject, an S3 client identity, anonymous).
         #[arg(long)]
         principal: String,
+        /// How it authenticated: none, mtls, jwt, trusted-header, sigv4 (for `METHOD:` patterns).
+        #[arg(long, default_value = "none")]
+        auth: String,
         /// A principal attribute NAME=VALUE (repeatable).
         #[arg(long = "attribute", value_parser = parse_pair)]
         attributes: Vec<(String, String)>,
@@ -250,6 +253,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             action:
                 PolicyAction::Simulate {
                     principal,
+                    auth,
                     attributes,
                     claims,
                     key,
@@ -262,17 +266,37 @@ async fn run(cli: Cli) -> Result<(), String> {
                 KeyRef::parse(&key).ok_or_else(|| format!("{key:?} is not a key reference"))?;
             let action = config::Action::parse(&action)
                 .ok_or_else(|| format!("{action:?} is not an action"))?;
-            let mut p = crate::auth::Principal::new(principal, config::RouteAuth::None);
+            let method = [
+                config::RouteAuth::None,
+                config::RouteAuth::Mtls,
+                config::RouteAuth::Jwt,
+                config::RouteAuth::TrustedHeader,
+                config::RouteAuth::SigV4,
+            ]
+            .into_iter()
+            .find(|m| m.name() == auth)
+            .ok_or_else(|| format!("--auth {auth:?}: none, mtls, jwt, trusted-header or sigv4"))?;
+            let mut p = crate::auth::Principal::new(principal, method);
             p.attributes = attributes.into_iter().collect();
             p.claims = claims.into_iter().collect();
             let mut ctx = crate::envelope::Context::new();
             for (k, v) in context {
                 ctx.insert(k, v);
             }
-            // Grants count too: the grants file, read as the running proxy reads it.
-            let keyring = open_keyring(&cfg)?;
-            let grants = crate::policy::Grants::open(&cfg.access.grants, &keyring)
-                .map_err(|e| format!("grants: {e}"))?;
+            // Grants count too: the grants file, read as the running proxy reads it (its keys
+            // come from the keyring; without a keyring there are no grants, and nothing is
+            // created to find that out).
+            let grants = if cfg.keyring.path.exists() {
+                let keyring = open_keyring(&cfg)?;
+                crate::policy::Grants::open(&cfg.access.grants, &keyring)
+                    .map_err(|e| format!("grants: {e}"))?
+            } else {
+                eprintln!(
+                    "note: no keyring at {}: grants are not considered",
+                    cfg.keyring.path.display()
+                );
+                crate::policy::Grants::disabled()
+            };
             let policies = crate::policy::Policies::new(&cfg.access.key_policies, Arc::new(grants));
             match policies.evaluate(&p, &key, action, &ctx, &[]) {
                 crate::policy::Decision::Allow(basis) => {

@@ -214,7 +214,7 @@ impl Policies {
         let mut allowed_by = None;
         for s in &policy.statements {
             if !s.actions.contains(&action)
-                || !s.principals.iter().any(|p| glob_match(p, &principal.name))
+                || !s.principals.iter().any(|p| principal_matches(p, principal))
                 || !s.conditions.iter().all(|c| holds(c, principal, context))
             {
                 continue;
@@ -269,6 +269,29 @@ impl Policies {
         }
         Ok(out)
     }
+}
+
+/// A statement's principal pattern: a glob on the name, or `METHOD:glob` (`mtls:spiffe://…`,
+/// `jwt:alice`, `sigv4:app`, `trusted-header:…`, `none:anonymous`) to also require how the
+/// principal authenticated: where routes mix authenticators, a JWT whose `sub` is spelled like
+/// a SPIFFE id must not pass for the workload holding that certificate.
+fn principal_matches(pattern: &str, principal: &Principal) -> bool {
+    use crate::config::RouteAuth;
+    for method in [
+        RouteAuth::Mtls,
+        RouteAuth::Jwt,
+        RouteAuth::TrustedHeader,
+        RouteAuth::SigV4,
+        RouteAuth::None,
+    ] {
+        if let Some(rest) = pattern
+            .strip_prefix(method.name())
+            .and_then(|r| r.strip_prefix(':'))
+        {
+            return principal.method == method && glob_match(rest, &principal.name);
+        }
+    }
+    glob_match(pattern, &principal.name)
 }
 
 struct PrincipalLookup<'a>(&'a Principal);
@@ -422,6 +445,27 @@ conditions = { "context.tenant" = { like = "acme-*" }, "context.region" = { pres
         with_region.insert("region", "eu");
         assert!(matches!(
             p.decide(&pr, &k, Action::Open, &with_region, &[]),
+            Decision::Deny(_)
+        ));
+        // A method-qualified pattern: the same name from a JWT does not match.
+        let q = policies(
+            r#"
+[[key_policy]]
+key = "k"
+[[key_policy.statement]]
+effect = "allow"
+principals = ["mtls:spiffe://acme/*"]
+actions = ["open"]
+"#,
+        );
+        let cert = Arc::new(Principal::new("spiffe://acme/ns/a", RouteAuth::Mtls));
+        let token = Arc::new(Principal::new("spiffe://acme/ns/a", RouteAuth::Jwt));
+        assert!(matches!(
+            q.decide(&cert, &k, Action::Open, &ctx("x"), &[]),
+            Decision::Allow(_)
+        ));
+        assert!(matches!(
+            q.decide(&token, &k, Action::Open, &ctx("x"), &[]),
             Decision::Deny(_)
         ));
         let other = Arc::new(Principal::new(
