@@ -56,15 +56,18 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
+use hmac::{Hmac, KeyInit, Mac};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::gateway::{
@@ -74,7 +77,7 @@ use super::gateway::{
 };
 use super::listing::{self, Edit, Visit, XmlRewriteError, apply_edits, walk};
 use super::range::{self, RangeSpec, ResolvedRange};
-use super::{etag, xml_error};
+use super::{checksum, etag, xml_error};
 use crate::envelope::chunked::{self, HEADER_LEN, OpenError};
 use crate::envelope::stream::{Opener, Sealer};
 use crate::envelope::{Context, Header, binding};
@@ -184,8 +187,9 @@ fn bare_upload_id_refused() -> S3Error {
     S3Error::with_message(
         S3ErrorCode::InvalidArgument,
         "this upload id was not issued by the encrypting gateway (a bare upstream id, e.g. from \
-         ListMultipartUploads, only works for AbortMultipartUpload and ListParts): upload parts \
-         and complete with the id CreateMultipartUpload returned through the gateway",
+         ListMultipartUploads, works for ListParts, CompleteMultipartUpload and \
+         AbortMultipartUpload, but carries no data key): upload parts with the id \
+         CreateMultipartUpload returned through the gateway",
     )
 }
 
@@ -439,18 +443,156 @@ pub fn check_layout(sizes: &[u64]) -> Result<(), String> {
     Ok(())
 }
 
+/// S3's minimum size of every part but the last.
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+
+/// S3's size minimum, on the parts' plaintext sizes in order (what the client sent): every part
+/// but the last at least 5 MiB, else `400 EntityTooSmall` as S3 answers. Checked before the
+/// gateway's own layout rule, so a client sees the error S3 would give it.
+pub fn check_min_part_size(sizes: &[u64]) -> Result<(), S3Error> {
+    let Some((_, non_final)) = sizes.split_last() else {
+        return Ok(());
+    };
+    match non_final.iter().position(|&p| p < MIN_PART_SIZE) {
+        None => Ok(()),
+        Some(i) => {
+            let mut e = S3Error::with_message(
+                S3ErrorCode::EntityTooSmall,
+                format!(
+                    "Your proposed upload is smaller than the minimum allowed size: part {} \
+                     holds {} bytes, and every part but the last must hold at least {} bytes",
+                    i + 1,
+                    non_final[i],
+                    MIN_PART_SIZE
+                ),
+            );
+            e.set_status_code(StatusCode::BAD_REQUEST);
+            Err(e)
+        }
+    }
+}
+
+/// Sets the `<ETag>` of every `<Part>` of a CompleteMultipartUpload body to the ETag upstream
+/// lists for that part number (`etags`): the client names the gateway's part ETags (see
+/// [`part_etag`]), which upstream never saw. Parts without an `<ETag>` element or without a
+/// listed ETag are left as they are (upstream answers for them).
+fn set_part_etags(body: &[u8], etags: &BTreeMap<u64, String>) -> Result<Vec<u8>, XmlRewriteError> {
+    let mut edits = Vec::new();
+    let (mut number, mut etag_span) = (None::<u64>, None);
+    walk(body, |visit| {
+        match visit {
+            Visit::Leaf(leaf) if leaf.path.len() == 3 && leaf.path[1] == "Part" => {
+                match leaf.path[2].as_str() {
+                    "PartNumber" => number = leaf.text.trim().parse().ok(),
+                    "ETag" => etag_span = leaf.inner.clone(),
+                    _ => {}
+                }
+            }
+            Visit::Close { path } if path.len() == 2 && path[1] == "Part" => {
+                if let (Some(n), Some(span)) = (number.take(), etag_span.take())
+                    && let Some(stored) = etags.get(&n)
+                {
+                    edits.push(Edit {
+                        range: span,
+                        replacement: quick_xml::escape::escape(stored.as_str())
+                            .into_owned()
+                            .into_bytes(),
+                    });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(apply_edits(body, edits))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part ETags
+
+/// Label of the part-ETag key (FORMAT.md §9).
+const PART_ETAG_LABEL: &[u8] = b"envelope-proxy s3 part etag v1\0";
+
+/// The keyed MAC behind a part's ETag, before any plaintext: HMAC-SHA256 under
+/// `HMAC-SHA256(data key, label ‖ object id ‖ u64be(part number))`, a key bound to the upload
+/// (its data key and object id) and to the part number.
+pub fn part_etag_mac(
+    data_key: &[u8; 32],
+    object_id: &[u8; OBJECT_ID_LEN],
+    part: u64,
+) -> Result<Hmac<Sha256>, S3Error> {
+    let mut derive = <Hmac<Sha256> as KeyInit>::new_from_slice(data_key).map_err(internal)?;
+    derive.update(PART_ETAG_LABEL);
+    derive.update(object_id);
+    derive.update(&part.to_be_bytes());
+    let key = Zeroizing::new(<[u8; 32]>::from(derive.finalize().into_bytes()));
+    <Hmac<Sha256> as KeyInit>::new_from_slice(key.as_ref()).map_err(internal)
+}
+
+/// The ETag the client sees for a part: `"<hex of the first 16 MAC bytes>-0"`. The same
+/// plaintext sent again as the same part of the same upload gets the same ETag (as S3's MD5
+/// ETags do), though its sealing differs; it is marked like every 32-hex ETag the gateway
+/// answers with ([`etag::mark`]), so no client takes it for the content's MD5.
+pub fn part_etag(mac: Hmac<Sha256>) -> String {
+    let tag = mac.finalize().into_bytes();
+    format!("\"{}{}\"", hex::encode(&tag[..16]), etag::MARK)
+}
+
+/// What UploadPart learns from the plaintext as it streams to the sealer.
+struct PartTee {
+    mac: Option<Hmac<Sha256>>,
+    /// Computes the flexible checksum the client announced (verified by the sealing stream),
+    /// to answer with it as S3 does.
+    checksum: Option<checksum::Verifier>,
+    seen: u64,
+}
+
+impl PartTee {
+    fn update(&mut self, data: &[u8]) {
+        self.seen += data.len() as u64;
+        if let Some(m) = self.mac.as_mut() {
+            m.update(data);
+        }
+        if let Some(c) = self.checksum.as_mut() {
+            c.update(data);
+        }
+    }
+}
+
+/// A `CompleteMultipartUploadResult` document (values escaped).
+fn complete_result_xml(location: &str, bucket: &str, key: &str, etag_value: &str) -> Vec<u8> {
+    use quick_xml::escape::escape;
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<CompleteMultipartUploadResult \
+         xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Location>{}</Location>\
+         <Bucket>{}</Bucket><Key>{}</Key><ETag>{}</ETag></CompleteMultipartUploadResult>",
+        escape(location),
+        escape(bucket),
+        escape(key),
+        escape(etag_value)
+    )
+    .into_bytes()
+}
+
+/// A part as upstream stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StoredPart {
+    size: u64,
+    /// The upstream ETag, as listed (quotes included).
+    etag: Option<String>,
+}
+
 /// One page of an upstream ListParts answer.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct PartsPage {
-    /// (part number, stored size)
-    parts: Vec<(u64, u64)>,
+    parts: Vec<(u64, StoredPart)>,
     truncated: bool,
     next_marker: Option<String>,
 }
 
 fn parse_list_parts(body: &[u8]) -> Result<PartsPage, XmlRewriteError> {
     let mut page = PartsPage::default();
-    let (mut number, mut size) = (None::<u64>, None::<u64>);
+    let (mut number, mut size, mut etag) = (None::<u64>, None::<u64>, None::<String>);
     walk(body, |visit| {
         match visit {
             Visit::Leaf(leaf) if leaf.path.len() == 2 => match leaf.path[1].as_str() {
@@ -461,6 +603,7 @@ fn parse_list_parts(body: &[u8]) -> Result<PartsPage, XmlRewriteError> {
             Visit::Leaf(leaf) if leaf.path.len() == 3 && leaf.path[1] == "Part" => {
                 match leaf.path[2].as_str() {
                     "PartNumber" => number = leaf.text.trim().parse().ok(),
+                    "ETag" => etag = Some(leaf.text.trim().to_string()),
                     "Size" => {
                         size = Some(
                             leaf.text
@@ -473,8 +616,9 @@ fn parse_list_parts(body: &[u8]) -> Result<PartsPage, XmlRewriteError> {
                 }
             }
             Visit::Close { path } if path.len() == 2 && path[1] == "Part" => {
-                if let (Some(n), Some(s)) = (number.take(), size.take()) {
-                    page.parts.push((n, s));
+                let etag = etag.take();
+                if let (Some(n), Some(size)) = (number.take(), size.take()) {
+                    page.parts.push((n, StoredPart { size, etag }));
                 }
             }
             _ => {}
@@ -1057,7 +1201,7 @@ impl Ctx<'_> {
         .await
     }
 
-    pub(super) async fn upload_part(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+    pub(super) async fn upload_part(&self, mut req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         let query = req.uri.query().map(str::to_string);
         let id = parse_upload_id(&query_param(query.as_deref(), "uploadId").unwrap_or_default());
         let Some(sealed) = id.sealed else {
@@ -1094,18 +1238,72 @@ impl Ctx<'_> {
             "uploadId",
             &id.upstream,
         )))?;
+        // The plaintext also goes through the part-ETag MAC and, when the client named a
+        // checksum algorithm, a second hasher whose value the response carries (the sealing
+        // stream verifies the client's value and keeps it to itself).
+        let echo = match verifier.algorithm() {
+            Some(a) => {
+                let mut h = HeaderMap::new();
+                h.insert(
+                    "x-amz-sdk-checksum-algorithm",
+                    HeaderValue::from_static(a.name()),
+                );
+                Some(checksum::Verifier::from_headers(&h).map_err(internal)?)
+            }
+            None => None,
+        };
+        let tee = Arc::new(Mutex::new(PartTee {
+            mac: Some(part_etag_mac(data_key.expose(), &sealed.object_id, part)?),
+            checksum: echo,
+            seen: 0,
+        }));
+        let feed = tee.clone();
+        let input = std::mem::replace(&mut req.input, Body::empty()).inspect(move |item| {
+            if let Ok(bytes) = item {
+                feed.lock().unwrap_or_else(|p| p.into_inner()).update(bytes);
+            }
+        });
+        req.input = Body::http_body(http_body_util::StreamBody::new(
+            input.map_ok(hyper::body::Frame::data),
+        ));
         let resp = self
             .send_sealed(uri, headers, req, sealer, verifier, plain_len)
             .await?;
-        Ok(Self::forward(resp))
+        let mut out = Self::forward(resp);
+        if out.status.is_some_and(|s| s.is_success()) {
+            let mut t = tee.lock().unwrap_or_else(|p| p.into_inner());
+            // The upstream only commits a part once the sealer's final chunk went out, which
+            // follows the client's last byte: anything else is a bug, never a wrong ETag.
+            if t.seen != plain_len {
+                return Err(internal(
+                    "UploadPart answered before the whole part was read",
+                ));
+            }
+            let mac = t
+                .mac
+                .take()
+                .ok_or_else(|| internal("part ETag taken twice"))?;
+            out.headers.insert(
+                header::ETAG,
+                HeaderValue::from_str(&part_etag(mac)).map_err(internal)?,
+            );
+            if let Some(c) = t.checksum.take() {
+                let verified = c.finish(None).map_err(internal)?;
+                if let Some((name, value)) = verified.response_header() {
+                    out.headers
+                        .insert(name, HeaderValue::from_str(&value).map_err(internal)?);
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn complete_upload(&self, mut req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         let query = req.uri.query().map(str::to_string);
+        // A bare upstream id (from ListMultipartUploads) completes too: Complete seals nothing,
+        // and a read checks every part against the metadata Create stored, whichever id the
+        // client names here.
         let id = parse_upload_id(&query_param(query.as_deref(), "uploadId").unwrap_or_default());
-        if id.sealed.is_none() {
-            return Err(bare_upload_id_refused());
-        }
         let mut headers = req.headers.clone();
         // The client's total describes plaintext: checked here, not forwarded.
         let object_size = headers
@@ -1142,23 +1340,40 @@ impl Ctx<'_> {
         })?;
         check_part_numbers(&complete.part_numbers)?;
 
-        let stored = self.list_all_parts(&id.upstream).await?;
-        let mut sizes = Vec::with_capacity(complete.part_numbers.len());
+        let parts_count = complete.part_numbers.len();
+        let stored = match self.list_all_parts(&id.upstream).await {
+            Ok(stored) => stored,
+            // The upload is gone: a retried Complete of an upload that completed answers as
+            // S3 does, with the result again.
+            Err(e) if e.code() == &S3ErrorCode::NoSuchUpload => {
+                return self.completed_earlier(&req, &id, parts_count, e).await;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut sizes = Vec::with_capacity(parts_count);
+        let mut etags = BTreeMap::new();
         for n in &complete.part_numbers {
-            let stored_size = stored.get(n).ok_or_else(|| {
+            let part = stored.get(n).ok_or_else(|| {
                 S3Error::with_message(
                     S3ErrorCode::InvalidPart,
                     format!("part {n} has not been uploaded"),
                 )
             })?;
-            sizes.push(chunked::plaintext_len(*stored_size).ok_or_else(|| {
+            sizes.push(chunked::plaintext_len(part.size).ok_or_else(|| {
                 S3Error::with_message(
                     S3ErrorCode::InvalidPart,
                     format!("part {n} was not sealed by the encrypting gateway"),
                 )
             })?);
+            if let Some(e) = &part.etag {
+                etags.insert(*n, e.clone());
+            }
         }
+        check_min_part_size(&sizes)?;
         check_layout(&sizes).map_err(|why| S3Error::with_message(S3ErrorCode::InvalidPart, why))?;
+        // The client names the part ETags the gateway answered with; upstream gets its own
+        // ETags of the parts it holds under those numbers (FORMAT.md §9).
+        let body = set_part_etags(&complete.body, &etags).map_err(internal)?;
         let total: u64 = sizes.iter().sum();
         if let Some(claimed) = object_size
             && claimed != total
@@ -1169,10 +1384,7 @@ impl Ctx<'_> {
             ));
         }
 
-        headers.insert(
-            header::CONTENT_LENGTH,
-            HeaderValue::from(complete.body.len()),
-        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let uri = self.upstream_uri_with_query(Some(&with_query_param(
             query.as_deref(),
             "uploadId",
@@ -1183,9 +1395,17 @@ impl Ctx<'_> {
                 Method::POST,
                 uri,
                 headers,
-                crate::pipeline::full_body(Bytes::from(complete.body)),
+                crate::pipeline::full_body(Bytes::from(body)),
             )
             .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            // Another Complete of the same upload won the race.
+            let e = upstream_error(resp).await;
+            if e.code() == &S3ErrorCode::NoSuchUpload {
+                return self.completed_earlier(&req, &id, parts_count, e).await;
+            }
+            return Err(e);
+        }
         // 200 with <Error> inside is turned into an error by rewrite_xml. Upstream checksums
         // in the result would describe ciphertext.
         self.rewrite_xml(resp, |b| {
@@ -1195,8 +1415,69 @@ impl Ctx<'_> {
         .await
     }
 
-    /// Every part of an upload as upstream stores it: part number → stored size.
-    async fn list_all_parts(&self, upstream_id: &str) -> S3Result<BTreeMap<u64, u64>> {
+    /// The answer to a Complete whose upload is gone upstream (`gone`: the NoSuchUpload):
+    /// if the object at the key was completed from this upload, the
+    /// CompleteMultipartUploadResult again, as S3 answers a repeated Complete; otherwise
+    /// `gone`. "From this upload" is the object's metadata naming the upload id's object id
+    /// and envelope header, with as many parts as the request lists: a bare upstream id
+    /// carries neither, so its retry stays NoSuchUpload.
+    async fn completed_earlier(
+        &self,
+        req: &S3Request<Body>,
+        id: &UploadId,
+        parts_count: usize,
+        gone: S3Error,
+    ) -> S3Result<S3Response<Body>> {
+        let Some(sealed) = &id.sealed else {
+            return Err(gone);
+        };
+        let uri = self.upstream_uri_with_query(None)?;
+        let resp = self.send_empty(Method::HEAD, uri, HeaderMap::new()).await?;
+        if !resp.status().is_success() {
+            return Err(gone);
+        }
+        let h = resp.headers();
+        let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        let etag_value = get(header::ETAG.as_str()).map(str::to_string);
+        let ours = is_multipart(h)
+            && get(META_OBJECT_ID) == Some(hex::encode(sealed.object_id).as_str())
+            && get(META_ENVELOPE) == Some(URL_SAFE_NO_PAD.encode(&sealed.header_raw).as_str())
+            && etag_value.as_deref().and_then(etag::multipart_parts) == Some(parts_count as u64);
+        let (Some(etag_value), true) = (etag_value, ours) else {
+            return Err(gone);
+        };
+        let (Some(bucket), Some(key)) = (self.target.bucket.as_deref(), self.target.key.as_deref())
+        else {
+            return Err(gone);
+        };
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let location = format!(
+            "{}://{host}{}",
+            req.uri.scheme_str().unwrap_or("http"),
+            req.uri.path()
+        );
+        let body = complete_result_xml(&location, bucket, key, &etag_value);
+        let mut out = S3Response::new(Body::from(body.clone()));
+        out.status = Some(StatusCode::OK);
+        out.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/xml"),
+        );
+        out.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if let Some(v) = h.get("x-amz-version-id") {
+            out.headers
+                .insert(HeaderName::from_static("x-amz-version-id"), v.clone());
+        }
+        Ok(out)
+    }
+
+    /// Every part of an upload as upstream stores it, by part number.
+    async fn list_all_parts(&self, upstream_id: &str) -> S3Result<BTreeMap<u64, StoredPart>> {
         let mut parts = BTreeMap::new();
         let mut marker: Option<String> = None;
         // 10 000 parts at 1000 a page, plus slack for stores with smaller pages.
@@ -1643,7 +1924,22 @@ mod tests {
         assert_eq!(
             page,
             PartsPage {
-                parts: vec![(1, 100), (2, 200)],
+                parts: vec![
+                    (
+                        1,
+                        StoredPart {
+                            size: 100,
+                            etag: Some("\"x\"".into())
+                        }
+                    ),
+                    (
+                        2,
+                        StoredPart {
+                            size: 200,
+                            etag: None
+                        }
+                    )
+                ],
                 truncated: true,
                 next_marker: Some("2".into())
             }
@@ -1655,6 +1951,73 @@ mod tests {
                 .unwrap()
                 .contains("<UploadId>up-1.&lt;&amp;&gt;</UploadId>")
         );
+    }
+
+    #[test]
+    fn part_size_minimum_comes_first() {
+        let mib = 1 << 20;
+        assert!(check_min_part_size(&[5 * mib, 5 * mib, 1]).is_ok());
+        assert!(check_min_part_size(&[1]).is_ok());
+        assert!(check_min_part_size(&[]).is_ok());
+        let e = check_min_part_size(&[mib, 7]).unwrap_err();
+        assert_eq!(e.code(), &S3ErrorCode::EntityTooSmall);
+        assert_eq!(e.status_code(), Some(StatusCode::BAD_REQUEST));
+        // 1 MiB is a multiple of 16 KiB: the layout rule alone would accept it.
+        assert!(check_layout(&[mib, mib, 7]).is_ok());
+        assert!(check_min_part_size(&[5 * mib, 5 * mib - 1, 7]).is_err());
+    }
+
+    #[test]
+    fn complete_body_gets_upstream_etags() {
+        let body = br#"<CompleteMultipartUpload><Part><ETag>"aa-0"</ETag><PartNumber>1</PartNumber></Part>
+<Part><PartNumber>2</PartNumber><ETag>&quot;bb-0&quot;</ETag></Part><Part><PartNumber>3</PartNumber></Part>
+<Part><PartNumber>4</PartNumber><ETag>"dd"</ETag></Part></CompleteMultipartUpload>"#;
+        let etags = BTreeMap::from([
+            (1, "\"u1\"".to_string()),
+            (2, "\"u<2>\"".to_string()),
+            (3, "\"u3\"".to_string()),
+        ]);
+        let out = String::from_utf8(set_part_etags(body, &etags).unwrap()).unwrap();
+        assert!(
+            out.contains("<ETag>&quot;u1&quot;</ETag><PartNumber>1</PartNumber>"),
+            "{out}"
+        );
+        assert!(out.contains("<ETag>&quot;u&lt;2&gt;&quot;</ETag>"), "{out}");
+        assert!(!out.contains("u3"), "no ETag element to set: {out}");
+        assert!(out.contains("<ETag>\"dd\"</ETag>"), "no listed ETag: {out}");
+        assert!(set_part_etags(b"<CompleteMultipartUpload><Part>", &etags).is_err());
+    }
+
+    #[test]
+    fn part_etags_follow_the_plaintext() {
+        let etag_of = |key: &[u8; 32], oid: &[u8; 16], part: u64, chunks: &[&[u8]]| {
+            let mut m = part_etag_mac(key, oid, part).unwrap();
+            for c in chunks {
+                m.update(c);
+            }
+            part_etag(m)
+        };
+        let (k, oid) = ([1u8; 32], [2u8; 16]);
+        let e = etag_of(&k, &oid, 1, &[b"hello ", b"world"]);
+        assert!(etag::is_marked(&e), "{e}");
+        assert!(e.starts_with('"') && e.ends_with("-0\""), "{e}");
+        // Same bytes, framed differently: same ETag.
+        assert_eq!(e, etag_of(&k, &oid, 1, &[b"hello world"]));
+        // Anything else differs: the bytes, the part number, the upload's object id or key.
+        for other in [
+            etag_of(&k, &oid, 1, &[b"hello worlD"]),
+            etag_of(&k, &oid, 2, &[b"hello world"]),
+            etag_of(&k, &[3; 16], 1, &[b"hello world"]),
+            etag_of(&[4; 32], &oid, 1, &[b"hello world"]),
+        ] {
+            assert_ne!(e, other);
+        }
+        let xml = complete_result_xml("http://h/b/k&", "b", "a<b", "\"x-2\"");
+        let text = String::from_utf8(xml).unwrap();
+        assert!(
+            text.contains("<Key>a&lt;b</Key>") && text.contains("<ETag>&quot;x-2&quot;</ETag>")
+        );
+        assert!(text.contains("<Location>http://h/b/k&amp;</Location>"));
     }
 
     #[test]
