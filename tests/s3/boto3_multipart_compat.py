@@ -70,18 +70,20 @@ r = proxy.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up, Multipa
     {"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for p in listed]})
 check("complete with listed ETags reads back", proxy.get_object(Bucket=BUCKET, Key=key)["Body"].read() == p1 + p2)
 
-# --- A too-small non-last part is S3's 400 EntityTooSmall (before the gateway's layout rule).
-key = "too-small"
-up = proxy.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
-parts = parts_of(up, key, [os.urandom(MiB), os.urandom(10)])
-try:
-    proxy.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up, MultipartUpload={"Parts": parts})
-    check("1 MiB non-last part refused", False, "no error")
-except ClientError as e:
-    code, status = e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
-    check("1 MiB non-last part: EntityTooSmall 400", (code, status) == ("EntityTooSmall", 400), f"{code} {status}")
-check("refused upload stays", len(proxy.list_parts(Bucket=BUCKET, Key=key, UploadId=up)["Parts"]) == 2)
-proxy.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up)
+# --- A too-small non-last part is S3's 400 EntityTooSmall, checked before the gateway's layout
+# rule (1 000 000 bytes is no multiple of 16 KiB; 1 MiB is, and then storage refuses it too).
+for n, small in enumerate([1_000_000, MiB]):
+    key = f"too-small-{n}"
+    up = proxy.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+    parts = parts_of(up, key, [os.urandom(small), os.urandom(10)])
+    try:
+        proxy.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up, MultipartUpload={"Parts": parts})
+        check(f"{small}-byte non-last part refused", False, "no error")
+    except ClientError as e:
+        code, status = e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
+        check(f"{small}-byte non-last part: EntityTooSmall 400", (code, status) == ("EntityTooSmall", 400), f"{code} {status}")
+    check("refused upload stays", len(proxy.list_parts(Bucket=BUCKET, Key=key, UploadId=up)["Parts"]) == 2)
+    proxy.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up)
 
 # --- Ids from ListMultipartUploads complete and abort.
 body = os.urandom(5 * MiB)
