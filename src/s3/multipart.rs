@@ -21,18 +21,26 @@
 //!   stateless (any replica serves any request). A client that alters it only makes its own
 //!   object unreadable: reads trust the metadata set at Create, and the data key only unwraps
 //!   under the request's key context. Requests with `uploadId` are split back; a bare upstream
-//!   id (from ListMultipartUploads) is accepted by AbortMultipartUpload and ListParts only.
+//!   id (from ListMultipartUploads: storage cannot give the header back, so listings keep
+//!   upstream's ids) is accepted by ListParts, CompleteMultipartUpload and
+//!   AbortMultipartUpload, not by UploadPart, which needs the data key.
 //! - **UploadPart** seals the part as its own C2SP message (header, chunks, final chunk), with
 //!   the message context = the object context (key context + `ep:object`, and in format 2
 //!   `ep:bucket` + `ep:key` of the UploadPart request itself: a part sent for another key does
 //!   not open in the upload's object) + `ep:part` = the part number (decimal),
-//!   streamed exactly like PutObject ([`Ctx::send_sealed`]).
+//!   streamed exactly like PutObject ([`Ctx::send_sealed`]). Its answer carries the part ETag
+//!   [`part_etag`], a keyed MAC of the plaintext (the same bytes sent again as the same part get
+//!   the same ETag), and the flexible checksum the client named (`x-amz-checksum-*`, over the
+//!   plaintext), as S3 answers.
 //! - **CompleteMultipartUpload** requires parts numbered 1..N without gaps (a part is bound to
 //!   its number, which must be its position in the object), every non-final part of the same
 //!   plaintext size, a positive multiple of 16 KiB (checked with ListParts), so that sizes and
 //!   ranges are arithmetic: `C = P + 16·⌊P/16384⌋ + 72·N` (see
-//!   [`listing::multipart_plaintext_len`]). A refused Complete leaves the upload in place for
-//!   the client to abort or to fix.
+//!   [`listing::multipart_plaintext_len`]), after S3's own minimum (5 MiB but the last part:
+//!   `EntityTooSmall`). A refused Complete leaves the upload in place for the client to abort
+//!   or to fix. The client's `<ETag>`s are replaced by upstream's for the same part numbers.
+//!   A Complete whose upload is gone answers the result again when the object at the key was
+//!   completed from this upload (its object id and envelope header), as S3 does.
 //!
 //! # Reading
 //!
@@ -2001,6 +2009,8 @@ mod tests {
         let e = etag_of(&k, &oid, 1, &[b"hello ", b"world"]);
         assert!(etag::is_marked(&e), "{e}");
         assert!(e.starts_with('"') && e.ends_with("-0\""), "{e}");
+        // FORMAT.md §9, computed independently (Python's hmac).
+        assert_eq!(e, "\"003b1d6d1fb8a23661555d20865fa4e1-0\"");
         // Same bytes, framed differently: same ETag.
         assert_eq!(e, etag_of(&k, &oid, 1, &[b"hello world"]));
         // Anything else differs: the bytes, the part number, the upload's object id or key.
