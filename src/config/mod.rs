@@ -740,6 +740,10 @@ fn socket_addr(place: &str, s: &str, errors: &mut Vec<String>) -> Option<SocketA
     }
 }
 
+/// The longest `[server] unix_socket` path accepted: the kernel's 107 bytes less what binding
+/// in a private directory beside it adds (`/.xxxxxx/s` in place of the file name).
+pub const UNIX_SOCKET_MAX_LEN: usize = 96;
+
 fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, Option<RouteAuth>) {
     let auth = s.auth.as_deref().and_then(|a| match RouteAuth::parse(a) {
         Some(RouteAuth::SigV4) | None => {
@@ -783,6 +787,17 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
     };
     if s.unix_socket_mode.is_some() && s.unix_socket.is_none() {
         errors.push("server.unix_socket_mode: only with unix_socket".into());
+    }
+    if let Some(p) = &s.unix_socket {
+        // The kernel takes 107 bytes; the proxy binds first in a private directory beside the
+        // path (a few bytes longer), so that the socket is never open with the umask's mode.
+        let len = p.as_os_str().len();
+        if len == 0 || len > UNIX_SOCKET_MAX_LEN {
+            errors.push(format!(
+                "server.unix_socket: {} must be a path of 1 to {UNIX_SOCKET_MAX_LEN} bytes",
+                p.display()
+            ));
+        }
     }
     let settings = ServerSettings {
         unix_socket: s.unix_socket,
