@@ -181,14 +181,17 @@ async fn a_mesh_header_is_believed_over_the_socket_only() {
 
 /// A proxy with only a pass-through route (no keys), serving `socket` as well.
 fn socket_config(keys: &Path, socket: &Path, mode: &str) -> envelope_proxy::config::Config {
-    envelope_proxy::config::parse(&format!(
+    envelope_proxy::config::parse(&socket_config_text(keys, socket, mode)).unwrap()
+}
+
+fn socket_config_text(keys: &Path, socket: &Path, mode: &str) -> String {
+    format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\nunix_socket = \"{}\"\nunix_socket_mode = \"{mode}\"\n\
          [keyring]\npath = \"{d}/k.json\"\nmaster_key_file = \"{d}/m.key\"\n\
          [[route]]\nname = \"h\"\npath = \"/health\"\nupstream = \"http://127.0.0.1:9\"\npassthrough = true\n",
         socket.display(),
         d = keys.display()
-    ))
-    .unwrap()
+    )
 }
 
 /// Entries of `dir` other than `keep`: what binding left behind.
@@ -280,6 +283,41 @@ fn the_socket_settings_are_checked() {
         let e = parse(server).expect_err(server);
         assert!(e.contains(needle), "{server}: {e}");
     }
+}
+
+/// `listen` may be omitted for a socket-only sidecar: no TCP listener at all (on Kubernetes
+/// every container of the pod shares loopback; the socket's mode is then the only way in).
+#[tokio::test]
+async fn a_socket_only_sidecar_has_no_tcp_listener() {
+    let keys = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("proxy.sock");
+    let text = socket_config_text(keys.path(), &socket, "0600");
+    let only_socket = text.replace("listen = \"127.0.0.1:0\"\n", "");
+    assert_ne!(only_socket, text);
+    let config = envelope_proxy::config::parse(&only_socket).unwrap();
+    assert_eq!(config.server.listen, None);
+    // auth = "none" behind a unix socket is no network exposure: nothing to warn about.
+    assert_eq!(config.warnings(), Vec::<String>::new());
+    let running = envelope_proxy::server::start(config).await.unwrap();
+    assert_eq!(running.addr, None);
+    let r = unix_send(&socket, Method::GET, "/health", &[], "").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    running.stop().await;
+    assert!(!socket.exists());
+    // Neither a listener nor a socket: an error, not a proxy nobody can reach.
+    let neither = only_socket
+        .lines()
+        .filter(|l| !l.starts_with("unix_socket"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let e = envelope_proxy::config::parse(&neither)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("server.listen: required"), "{e}");
+    // A TCP listener beyond loopback still warns about the same route.
+    let wide = envelope_proxy::config::parse(&text.replace("127.0.0.1:0", "0.0.0.0:0")).unwrap();
+    assert_eq!(wide.warnings().len(), 1, "{:?}", wide.warnings());
 }
 
 /// A second proxy given the same path (a rolling restart gone wrong, a copy-pasted config)

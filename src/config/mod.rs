@@ -31,7 +31,8 @@ pub use template::{Source, Template};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileServer {
-    listen: String,
+    /// Optional when `unix_socket` is set (a socket-only sidecar).
+    listen: Option<String>,
     #[serde(default)]
     tls: Option<FileTls>,
     max_body_bytes: Option<u64>,
@@ -247,7 +248,8 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    pub listen: SocketAddr,
+    /// The TCP listener; `None` serves the unix socket only (`unix_socket` is then set).
+    pub listen: Option<SocketAddr>,
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Largest request body a transformed route accepts (default 1 MiB; bounds memory per request).
     pub max_body_bytes: u64,
@@ -455,16 +457,17 @@ impl Config {
     /// network policy), said out loud.
     pub fn warnings(&self) -> Vec<String> {
         let cfg = self;
-        if cfg.server.listen.ip().is_loopback() {
+        // The unix socket is no network exposure: only a TCP listener beyond loopback is.
+        let Some(listen) = cfg.server.listen.filter(|l| !l.ip().is_loopback()) else {
             return Vec::new();
-        }
+        };
         cfg.routes
         .iter()
         .filter(|r| r.auth == RouteAuth::None)
         .map(|r| {
             format!(
                 "route {:?} has auth = \"none\" and the listener {} is not a loopback address: anyone who can reach it acts as \"anonymous\"",
-                r.name, cfg.server.listen
+                r.name, listen
             )
         })
         .collect()
@@ -754,8 +757,15 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
         }
         some => some,
     });
-    let listen = socket_addr("server.listen", &s.listen, errors)
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let listen = match &s.listen {
+        Some(l) => socket_addr("server.listen", l, errors),
+        None => {
+            if s.unix_socket.is_none() {
+                errors.push("server.listen: required (unless unix_socket is set)".into());
+            }
+            None
+        }
+    };
     let positive = |place: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>| match v {
         Some(0) => {
             errors.push(format!("{place}: must be greater than 0"));

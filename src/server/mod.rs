@@ -32,7 +32,8 @@ use crate::pipeline::{self, AppState, ClientInfo, ProxyBody, UpstreamClient, ful
 
 /// A started proxy: its bound addresses and a handle to stop it.
 pub struct Running {
-    pub addr: SocketAddr,
+    /// The TCP listener's address (`None`: `[server] listen` omitted, the unix socket only).
+    pub addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub demo_store_addr: Option<SocketAddr>,
     /// The unix socket served beside `addr` (`[server] unix_socket`).
@@ -109,8 +110,15 @@ pub async fn start(config: Config) -> Result<Running, String> {
         None => None,
     };
 
-    let listener = bind(config.server.listen).await?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let listener = match config.server.listen {
+        Some(a) => {
+            let l = bind(a).await?;
+            let bound = l.local_addr().map_err(|e| e.to_string())?;
+            Some((l, bound))
+        }
+        None => None,
+    };
+    let addr = listener.as_ref().map(|(_, bound)| *bound);
     let admin = match &config.admin {
         Some(a) => Some((a.listen, admin_token(a)?, a.api_auth)),
         None => None,
@@ -210,9 +218,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
         }
         None => None,
     };
-    let st = state.clone();
-    tasks.push(tokio::spawn(accept_loop(listener, st, tls, shutdown_rx)));
-    tracing::info!(%addr, "envelope-proxy listening");
+    if let Some((listener, bound)) = listener {
+        let st = state.clone();
+        tasks.push(tokio::spawn(accept_loop(listener, st, tls, shutdown_rx)));
+        tracing::info!(addr = %bound, "envelope-proxy listening");
+    }
     Ok(Running {
         addr,
         admin_addr,
