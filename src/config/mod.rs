@@ -31,7 +31,8 @@ pub use template::{Source, Template};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileServer {
-    listen: String,
+    /// Optional when `unix_socket` is set (a socket-only sidecar).
+    listen: Option<String>,
     #[serde(default)]
     tls: Option<FileTls>,
     max_body_bytes: Option<u64>,
@@ -247,7 +248,8 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    pub listen: SocketAddr,
+    /// The TCP listener; `None` serves the unix socket only (`unix_socket` is then set).
+    pub listen: Option<SocketAddr>,
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Largest request body a transformed route accepts (default 1 MiB; bounds memory per request).
     pub max_body_bytes: u64,
@@ -455,16 +457,17 @@ impl Config {
     /// network policy), said out loud.
     pub fn warnings(&self) -> Vec<String> {
         let cfg = self;
-        if cfg.server.listen.ip().is_loopback() {
+        // The unix socket is no network exposure: only a TCP listener beyond loopback is.
+        let Some(listen) = cfg.server.listen.filter(|l| !l.ip().is_loopback()) else {
             return Vec::new();
-        }
+        };
         cfg.routes
         .iter()
         .filter(|r| r.auth == RouteAuth::None)
         .map(|r| {
             format!(
                 "route {:?} has auth = \"none\" and the listener {} is not a loopback address: anyone who can reach it acts as \"anonymous\"",
-                r.name, cfg.server.listen
+                r.name, listen
             )
         })
         .collect()
@@ -740,6 +743,10 @@ fn socket_addr(place: &str, s: &str, errors: &mut Vec<String>) -> Option<SocketA
     }
 }
 
+/// The longest `[server] unix_socket` path accepted: the kernel's 107 bytes less what binding
+/// in a private directory beside it adds (`/.xxxxxx/s` in place of the file name).
+pub const UNIX_SOCKET_MAX_LEN: usize = 96;
+
 fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, Option<RouteAuth>) {
     let auth = s.auth.as_deref().and_then(|a| match RouteAuth::parse(a) {
         Some(RouteAuth::SigV4) | None => {
@@ -750,8 +757,15 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
         }
         some => some,
     });
-    let listen = socket_addr("server.listen", &s.listen, errors)
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let listen = match &s.listen {
+        Some(l) => socket_addr("server.listen", l, errors),
+        None => {
+            if s.unix_socket.is_none() {
+                errors.push("server.listen: required (unless unix_socket is set)".into());
+            }
+            None
+        }
+    };
     let positive = |place: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>| match v {
         Some(0) => {
             errors.push(format!("{place}: must be greater than 0"));
@@ -783,6 +797,17 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
     };
     if s.unix_socket_mode.is_some() && s.unix_socket.is_none() {
         errors.push("server.unix_socket_mode: only with unix_socket".into());
+    }
+    if let Some(p) = &s.unix_socket {
+        // The kernel takes 107 bytes; the proxy binds first in a private directory beside the
+        // path (a few bytes longer), so that the socket is never open with the umask's mode.
+        let len = p.as_os_str().len();
+        if len == 0 || len > UNIX_SOCKET_MAX_LEN {
+            errors.push(format!(
+                "server.unix_socket: {} must be a path of 1 to {UNIX_SOCKET_MAX_LEN} bytes",
+                p.display()
+            ));
+        }
     }
     let settings = ServerSettings {
         unix_socket: s.unix_socket,

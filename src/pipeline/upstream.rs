@@ -452,4 +452,38 @@ mod tests {
         );
         assert!(h.get(header::LINK).is_none());
     }
+
+    /// A unix-socket caller has no address: X-Forwarded-For is not invented for it (an app's
+    /// own value passes unchanged); a TCP caller's address is appended.
+    #[test]
+    fn forwarded_for_names_tcp_callers_only() {
+        let forwarded = |unix: bool, given: Option<&str>| {
+            let mut req = http::Request::builder().uri("/tenants/a/users/1");
+            if let Some(v) = given {
+                req = req.header("x-forwarded-for", v);
+            }
+            let (parts, ()) = req.body(()).unwrap().into_parts();
+            let client = ClientInfo {
+                addr: "192.0.2.7:4711".parse().unwrap(),
+                tls: false,
+                peer_certs: None,
+                unix,
+            };
+            let body = crate::pipeline::full_body(bytes::Bytes::new());
+            let req = request(&upstream(""), &parts, body, client, None).unwrap();
+            req.headers()
+                .get("x-forwarded-for")
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(forwarded(false, None).as_deref(), Some("192.0.2.7"));
+        assert_eq!(
+            forwarded(false, Some("10.1.1.1")).as_deref(),
+            Some("10.1.1.1, 192.0.2.7")
+        );
+        assert_eq!(forwarded(true, None), None);
+        assert_eq!(
+            forwarded(true, Some("10.1.1.1")).as_deref(),
+            Some("10.1.1.1")
+        );
+    }
 }

@@ -32,7 +32,8 @@ use crate::pipeline::{self, AppState, ClientInfo, ProxyBody, UpstreamClient, ful
 
 /// A started proxy: its bound addresses and a handle to stop it.
 pub struct Running {
-    pub addr: SocketAddr,
+    /// The TCP listener's address (`None`: `[server] listen` omitted, the unix socket only).
+    pub addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub demo_store_addr: Option<SocketAddr>,
     /// The unix socket served beside `addr` (`[server] unix_socket`).
@@ -109,8 +110,15 @@ pub async fn start(config: Config) -> Result<Running, String> {
         None => None,
     };
 
-    let listener = bind(config.server.listen).await?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let listener = match config.server.listen {
+        Some(a) => {
+            let l = bind(a).await?;
+            let bound = l.local_addr().map_err(|e| e.to_string())?;
+            Some((l, bound))
+        }
+        None => None,
+    };
+    let addr = listener.as_ref().map(|(_, bound)| *bound);
     let admin = match &config.admin {
         Some(a) => Some((a.listen, admin_token(a)?, a.api_auth)),
         None => None,
@@ -197,10 +205,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
 
     let unix_socket = match &state.config.server.unix_socket {
         Some(path) => {
-            let l = bind_unix(path, state.config.server.unix_socket_mode)?;
+            let (l, file) = bind_unix(path, state.config.server.unix_socket_mode).await?;
             tasks.push(tokio::spawn(accept_unix(
                 l,
                 path.clone(),
+                file,
                 state.clone(),
                 shutdown_rx.clone(),
             )));
@@ -209,9 +218,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
         }
         None => None,
     };
-    let st = state.clone();
-    tasks.push(tokio::spawn(accept_loop(listener, st, tls, shutdown_rx)));
-    tracing::info!(%addr, "envelope-proxy listening");
+    if let Some((listener, bound)) = listener {
+        let st = state.clone();
+        tasks.push(tokio::spawn(accept_loop(listener, st, tls, shutdown_rx)));
+        tracing::info!(addr = %bound, "envelope-proxy listening");
+    }
     Ok(Running {
         addr,
         admin_addr,
@@ -396,34 +407,123 @@ pub fn client_info<IO>(
     }
 }
 
-/// Bind the unix socket: a stale socket (a crashed process's) is replaced, anything else at
-/// the path is an error; the socket gets `mode` before anyone can connect through a wider one
-/// (it is created inside the process's umask, then narrowed or widened to `mode`).
-fn bind_unix(path: &std::path::Path, mode: u32) -> Result<tokio::net::UnixListener, String> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+/// The unix socket's file as bound: its device and inode, so that stopping removes it only
+/// while the path still names it (not a socket another process has put there since).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketFile {
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn of(m: &std::fs::Metadata) -> SocketFile {
+        use std::os::unix::fs::MetadataExt;
+        SocketFile {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+
+    fn remove_if_ours(self, path: &std::path::Path) {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| SocketFile::of(&m) == self) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Bind the unix socket at `path` with permissions `mode`.
+///
+/// - A socket nobody serves any more (a crashed process's: connecting is refused) is replaced;
+///   one that answers belongs to a running process and is left alone (start fails); anything
+///   else at the path (a file, a directory, a symbolic link) is never removed (start fails).
+/// - The socket is bound in a fresh private directory (0700) beside the path, given `mode`
+///   there, then hard-linked into place: nobody can connect while it still has the umask's
+///   permissions, and the link fails rather than replaces if something appeared at the path
+///   meanwhile. The private directory goes whatever happens.
+async fn bind_unix(
+    path: &std::path::Path,
+    mode: u32,
+) -> Result<(tokio::net::UnixListener, SocketFile), String> {
+    use std::io::ErrorKind;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    let shown = path.display();
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .map_err(|e| format!("{}: cannot replace the stale socket: {e}", path.display()))?,
+        Ok(m) if m.file_type().is_socket() => {
+            let probe = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::UnixStream::connect(path),
+            )
+            .await;
+            match probe {
+                Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)
+                        .map_err(|e| format!("{shown}: cannot replace the stale socket: {e}"))?;
+                }
+                Ok(Ok(_)) => {
+                    return Err(format!(
+                        "{shown}: in use by a running process (another proxy?); refusing to take it over"
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(format!(
+                        "{shown}: cannot tell whether the socket there is in use ({e}); refusing to replace it"
+                    ));
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "{shown}: the socket there does not answer in time; refusing to replace it"
+                    ));
+                }
+            }
+        }
         Ok(_) => {
             return Err(format!(
-                "{}: exists and is not a socket; refusing to replace it",
-                path.display()
+                "{shown}: exists and is not a socket; refusing to replace it"
             ));
         }
-        Err(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{shown}: {e}")),
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(listener)
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let mut name = [0u8; 3];
+    getrandom::fill(&mut name).map_err(|e| format!("{shown}: no randomness: {e}"))?;
+    let private = parent.join(format!(".{}", hex::encode(name)));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| format!("cannot listen on {shown}: {}: {e}", private.display()))?;
+    let bound = private.join("s");
+    let result = (|| {
+        let listener = tokio::net::UnixListener::bind(&bound)
+            .map_err(|e| format!("cannot listen on {shown}: {e}"))?;
+        std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{shown}: cannot set its mode: {e}"))?;
+        std::fs::hard_link(&bound, path).map_err(|e| match e.kind() {
+            ErrorKind::AlreadyExists => {
+                format!("{shown}: appeared while the proxy was starting; refusing to replace it")
+            }
+            _ => format!("cannot listen on {shown}: {e}"),
+        })?;
+        let file = std::fs::symlink_metadata(path)
+            .map(|m| SocketFile::of(&m))
+            .map_err(|e| format!("{shown}: {e}"))?;
+        Ok((listener, file))
+    })();
+    let _ = std::fs::remove_file(&bound);
+    let _ = std::fs::remove_dir(&private);
+    result
 }
 
 /// The unix-socket listener: the same service, every caller labelled `unix` (trusted as a
-/// local process: `trusted-header` believes its header; its audit lines say `unix`).
+/// local process: `trusted-header` believes its header; its audit lines say `unix`). Stopping
+/// removes the socket file (if the path still names it) before waiting for in-flight requests.
 async fn accept_unix(
     listener: tokio::net::UnixListener,
     path: std::path::PathBuf,
+    file: SocketFile,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -440,6 +540,7 @@ async fn accept_unix(
             },
             _ = shutdown.changed() => break,
         };
+        // `addr` is a placeholder that nothing reads when `unix` is set (see `ClientInfo`).
         let client = ClientInfo {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: false,
@@ -458,7 +559,7 @@ async fn accept_unix(
         });
     }
     drop(listener);
-    let _ = std::fs::remove_file(&path);
+    file.remove_if_ours(&path);
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 

@@ -152,7 +152,7 @@ path = "{d}/audit.log"
         let config = envelope_proxy::config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
         let running = envelope_proxy::server::start(config).await.unwrap();
         Proxy {
-            addr: running.addr,
+            addr: running.addr.expect("the test proxy listens on TCP"),
             running: Some(running),
             dir,
             config_path,
