@@ -205,6 +205,7 @@ struct FileS3 {
     clear_metadata: Option<String>,
     #[serde(default)]
     refuse_unbound_objects: bool,
+    upstream_checksum: Option<bool>,
     upstream_access_key_id_env: Option<String>,
     upstream_access_key_id_file: Option<PathBuf>,
     upstream_secret_access_key_env: Option<String>,
@@ -383,6 +384,10 @@ pub struct S3RouteConfig {
     /// Refuse legacy (v1) objects, not bound to their bucket and key (FORMAT.md §9), instead of
     /// serving them counted in `envelope_proxy_unbound_object_reads_total`.
     pub refuse_unbound_objects: bool,
+    /// Sealed uploads go upstream aws-chunked with a trailing CRC32 of the ciphertext (default
+    /// true): the storage verifies what it stores, and Object Lock buckets accept the write.
+    /// `false` for a store that does not take aws-chunked uploads.
+    pub upstream_checksum: bool,
     pub upstream_access_key_id: SecretSource,
     pub upstream_secret_access_key: SecretSource,
     pub clients: Vec<S3ClientConfig>,
@@ -1132,6 +1137,7 @@ struct ResolvedS3 {
     path_style_hosts: Vec<String>,
     clear_metadata: ClearMetadata,
     refuse_unbound_objects: bool,
+    upstream_checksum: bool,
     ak: SecretSource,
     sk: SecretSource,
     clients: Vec<S3ClientConfig>,
@@ -1230,6 +1236,7 @@ fn resolve_s3(place: &str, s3: FileS3, errors: &mut Vec<String>) -> Option<Resol
         path_style_hosts: s3.path_style_hosts,
         clear_metadata,
         refuse_unbound_objects: s3.refuse_unbound_objects,
+        upstream_checksum: s3.upstream_checksum.unwrap_or(true),
         ak: ak?,
         sk: sk?,
         clients,
@@ -1457,6 +1464,7 @@ fn resolve_route(
                         path_style_hosts: s3.path_style_hosts,
                         clear_metadata: s3.clear_metadata,
                         refuse_unbound_objects: s3.refuse_unbound_objects,
+                        upstream_checksum: s3.upstream_checksum,
                         upstream_access_key_id: s3.ak,
                         upstream_secret_access_key: s3.sk,
                         clients: s3.clients,

@@ -96,6 +96,17 @@ where
         .position(|r| r.name == route.name)
         .unwrap_or(0);
     let (mut parts, body) = req.into_parts();
+    if let crate::config::RouteKind::S3(cfg) = &route.kind
+        && let Some(e) = crate::s3::preauth::prepare(&mut parts, cfg)
+    {
+        let mut r = Response::new(full_body(Bytes::from(e.to_xml())));
+        *r.status_mut() = e.status;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/xml"),
+        );
+        return r;
+    }
     parts.extensions.insert(crate::s3::gateway::RequestInfo {
         state: state.clone(),
         route: index,

@@ -361,6 +361,19 @@ impl Verifier {
     }
 
     /// True if there is nothing to verify or compute (no checksum headers at all).
+    /// The flexible checksum the client sent as a request header: algorithm and base64 value,
+    /// known before the body (so it can be stored with the object once verified).
+    pub fn announced(&self) -> Option<(Algorithm, String)> {
+        match &self.flexible {
+            Some(Flexible {
+                algorithm,
+                expected: Expected::Header(v),
+                ..
+            }) => Some((*algorithm, STANDARD.encode(v))),
+            _ => None,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.md5.is_none() && self.flexible.is_none()
     }

@@ -143,7 +143,12 @@ impl Ctx<'_> {
                 return self.copy_reencrypting(req, &source, replace).await;
             }
             if replace {
-                for name in [META_ENVELOPE, META_OBJECT_ID, META_FORMAT] {
+                for name in [
+                    META_ENVELOPE,
+                    META_OBJECT_ID,
+                    META_FORMAT,
+                    super::stored_checksum::META_CHECKSUM,
+                ] {
                     if let Some(v) = head.headers().get(name) {
                         headers.insert(HeaderName::from_static(name), v.clone());
                     }

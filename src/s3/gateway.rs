@@ -30,7 +30,7 @@ use s3s::route::S3Route;
 use s3s::{Body, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
 
 use super::sign::{UpstreamCredentials, sign_request};
-use super::{checksum, etag, guard, listing, range};
+use super::{checksum, etag, guard, listing, range, stored_checksum, upstream_body};
 use crate::config::template::{Lookup, Source};
 use crate::config::{Route, RouteKind, S3RouteConfig};
 use crate::envelope::chunked;
@@ -161,6 +161,26 @@ impl S3Route for GatewayRoute {
         true
     }
 
+    /// Every request must be signed, except a CORS preflight (answered by the storage as S3
+    /// answers it, see [`GatewayRoute::preflight`]). Anonymous requests are refused as S3
+    /// refuses them on a private bucket: the gateway must know the client to choose the key
+    /// and the context.
+    async fn check_access(&self, req: &mut S3Request<Body>) -> S3Result<()> {
+        if req.credentials.is_some() || is_cors_preflight(&req.method, &req.headers) {
+            Ok(())
+        } else {
+            if let Some(info) = req.extensions.get::<RequestInfo>()
+                && let Ok(mut o) = info.outcome.lock()
+            {
+                o.denied = Some("anonymous (unsigned) request".into());
+            }
+            Err(S3Error::with_message(
+                S3ErrorCode::AccessDenied,
+                "Access Denied: the encrypting gateway serves signed requests only",
+            ))
+        }
+    }
+
     async fn call(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         let info = req
             .extensions
@@ -171,6 +191,9 @@ impl S3Route for GatewayRoute {
         let RouteKind::S3(cfg) = &route.kind else {
             return Err(s3_error!(InternalError, "not an S3 route"));
         };
+        if req.credentials.is_none() && is_cors_preflight(&req.method, &req.headers) {
+            return self.preflight(&info, route, &req).await;
+        }
         // 2. Identity: the client s3s verified by its access key.
         let principal = req
             .credentials
@@ -183,18 +206,7 @@ impl S3Route for GatewayRoute {
         }
         guard::check_signed_headers(&req.method, &req.uri, &req.headers)?;
         let target = self.locate(&req)?;
-        // Routes are chosen by path; a virtual-host request's bucket is not in its path. The
-        // route serving it must be the one its path-style form selects, or a Host would let
-        // a client reach another route's buckets with this route's keys and credentials.
-        match crate::pipeline::route::select(&info.state.config.routes, &target.upstream_path) {
-            Ok((r, _)) if std::ptr::eq(r, route) => {}
-            _ => {
-                return Err(S3Error::with_message(
-                    S3ErrorCode::AccessDenied,
-                    "this bucket is not served by the route the request reached",
-                ));
-            }
-        }
+        check_route(&info, route, &target)?;
         let mut req = req;
         let grant_tokens = crate::pipeline::authorize::take_grant_tokens(&mut req.headers);
         let ctx = Ctx {
@@ -248,6 +260,7 @@ impl S3Route for GatewayRoute {
             Op::CopyObject => ctx.copy_object(req).await,
             Op::ListObjects => ctx.listing(req).await,
             Op::Multipart => ctx.multipart(req).await,
+            Op::ObjectAttributes => ctx.object_attributes(req).await,
             Op::Other => ctx.passthrough(req).await,
             Op::Refused => Err(S3Error::with_message(
                 S3ErrorCode::NotImplemented,
@@ -257,6 +270,35 @@ impl S3Route for GatewayRoute {
     }
 }
 
+/// Routes are chosen by path; a virtual-host request's bucket is not in its path. The route
+/// serving it must be the one its path-style form selects, or a Host would let a client reach
+/// another route's buckets with this route's keys and credentials.
+fn check_route(info: &RequestInfo, route: &Route, target: &Target) -> S3Result<()> {
+    match crate::pipeline::route::select(&info.state.config.routes, &target.upstream_path) {
+        Ok((r, _)) if std::ptr::eq(r, route) => Ok(()),
+        _ => Err(S3Error::with_message(
+            S3ErrorCode::AccessDenied,
+            "this bucket is not served by the route the request reached",
+        )),
+    }
+}
+
+/// A CORS preflight: an `OPTIONS` naming the origin and the method to come. Browsers send it
+/// without credentials (before a presigned upload, say); S3 answers it from the bucket's CORS
+/// configuration, unauthenticated.
+fn is_cors_preflight(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::OPTIONS
+        && headers.contains_key(header::ORIGIN)
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// The headers of a preflight that reach storage: the CORS request headers, nothing else.
+const PREFLIGHT_HEADERS: [HeaderName; 3] = [
+    header::ORIGIN,
+    header::ACCESS_CONTROL_REQUEST_METHOD,
+    header::ACCESS_CONTROL_REQUEST_HEADERS,
+];
+
 /// Bucket and key of a request, and the raw (still percent-encoded) path to send upstream.
 pub(super) struct Target {
     pub(super) bucket: Option<String>,
@@ -265,6 +307,40 @@ pub(super) struct Target {
 }
 
 impl GatewayRoute {
+    /// Answer a CORS preflight as the storage does: the request goes upstream unsigned with its
+    /// CORS headers only (no body, no query: nothing in it reads or writes data), and the
+    /// storage's answer comes back. It names no principal and uses no key.
+    async fn preflight(
+        &self,
+        info: &RequestInfo,
+        route: &Route,
+        req: &S3Request<Body>,
+    ) -> S3Result<S3Response<Body>> {
+        let target = self.locate(req)?;
+        check_route(info, route, &target)?;
+        let uri = http::Uri::builder()
+            .scheme(route.upstream.scheme.clone())
+            .authority(route.upstream.authority.clone())
+            .path_and_query(format!(
+                "{}{}",
+                route.upstream.base_path, target.upstream_path
+            ))
+            .build()
+            .map_err(|_| s3_error!(InvalidURI))?;
+        let mut up = http::Request::new(crate::pipeline::full_body(Bytes::new()));
+        *up.method_mut() = Method::OPTIONS;
+        *up.uri_mut() = uri;
+        for h in PREFLIGHT_HEADERS {
+            for v in req.headers.get_all(&h) {
+                up.headers_mut().append(h.clone(), v.clone());
+            }
+        }
+        let resp = info.state.upstream.send(up).await.map_err(|e| {
+            S3Error::with_message(S3ErrorCode::ServiceUnavailable, format!("upstream: {e}"))
+        })?;
+        Ok(Ctx::forward(resp))
+    }
+
     fn locate(&self, req: &S3Request<Body>) -> S3Result<Target> {
         let raw_path = req.uri.path();
         let host = req
@@ -315,6 +391,8 @@ enum Op {
     CopyObject,
     ListObjects,
     Multipart,
+    /// GetObjectAttributes: answered as HEAD is ([`super::attributes`]).
+    ObjectAttributes,
     Other,
     /// An object request the gateway cannot handle without risking plaintext at rest.
     Refused,
@@ -364,6 +442,9 @@ impl Op {
         if has_key {
             if has("uploads") || has("uploadId") {
                 return Op::Multipart;
+            }
+            if has("attributes") && *method == Method::GET {
+                return Op::ObjectAttributes;
             }
             if let Some(sub) = OBJECT_SUBRESOURCES.iter().find(|s| has(s)) {
                 return if subresource_allowed(method, sub) {
@@ -864,17 +945,34 @@ impl Ctx<'_> {
             HeaderValue::from_str(&object_id).map_err(internal)?,
         );
         set_format_marker(&mut headers, ObjectFormat::Bound);
+        // A checksum known before the body is kept with the object (sealed): GET and HEAD
+        // with ChecksumMode return it. The upload fails if it does not match the body.
+        if let Some((algorithm, value)) = verifier.announced() {
+            let sealed = stored_checksum::seal(
+                sealing.data_key.expose(),
+                &env_header,
+                &msg_ctx,
+                algorithm,
+                &value,
+            );
+            headers.insert(
+                HeaderName::from_static(stored_checksum::META_CHECKSUM),
+                HeaderValue::from_str(&sealed).map_err(internal)?,
+            );
+        }
         let uri = self.upstream_uri(&req.uri)?;
-        let resp = self
+        let (resp, verified) = self
             .send_sealed(uri, headers, req, sealer, verifier, plain_len)
             .await?;
-        Ok(Self::forward(resp))
+        Self::forward_upload(resp, &verified)
     }
 
     /// PUT the request's body upstream sealed by `sealer` (PutObject, UploadPart), with
     /// `Content-Length` set to the sealed size. The final chunk only goes out once the client's
     /// body ended with `plain_len` bytes and every checksum and trailer verified; otherwise the
-    /// upstream request is aborted (nothing is committed) and the reason is returned.
+    /// upstream request is aborted (nothing is committed) and the reason is returned. With the
+    /// upstream answer comes what was verified, for the client's answer: S3 echoes the
+    /// flexible checksum (`x-amz-checksum-*`) of what it stored.
     pub(super) async fn send_sealed(
         &self,
         uri: http::Uri,
@@ -883,12 +981,10 @@ impl Ctx<'_> {
         sealer: Sealer,
         verifier: checksum::Verifier,
         plain_len: u64,
-    ) -> S3Result<http::Response<hyper::body::Incoming>> {
-        headers.insert(
-            header::CONTENT_LENGTH,
-            HeaderValue::from(chunked::ciphertext_len(plain_len)),
-        );
+    ) -> S3Result<(http::Response<hyper::body::Incoming>, checksum::Verified)> {
+        let sealed_len = chunked::ciphertext_len(plain_len);
         let failure = Arc::new(Mutex::new(None::<S3Error>));
+        let verified = Arc::new(Mutex::new(None));
         let body = seal_stream(
             req.input,
             sealer,
@@ -896,15 +992,46 @@ impl Ctx<'_> {
             plain_len,
             req.trailing_headers,
             failure.clone(),
+            verified.clone(),
         );
-        let result = self
-            .send(Method::PUT, uri, headers, boxed_stream(body))
-            .await;
+        let body = if self.cfg.upstream_checksum {
+            // The storage checks a CRC32 of what it stores (and Object Lock buckets require it).
+            upstream_body::set_headers(&mut headers, sealed_len);
+            boxed_stream(upstream_body::encode(body))
+        } else {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(sealed_len));
+            boxed_stream(body)
+        };
+        let result = self.send(Method::PUT, uri, headers, body).await;
         if let Some(e) = failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // The body was refused before its last chunk: nothing was committed upstream.
             return Err(e);
         }
-        result
+        let resp = result?;
+        let verified = verified.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match verified {
+            Some(v) => Ok((resp, v)),
+            // Upstream answered before the sealed body ended: an error of its own (which the
+            // client gets as it is); a success here would be a bug.
+            None if !resp.status().is_success() => Ok((resp, checksum::Verified::default())),
+            None => Err(internal("upstream accepted an upload before its end")),
+        }
+    }
+
+    /// The upstream answer to a sealed upload, for the client: with the verified flexible
+    /// checksum as S3 echoes it.
+    pub(super) fn forward_upload(
+        resp: http::Response<hyper::body::Incoming>,
+        verified: &checksum::Verified,
+    ) -> S3Result<S3Response<Body>> {
+        let mut out = Self::forward(resp);
+        if out.status.is_some_and(|s| s.is_success())
+            && let Some((name, value)) = verified.response_header()
+        {
+            out.headers
+                .insert(name, HeaderValue::from_str(&value).map_err(internal)?);
+        }
+        Ok(out)
     }
 
     pub(super) async fn get_object(
@@ -1060,9 +1187,32 @@ impl Ctx<'_> {
             .map_err(|_| decrypt_error("bad envelope metadata length"))?;
         let msg_ctx = self.object_context(format, &key_ctx, &object_id)?;
         let bind = binding(&raw[..used], &msg_ctx);
+        // The client's checksum of the whole object, when it asked for it (and one is kept).
+        let whole = requested.is_none() && part.is_none();
+        let checksum = match resp.headers().get(stored_checksum::META_CHECKSUM) {
+            Some(v) if whole && stored_checksum::requested(&req.headers) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| {
+                        stored_checksum::open(data_key.expose(), &raw[..used], &msg_ctx, v)
+                    })
+                    .ok_or_else(|| decrypt_error("the stored checksum does not open"))?,
+            ),
+            _ => None,
+        };
 
         let (mut parts, body) = resp.into_parts();
         clean_response_headers(&mut parts.headers);
+        if let Some((algorithm, value)) = checksum {
+            parts.headers.insert(
+                HeaderName::from_static(algorithm.header_name()),
+                HeaderValue::from_str(&value).map_err(internal)?,
+            );
+            parts.headers.insert(
+                HeaderName::from_static("x-amz-checksum-type"),
+                HeaderValue::from_static("FULL_OBJECT"),
+            );
+        }
         parts
             .headers
             .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -1337,6 +1487,7 @@ fn seal_stream(
     expected: u64,
     trailers: Option<s3s::TrailingHeaders>,
     failure: Arc<Mutex<Option<S3Error>>>,
+    verified: Arc<Mutex<Option<checksum::Verified>>>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static {
     struct State {
         input: Body,
@@ -1346,6 +1497,7 @@ fn seal_stream(
         seen: u64,
         trailers: Option<s3s::TrailingHeaders>,
         failure: Arc<Mutex<Option<S3Error>>>,
+        verified: Arc<Mutex<Option<checksum::Verified>>>,
         started: bool,
     }
     impl State {
@@ -1364,6 +1516,7 @@ fn seal_stream(
         seen: 0,
         trailers,
         failure,
+        verified,
         started: false,
     };
     futures_util::stream::unfold(state, |mut st| async move {
@@ -1404,13 +1557,19 @@ fn seal_stream(
                         return st.fail(s3_error!(IncompleteBody));
                     }
                     let trailers = st.trailers.take().and_then(|t| t.take());
-                    if let Some(v) = st.verifier.take()
-                        && let Err(e) = v.finish(trailers.as_ref())
-                    {
-                        return st.fail(S3Error::with_message(
-                            e.s3_code().parse().unwrap_or(S3ErrorCode::BadDigest),
-                            e.to_string(),
-                        ));
+                    if let Some(v) = st.verifier.take() {
+                        match v.finish(trailers.as_ref()) {
+                            Ok(verified) => {
+                                *st.verified.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(verified);
+                            }
+                            Err(e) => {
+                                return st.fail(S3Error::with_message(
+                                    e.s3_code().parse().unwrap_or(S3ErrorCode::BadDigest),
+                                    e.to_string(),
+                                ));
+                            }
+                        }
                     }
                     let sealer = st.sealer.take()?;
                     let mut out = Vec::with_capacity(sealer.output_bound(0));

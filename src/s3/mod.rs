@@ -1,3 +1,4 @@
+pub mod attributes;
 pub mod checksum;
 pub mod copy;
 pub mod etag;
@@ -6,6 +7,9 @@ mod guard;
 pub mod listing;
 pub mod multipart;
 pub mod offline;
+pub mod preauth;
 pub mod range;
 pub mod sign;
+pub mod stored_checksum;
+pub mod upstream_body;
 pub mod xml_error;

@@ -85,7 +85,7 @@ use super::gateway::{
 };
 use super::listing::{self, Edit, Visit, XmlRewriteError, apply_edits, walk};
 use super::range::{self, RangeSpec, ResolvedRange};
-use super::{checksum, etag, xml_error};
+use super::{etag, xml_error};
 use crate::envelope::chunked::{self, HEADER_LEN, OpenError};
 use crate::envelope::stream::{Opener, Sealer};
 use crate::envelope::{Context, Header, binding};
@@ -549,9 +549,6 @@ pub fn part_etag(mac: Hmac<Sha256>) -> String {
 /// What UploadPart learns from the plaintext as it streams to the sealer.
 struct PartTee {
     mac: Option<Hmac<Sha256>>,
-    /// Computes the flexible checksum the client announced (verified by the sealing stream),
-    /// to answer with it as S3 does.
-    checksum: Option<checksum::Verifier>,
     seen: u64,
 }
 
@@ -560,9 +557,6 @@ impl PartTee {
         self.seen += data.len() as u64;
         if let Some(m) = self.mac.as_mut() {
             m.update(data);
-        }
-        if let Some(c) = self.checksum.as_mut() {
-            c.update(data);
         }
     }
 }
@@ -1246,23 +1240,10 @@ impl Ctx<'_> {
             "uploadId",
             &id.upstream,
         )))?;
-        // The plaintext also goes through the part-ETag MAC and, when the client named a
-        // checksum algorithm, a second hasher whose value the response carries (the sealing
-        // stream verifies the client's value and keeps it to itself).
-        let echo = match verifier.algorithm() {
-            Some(a) => {
-                let mut h = HeaderMap::new();
-                h.insert(
-                    "x-amz-sdk-checksum-algorithm",
-                    HeaderValue::from_static(a.name()),
-                );
-                Some(checksum::Verifier::from_headers(&h).map_err(internal)?)
-            }
-            None => None,
-        };
+        // The plaintext also goes through the part-ETag MAC (the sealing stream verifies the
+        // client's checksums and reports them for the answer).
         let tee = Arc::new(Mutex::new(PartTee {
             mac: Some(part_etag_mac(data_key.expose(), &sealed.object_id, part)?),
-            checksum: echo,
             seen: 0,
         }));
         let feed = tee.clone();
@@ -1274,10 +1255,10 @@ impl Ctx<'_> {
         req.input = Body::http_body(http_body_util::StreamBody::new(
             input.map_ok(hyper::body::Frame::data),
         ));
-        let resp = self
+        let (resp, verified) = self
             .send_sealed(uri, headers, req, sealer, verifier, plain_len)
             .await?;
-        let mut out = Self::forward(resp);
+        let mut out = Self::forward_upload(resp, &verified)?;
         if out.status.is_some_and(|s| s.is_success()) {
             let mut t = tee.lock().unwrap_or_else(|p| p.into_inner());
             // The upstream only commits a part once the sealer's final chunk went out, which
@@ -1295,13 +1276,6 @@ impl Ctx<'_> {
                 header::ETAG,
                 HeaderValue::from_str(&part_etag(mac)).map_err(internal)?,
             );
-            if let Some(c) = t.checksum.take() {
-                let verified = c.finish(None).map_err(internal)?;
-                if let Some((name, value)) = verified.response_header() {
-                    out.headers
-                        .insert(name, HeaderValue::from_str(&value).map_err(internal)?);
-                }
-            }
         }
         Ok(out)
     }
@@ -1555,7 +1529,7 @@ impl Ctx<'_> {
     }
 
     /// The stored size of part 1, from `HEAD ?partNumber=1`.
-    async fn first_part_stored_size(
+    pub(super) async fn first_part_stored_size(
         &self,
         uri: &http::Uri,
         headers: &HeaderMap,

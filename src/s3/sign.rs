@@ -53,10 +53,18 @@ pub fn sign_request<B>(
     creds: &UpstreamCredentials,
     region: &str,
 ) -> Result<(), String> {
-    req.headers_mut().insert(
-        "x-amz-content-sha256",
-        http::HeaderValue::from_static("UNSIGNED-PAYLOAD"),
-    );
+    // An aws-chunked body with trailers (a sealed upload, see `upstream_body`) says so; any
+    // other body is sent unsigned.
+    let trailer = req
+        .headers()
+        .get("x-amz-content-sha256")
+        .is_some_and(|v| v == super::upstream_body::STREAMING_UNSIGNED_TRAILER);
+    if !trailer {
+        req.headers_mut().insert(
+            "x-amz-content-sha256",
+            http::HeaderValue::from_static("UNSIGNED-PAYLOAD"),
+        );
+    }
     let identity = creds.credentials.clone().into();
     let mut settings = SigningSettings::default();
     settings.percent_encoding_mode = PercentEncodingMode::Single;
@@ -84,7 +92,11 @@ pub fn sign_request<B>(
         req.method().as_str(),
         uri,
         headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        SignableBody::UnsignedPayload,
+        if trailer {
+            SignableBody::StreamingUnsignedPayloadTrailer
+        } else {
+            SignableBody::UnsignedPayload
+        },
     )
     .map_err(|e| e.to_string())?;
     let (instructions, _) = sign(signable, &params)
