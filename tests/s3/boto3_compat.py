@@ -178,4 +178,23 @@ status, _, text = http("POST", post["url"], {"Content-Type": f"multipart/form-da
 check("POST Object: 501 NotImplemented", status == 501 and b"<Code>NotImplemented</Code>" in text, f"{status} {text[:300]}")
 expect_error("POST Object stored nothing", lambda: raw.head_object(Bucket=BUCKET, Key="form-upload"), {"404", "NoSuchKey"})
 
+# --- A PutObject with Transfer-Encoding: chunked and no length: 411 MissingContentLength, as S3.
+import http.client  # noqa: E402
+from urllib.parse import urlparse  # noqa: E402
+
+from botocore.auth import SigV4Auth  # noqa: E402
+from botocore.awsrequest import AWSRequest  # noqa: E402
+from botocore.credentials import Credentials  # noqa: E402
+
+url = f"{PROXY}/{BUCKET}/chunked-no-length"
+signed = AWSRequest(method="PUT", url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+SigV4Auth(Credentials(os.environ["CLIENT_KEY"], os.environ["CLIENT_SECRET"]), "s3", "us-east-1").add_auth(signed)
+u = urlparse(url)
+conn = http.client.HTTPConnection(u.hostname, u.port, timeout=20)
+conn.request("PUT", u.path, body=iter([b"clear ", b"bytes"]), headers=dict(signed.headers.items()), encode_chunked=True)
+resp = conn.getresponse()
+text = resp.read()
+check("chunked PUT without a length: 411 MissingContentLength", resp.status == 411 and b"MissingContentLength" in text, f"{resp.status} {text[:200]}")
+expect_error("chunked PUT stored nothing", lambda: raw.head_object(Bucket=BUCKET, Key="chunked-no-length"), {"404", "NoSuchKey"})
+
 done()
