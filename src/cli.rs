@@ -111,17 +111,93 @@ enum Command {
 enum KeysAction {
     /// List root keys.
     List,
-    /// Create a root key.
-    Create { name: String },
+    /// Create a root key (`--origin external`: waits for imported material, BYOK).
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["proxy", "external"], default_value = "proxy")]
+        origin: String,
+    },
+    /// State, origin, versions with dates, rotation, aliases, last use and deletion date.
+    Describe {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Add a new version to a root key; new writes use it, old data still decrypts.
     Rotate { name: String },
+    /// Rotate automatically every DAYS days (90-2560), or not (`--off`).
+    SetRotation {
+        name: String,
+        #[arg(long, required_unless_present = "off", conflicts_with = "off")]
+        days: Option<u32>,
+        #[arg(long)]
+        off: bool,
+    },
     /// Disable a root key: nothing under it encrypts or decrypts until it is enabled again.
     Disable { name: String },
     /// Enable a disabled root key.
     Enable { name: String },
+    /// Schedule the deletion of a root key after a waiting period (7-30 days): meanwhile it
+    /// neither encrypts nor decrypts (each attempt is refused and counted: the alarm), then its
+    /// material is destroyed and data under it is unrecoverable.
+    ScheduleDeletion {
+        name: String,
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Cancel a scheduled deletion (the key becomes disabled: enable it to use it).
+    CancelDeletion { name: String },
+    /// Write a wrapping key (RSA-3072, DIR/wrapping-key.pem) and an import token
+    /// (DIR/import-token.bin), valid 24 hours, to import key material into an external key.
+    ImportParams {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Import key material wrapped with RSA-OAEP SHA-256 under the wrapping key.
+    Import {
+        name: String,
+        /// The wrapped material (openssl pkeyutl output).
+        #[arg(long)]
+        material: PathBuf,
+        /// The import token from `keys import-params`.
+        #[arg(long)]
+        token: PathBuf,
+        /// When the material expires (2027-06-30, or an RFC 3339 time); the key then waits
+        /// for the same material again.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Aliases: names routes use (`key = "alias/users"`) that can be re-pointed.
+    Alias {
+        #[command(subcommand)]
+        action: AliasAction,
+    },
+    /// Remove a (non-current) version for good once nothing uses it: data still under it
+    /// becomes unreadable. Refused while the proxy used the version in the last DAYS days.
+    RetireVersion {
+        name: String,
+        #[arg(long)]
+        version: u32,
+        #[arg(long, default_value_t = 30)]
+        unused_days: u64,
+    },
     /// Knowingly go back to an older keyring (a restored backup): record its generation N as
     /// the high-water mark. Running proxies keep refusing it until they are restarted.
     AcceptGeneration { generation: u64 },
+}
+
+#[derive(Subcommand)]
+enum AliasAction {
+    /// Create ALIAS (alias/NAME) pointing at KEY.
+    Create { alias: String, key: String },
+    /// Re-point ALIAS at KEY: new writes use KEY; what was written under the old key still
+    /// decrypts (its wrapped keys name the key, not the alias).
+    Update { alias: String, key: String },
+    /// Delete ALIAS (routes naming it stop resolving; data is untouched).
+    Delete { alias: String },
+    /// List aliases.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -328,52 +404,12 @@ async fn run(cli: Cli) -> Result<(), String> {
                 return Ok(());
             }
             let keyring = open_keyring(&cfg)?;
-            match action {
-                KeysAction::List => {
-                    println!(
-                        "{:<32} {:<9} {:>7} {:>8}  CREATED",
-                        "NAME", "STATE", "CURRENT", "VERSIONS"
-                    );
-                    for k in keyring.list() {
-                        println!(
-                            "{:<32} {:<9} {:>7} {:>8}  {}",
-                            k.name,
-                            if k.enabled { "enabled" } else { "disabled" },
-                            k.current_version,
-                            k.versions,
-                            k.created
-                        );
-                    }
-                }
-                KeysAction::Create { name } => {
-                    let k = keyring.create_key(&name).map_err(|e| e.to_string())?;
-                    println!("created {} (version {})", k.name, k.current_version);
-                }
-                KeysAction::Disable { name } => {
-                    let k = keyring
-                        .set_enabled(&name, false)
-                        .map_err(|e| e.to_string())?;
-                    println!(
-                        "disabled {}: data under it cannot be read until `keys enable {}`",
-                        k.name, k.name
-                    );
-                }
-                KeysAction::Enable { name } => {
-                    let k = keyring
-                        .set_enabled(&name, true)
-                        .map_err(|e| e.to_string())?;
-                    println!("enabled {}", k.name);
-                }
-                KeysAction::Rotate { name } => {
-                    let k = keyring.rotate_key(&name).map_err(|e| e.to_string())?;
-                    println!(
-                        "rotated {}: new writes use version {}; versions 1..{} still decrypt",
-                        k.name, k.current_version, k.current_version
-                    );
-                }
-                KeysAction::AcceptGeneration { .. } => {}
+            // What is due now (a deletion date passed, material expired, a rotation) first.
+            let now = unix_now();
+            for line in keyring.apply_due(now).map_err(|e| e.to_string())? {
+                eprintln!("{line}");
             }
-            Ok(())
+            keys_command(&keyring, action, now)
         }
         Command::Grants { action } => {
             let cfg = load(&cli.config)?;
@@ -647,4 +683,204 @@ fn simple_names(path: &str) -> Option<Vec<String>> {
                     .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
         })
         .then_some(names)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn keys_command(keyring: &Keyring, action: KeysAction, now: u64) -> Result<(), String> {
+    use crate::keys::keyring::{date, parse_date};
+    let e = |e: crate::keys::keyring::KeyringError| e.to_string();
+    match action {
+        KeysAction::List => {
+            println!(
+                "{:<32} {:<16} {:>7} {:>8}  CREATED",
+                "NAME", "STATE", "CURRENT", "VERSIONS"
+            );
+            for k in keyring.list() {
+                println!(
+                    "{:<32} {:<16} {:>7} {:>8}  {}",
+                    k.name,
+                    k.state.name(),
+                    k.current_version,
+                    k.versions,
+                    date(k.created)
+                );
+            }
+        }
+        KeysAction::Create { name, origin } => {
+            if origin == "external" {
+                keyring.create_external(&name).map_err(e)?;
+                println!(
+                    "created {name} (pending import): run `keys import-params {name} --out DIR`"
+                );
+            } else {
+                let k = keyring.create_key(&name).map_err(e)?;
+                println!("created {} (version {})", k.name, k.current_version);
+            }
+        }
+        KeysAction::Describe { name, json } => {
+            let info = keyring.describe(&name).map_err(e)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!("name:            {}", info.name);
+                println!("state:           {}", info.state.name());
+                println!("origin:          {}", info.origin);
+                println!("created:         {}", info.created);
+                if !info.aliases.is_empty() {
+                    println!("aliases:         {}", info.aliases.join(", "));
+                }
+                if let Some(v) = info.current_version {
+                    println!("current version: {v}");
+                }
+                for v in &info.versions {
+                    println!(
+                        "  version {:<4} created {}  last used {}",
+                        v.version,
+                        v.created,
+                        v.last_used.as_deref().unwrap_or("never")
+                    );
+                }
+                let opt = |label: &str, v: &Option<String>| {
+                    if let Some(v) = v {
+                        println!("{label:<16} {v}");
+                    }
+                };
+                if let Some(d) = info.rotation_period_days {
+                    println!("rotation:        every {d} days");
+                }
+                opt("next rotation:", &info.next_rotation);
+                opt("deletion date:", &info.deletion_date);
+                opt("destroyed:", &info.destroyed);
+                opt("material expires:", &info.material_expires);
+                opt("import params until:", &info.import_parameters_valid_until);
+                println!(
+                    "last used:       {}",
+                    info.last_used.as_deref().unwrap_or("never")
+                );
+            }
+        }
+        KeysAction::Disable { name } => {
+            let k = keyring.set_enabled(&name, false).map_err(e)?;
+            println!(
+                "disabled {}: data under it cannot be read until `keys enable {}`",
+                k.name, k.name
+            );
+        }
+        KeysAction::Enable { name } => {
+            let k = keyring.set_enabled(&name, true).map_err(e)?;
+            println!("enabled {}", k.name);
+        }
+        KeysAction::Rotate { name } => {
+            let k = keyring.rotate_key(&name).map_err(e)?;
+            println!(
+                "rotated {}: new writes use version {}; versions 1..{} still decrypt",
+                k.name, k.current_version, k.current_version
+            );
+        }
+        KeysAction::SetRotation { name, days, off } => {
+            let days = if off { None } else { days };
+            keyring.set_rotation(&name, days).map_err(e)?;
+            match days {
+                Some(d) => println!("{name} rotates every {d} days"),
+                None => println!("{name}: automatic rotation off"),
+            }
+        }
+        KeysAction::ScheduleDeletion { name, days } => {
+            let when = keyring.schedule_deletion(&name, days, now).map_err(e)?;
+            println!(
+                "{name} is pending deletion: it neither encrypts nor decrypts from now on, and                  its material is destroyed on {} (data under it is then unrecoverable). Every                  attempt to use it meanwhile is refused and counted                  (envelope_proxy_key_state_refusals_total): if that alarm fires, data still                  needs the key: `keys cancel-deletion {name}`",
+                date(when)
+            );
+        }
+        KeysAction::CancelDeletion { name } => {
+            let state = keyring.cancel_deletion(&name).map_err(e)?;
+            println!(
+                "{name}: deletion cancelled; the key is {} ({})",
+                state.name(),
+                state.hint()
+            );
+        }
+        KeysAction::ImportParams { name, out } => {
+            let p = keyring.import_params(&name, now).map_err(e)?;
+            std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            let pem = out.join("wrapping-key.pem");
+            let token = out.join("import-token.bin");
+            std::fs::write(&pem, &p.public_pem).map_err(|e| format!("{}: {e}", pem.display()))?;
+            std::fs::write(&token, &p.token).map_err(|e| format!("{}: {e}", token.display()))?;
+            println!(
+                "wrote {} and {} (valid until {}). Wrap 32 bytes of key material with:\n  \
+                 openssl pkeyutl -encrypt -pubin -inkey {} -pkeyopt rsa_padding_mode:oaep \
+                 -pkeyopt rsa_oaep_md:sha256 -in key.bin -out wrapped.bin\nthen: \
+                 envelope-proxy keys import {name} --material wrapped.bin --token {}",
+                pem.display(),
+                token.display(),
+                date(p.expires),
+                pem.display(),
+                token.display()
+            );
+        }
+        KeysAction::Import {
+            name,
+            material,
+            token,
+            expires,
+        } => {
+            let wrapped =
+                std::fs::read(&material).map_err(|e| format!("{}: {e}", material.display()))?;
+            let token_bytes =
+                std::fs::read(&token).map_err(|e| format!("{}: {e}", token.display()))?;
+            let expires = expires.as_deref().map(parse_date).transpose().map_err(e)?;
+            keyring
+                .import(&name, &wrapped, &token_bytes, expires, now)
+                .map_err(e)?;
+            match expires {
+                Some(t) => println!("imported key material into {name} (expires {})", date(t)),
+                None => println!("imported key material into {name}"),
+            }
+        }
+        KeysAction::Alias { action } => match action {
+            AliasAction::Create { alias, key } => {
+                keyring.set_alias(&alias, &key, false).map_err(e)?;
+                println!("{alias} -> {key}");
+            }
+            AliasAction::Update { alias, key } => {
+                keyring.set_alias(&alias, &key, true).map_err(e)?;
+                println!(
+                    "{alias} -> {key}: new writes use {key}; data under the previous key still decrypts"
+                );
+            }
+            AliasAction::Delete { alias } => {
+                keyring.delete_alias(&alias).map_err(e)?;
+                println!("deleted {alias}");
+            }
+            AliasAction::List => {
+                for (alias, key) in keyring.aliases() {
+                    println!("{alias:<40} {key}");
+                }
+            }
+        },
+        KeysAction::RetireVersion {
+            name,
+            version,
+            unused_days,
+        } => {
+            keyring
+                .retire_version(&name, version, unused_days * crate::keys::keyring::DAY, now)
+                .map_err(e)?;
+            println!(
+                "retired version {version} of {name}: data still under it can no longer be read"
+            );
+        }
+        KeysAction::AcceptGeneration { .. } => {}
+    }
+    Ok(())
 }

@@ -184,6 +184,17 @@ impl ProxyError {
             KeyBackend(BackendError::KeyDisabled(_)) => {
                 (StatusCode::FORBIDDEN, "key_disabled", false)
             }
+            // As KMS's KMSInvalidStateException: the key exists but its state allows no use.
+            KeyBackend(BackendError::KeyState { state, .. }) => (
+                StatusCode::CONFLICT,
+                match *state {
+                    "pending_deletion" => "key_pending_deletion",
+                    "pending_import" => "key_pending_import",
+                    "destroyed" => "key_destroyed",
+                    _ => "key_state",
+                },
+                false,
+            ),
             KeyBackend(BackendError::KeyNotFound(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "key_not_found", false)
             }
@@ -218,6 +229,9 @@ impl ProxyError {
             }
             ProxyError::KeyBackend(BackendError::KeyDisabled(_)) => {
                 "the root key is disabled".into()
+            }
+            ProxyError::KeyBackend(BackendError::KeyState { state, detail, .. }) => {
+                format!("the root key is {}: {detail}", state.replace('_', " "))
             }
             ProxyError::KeyBackend(BackendError::AccessDenied(_)) => {
                 "the proxy is not allowed to use the root key".into()

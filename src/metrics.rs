@@ -36,6 +36,13 @@ pub struct DenialLabels {
     pub reason: String,
 }
 
+/// A key use refused for the key's state (`pending_deletion`, `pending_import`, `destroyed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyStateLabels {
+    pub key: String,
+    pub state: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
@@ -56,6 +63,7 @@ pub struct Metrics {
     plaintext_reads: Family<RouteLabels, Counter>,
     unbound_object_reads: Family<RouteLabels, Counter>,
     denials: Family<DenialLabels, Counter>,
+    key_state_refusals: Family<KeyStateLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -82,6 +90,13 @@ impl Metrics {
         let plaintext_reads = Family::<RouteLabels, Counter>::default();
         let unbound_object_reads = Family::<RouteLabels, Counter>::default();
         let denials = Family::<DenialLabels, Counter>::default();
+        let key_state_refusals = Family::<KeyStateLabels, Counter>::default();
+        registry.register(
+            "key_state_refusals",
+            "Key uses refused for the key's state (pending_deletion: data still needs a key \
+             scheduled for deletion), by key and state",
+            key_state_refusals.clone(),
+        );
         registry.register(
             "access_denials",
             "Requests refused by authentication, route requirements, key policies or quotas, by route, key and reason",
@@ -162,7 +177,27 @@ impl Metrics {
             plaintext_reads,
             unbound_object_reads,
             denials,
+            key_state_refusals,
         }
+    }
+
+    /// A key use refused for the key's state.
+    pub fn key_state_refused(&self, key: &str, state: &str) {
+        self.key_state_refusals
+            .get_or_create(&KeyStateLabels {
+                key: key.to_string(),
+                state: state.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn key_state_refusals_of(&self, key: &str, state: &str) -> u64 {
+        self.key_state_refusals
+            .get_or_create(&KeyStateLabels {
+                key: key.to_string(),
+                state: state.to_string(),
+            })
+            .get()
     }
 
     pub fn denial(&self, route: &str, key: &str, reason: &str) {

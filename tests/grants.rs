@@ -34,7 +34,7 @@ key = "planned"
 sid = "creators"
 effect = "allow"
 principals = ["anonymous"]
-actions = ["create", "describe"]
+actions = ["create", "describe", "schedule-deletion", "cancel-deletion"]
 
 [[key_policy]]
 key = "locked"
@@ -640,6 +640,11 @@ async fn the_admin_api_authenticates_and_authorizes_every_call() {
             json!({"key": "locked", "grantee": "app", "operations": ["open"]}),
         ),
         (Method::GET, "/v1/grants?key=locked", json!(null)),
+        (
+            Method::POST,
+            "/v1/keys/locked/schedule-deletion",
+            json!({"days": 7}),
+        ),
     ] {
         let r = http
             .send(
@@ -691,12 +696,43 @@ async fn the_admin_api_authenticates_and_authorizes_every_call() {
         .post_json(&a.api("/v1/keys"), &[], &json!({"name": "planned"}))
         .await;
     assert_eq!(c.status, StatusCode::CONFLICT);
+    // Scheduled deletion through the API (issue 11): the waiting period is checked, the key
+    // is pending deletion with its date, and a cancelled deletion leaves it disabled.
+    let s = http
+        .post_json(
+            &a.api("/v1/keys/planned/schedule-deletion"),
+            &[],
+            &json!({"days": 3}),
+        )
+        .await;
+    assert_eq!(s.status, StatusCode::BAD_REQUEST, "{}", s.text());
+    assert!(s.text().contains("7 to 30 days"), "{}", s.text());
+    let s = http
+        .post_json(
+            &a.api("/v1/keys/planned/schedule-deletion"),
+            &[],
+            &json!({"days": 7}),
+        )
+        .await;
+    assert_eq!(s.status, StatusCode::OK, "{}", s.text());
+    assert_eq!(s.json()["state"], "pending_deletion");
+    assert!(s.json()["deletion_date"].is_string(), "{}", s.text());
+    let s = http
+        .send(
+            Method::POST,
+            &a.api("/v1/keys/planned/cancel-deletion"),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(s.status, StatusCode::OK, "{}", s.text());
+    assert_eq!(s.json()["state"], "disabled");
     let unknown = http.get(&a.api("/v1/nothing"), &[]).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 
     let lines = a.audit_lines().await;
     let denied: Vec<_> = lines.iter().filter(|l| l["outcome"] == "denied").collect();
-    assert_eq!(denied.len(), 5);
+    assert_eq!(denied.len(), 6);
     assert!(
         denied
             .iter()

@@ -99,6 +99,15 @@ pub enum BackendError {
     /// Disabled, pending deletion or import, or not usable for wrapping.
     #[error("root key {0:?} is disabled")]
     KeyDisabled(String),
+    /// The key is in a state that allows no use (KMS's KMSInvalidStateException): pending
+    /// deletion, pending import (no material), destroyed. `state` is its name
+    /// (`pending_deletion`, ...), `detail` what it means (the deletion date, what to do).
+    #[error("root key {key:?} is {state}: {detail}")]
+    KeyState {
+        key: String,
+        state: &'static str,
+        detail: String,
+    },
     #[error("access to root key {0:?} denied")]
     AccessDenied(String),
     /// The wrapped key did not unwrap: tampered, foreign, or a different key context. The
@@ -139,6 +148,7 @@ impl BackendError {
         match self {
             BackendError::KeyNotFound(_) => "key_not_found",
             BackendError::KeyDisabled(_) => "key_disabled",
+            BackendError::KeyState { .. } => "key_state",
             BackendError::AccessDenied(_) => "access_denied",
             BackendError::InvalidCiphertext => "invalid_ciphertext",
             BackendError::UnknownBackend(_) => "unknown_backend",

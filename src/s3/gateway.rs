@@ -1438,6 +1438,14 @@ pub(super) fn backend_error(e: crate::keys::BackendError) -> S3Error {
                 "the root key is disabled",
             )
         }
+        B::KeyState { state, detail, .. } => {
+            tracing::warn!(error = %e, "root key state refuses use");
+            custom(
+                "KMS.KMSInvalidStateException",
+                http::StatusCode::CONFLICT,
+                &format!("the root key is {}: {detail}", state.replace('_', " ")),
+            )
+        }
         B::KeyNotFound(_) => {
             tracing::error!(error = %e, "root key not found");
             custom(

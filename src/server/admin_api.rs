@@ -349,6 +349,22 @@ async fn dispatch(
                 audit.op = "admin:disable";
                 change_key(api, principal, k, "/disable", Action::Disable, audit).await
             }
+            (&Method::POST, k) if k.ends_with("/schedule-deletion") => {
+                audit.op = "admin:schedule-deletion";
+                schedule_deletion(api, principal, k, req.body(), audit).await
+            }
+            (&Method::POST, k) if k.ends_with("/cancel-deletion") => {
+                audit.op = "admin:cancel-deletion";
+                change_key(
+                    api,
+                    principal,
+                    k,
+                    "/cancel-deletion",
+                    Action::CancelDeletion,
+                    audit,
+                )
+                .await
+            }
             (&Method::GET, k) => {
                 audit.op = "admin:describe";
                 describe_key(api, principal, k, audit).await
@@ -472,6 +488,7 @@ fn key_json(k: &crate::keys::keyring::KeySummary) -> Value {
     json!({
         "key": KeyRef { backend: KeyRef::DEFAULT_BACKEND.into(), key_id: k.name.clone() }.to_string(),
         "enabled": k.enabled,
+        "state": k.state.name(),
         "current_version": k.current_version,
         "versions": k.versions,
         "created_at": k.created,
@@ -569,14 +586,71 @@ async fn change_key(
     authorize(api, principal, &key, action)?;
     let keyring = api.keyring.clone();
     let summary = blocking(move || {
-        Ok(match action {
-            Action::Rotate => keyring.rotate_key(&key.key_id)?,
-            Action::Enable => keyring.set_enabled(&key.key_id, true)?,
-            _ => keyring.set_enabled(&key.key_id, false)?,
-        })
+        match action {
+            Action::Rotate => drop(keyring.rotate_key(&key.key_id)?),
+            Action::Enable => drop(keyring.set_enabled(&key.key_id, true)?),
+            Action::CancelDeletion => drop(keyring.cancel_deletion(&key.key_id)?),
+            _ => drop(keyring.set_enabled(&key.key_id, false)?),
+        }
+        Ok(keyring.describe(&key.key_id)?)
     })
     .await?;
-    Ok((StatusCode::OK, key_json(&summary)))
+    Ok((StatusCode::OK, key_info_json(&summary)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ScheduleDeletion {
+    /// The waiting period, 7..=30 days (default 30).
+    days: Option<u32>,
+}
+
+/// `POST /v1/keys/{key}/schedule-deletion` `{"days": 7}`: as `keys schedule-deletion`.
+async fn schedule_deletion(
+    api: &AdminApi,
+    principal: &Arc<Principal>,
+    k: &str,
+    body: &Bytes,
+    audit: &mut Audit,
+) -> Answer {
+    let key = parse_key(k.strip_suffix("/schedule-deletion").unwrap_or(k))?;
+    audit.key = Some(key.clone());
+    local_only(&key)?;
+    let req: ScheduleDeletion = if body.is_empty() {
+        ScheduleDeletion::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?
+    };
+    authorize(api, principal, &key, Action::ScheduleDeletion)?;
+    let keyring = api.keyring.clone();
+    let info = blocking(move || {
+        keyring.schedule_deletion(&key.key_id, req.days.unwrap_or(30), now())?;
+        Ok(keyring.describe(&key.key_id)?)
+    })
+    .await?;
+    Ok((StatusCode::OK, key_info_json(&info)))
+}
+
+fn key_info_json(info: &crate::keys::keyring::KeyInfo) -> Value {
+    let mut v = serde_json::to_value(info).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "key".into(),
+            Value::String(
+                KeyRef {
+                    backend: KeyRef::DEFAULT_BACKEND.into(),
+                    key_id: info.name.clone(),
+                }
+                .to_string(),
+            ),
+        );
+        o.insert(
+            "enabled".into(),
+            Value::Bool(info.state == crate::keys::keyring::KeyState::Enabled),
+        );
+    }
+    v
 }
 
 #[derive(Deserialize)]

@@ -245,8 +245,16 @@ async fn check_route_keys(
     for route in &config.routes {
         for k in route.kind.keys() {
             if k.backend == crate::keys::KeyRef::DEFAULT_BACKEND {
-                if keyring.list().iter().any(|s| s.name == k.key_id) {
+                // An alias names the key it points to (`keys alias create`).
+                let name = keyring.resolve(&k.key_id);
+                if keyring.list().iter().any(|s| s.name == name) {
                     continue;
+                }
+                if k.key_id.starts_with("alias/") {
+                    return Err(format!(
+                        "route {:?} uses {:?}, which is no alias in the keyring: run `envelope-proxy keys alias create {} KEY`",
+                        route.name, k.key_id, k.key_id
+                    ));
                 }
                 if !config.keyring.create_missing_keys {
                     return Err(format!(

@@ -126,6 +126,12 @@ impl Proxy {
         for (name, contents) in files {
             s3::secret_file(dir.path(), name, contents);
         }
+        Self::start_in(dir, routes, extra).await
+    }
+
+    /// As [`start`](Self::start), in a directory prepared beforehand (a keyring made there
+    /// first: `{dir}/keyring.json`, master key `{dir}/master.key`).
+    pub async fn start_in(dir: tempfile::TempDir, routes: &str, extra: &str) -> Proxy {
         let d = dir.path().display().to_string();
         let text = format!(
             r#"

@@ -55,6 +55,12 @@ use zeroize::{Zeroize, Zeroizing};
 use super::{BackendError, DataKey, KeyDescription, RootKeyProvider};
 use crate::envelope::{Context, WrappedKey, fill_random};
 
+mod import;
+mod lifecycle;
+
+pub use import::ImportParams;
+pub use lifecycle::{DAY, KeyInfo, KeyState, date, parse_date, validate_alias};
+
 const FORMAT: &str = "envelope-proxy.keyring.v1";
 const WRAP_LABEL: &[u8] = b"envelope-proxy.local-wrap.v1";
 const BLOB_LEN: usize = 12 + 32 + 16;
@@ -147,14 +153,19 @@ struct Version {
 }
 
 struct RootKey {
-    enabled: bool,
+    state: KeyState,
     created: u64,
     versions: BTreeMap<u32, Version>,
+    life: lifecycle::Life,
 }
 
 impl RootKey {
     fn current(&self) -> Option<(u32, &Version)> {
         self.versions.iter().next_back().map(|(v, k)| (*v, k))
+    }
+
+    fn enabled(&self) -> bool {
+        self.state == KeyState::Enabled
     }
 }
 
@@ -163,6 +174,7 @@ impl RootKey {
 pub struct KeySummary {
     pub name: String,
     pub enabled: bool,
+    pub state: KeyState,
     pub created: u64,
     pub current_version: u32,
     pub versions: usize,
@@ -176,6 +188,13 @@ struct InnerDoc {
     #[serde(default, skip_serializing_if = "is_zero")]
     generation: u64,
     keys: BTreeMap<String, InnerKey>,
+    /// `alias/NAME` → key name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    aliases: BTreeMap<String, String>,
+    /// `alias/NAME` → the keys it pointed to before: a route naming the alias still opens
+    /// what was sealed under them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    alias_history: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -184,6 +203,8 @@ struct InnerKey {
     state: String,
     created: u64,
     versions: Vec<InnerVersion>,
+    #[serde(default, skip_serializing_if = "lifecycle::InnerLife::is_empty")]
+    life: lifecycle::InnerLife,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -208,11 +229,22 @@ struct OuterDoc {
     sealed: String,
 }
 
+/// The keys and aliases of a keyring, as read from (and written to) its file.
+#[derive(Default)]
+struct Keys {
+    keys: BTreeMap<String, RootKey>,
+    aliases: BTreeMap<String, String>,
+    alias_history: BTreeMap<String, std::collections::BTreeSet<String>>,
+}
+
 pub struct Keyring {
     name: String,
     path: PathBuf,
     master: Zeroizing<[u8; 32]>,
-    keys: RwLock<BTreeMap<String, RootKey>>,
+    keys: RwLock<Keys>,
+    /// When each key version was last used by this process (`key/version` → unix seconds);
+    /// written to `PATH.usage` at most once a minute ([`lifecycle`]).
+    usage: std::sync::Mutex<lifecycle::Usage>,
     stamp: std::sync::Mutex<Option<(SystemTime, u64)>>,
     changes: watch::Sender<u64>,
     /// The highest generation this process has loaded (never goes down).
@@ -235,7 +267,8 @@ impl Keyring {
             name: name.to_string(),
             path: path.to_path_buf(),
             master: master_key,
-            keys: RwLock::new(BTreeMap::new()),
+            keys: RwLock::new(Keys::default()),
+            usage: std::sync::Mutex::new(lifecycle::Usage::default()),
             stamp: std::sync::Mutex::new(None),
             changes: watch::channel(0).0,
             seen: std::sync::Mutex::new(0),
@@ -248,7 +281,7 @@ impl Keyring {
             let _lock = keyring.lock()?;
             if !path.exists() {
                 let generation = keyring.high_water()? + 1;
-                keyring.write(&BTreeMap::new(), generation)?;
+                keyring.write(&Keys::default(), generation)?;
                 keyring.write_high_water(generation)?;
                 tracing::warn!(path = %path.display(), "created a new, empty keyring");
             }
@@ -314,6 +347,13 @@ impl Keyring {
             loop {
                 tick.tick().await;
                 let Some(k) = weak.upgrade() else { break };
+                // Scheduled deletion, expiry of imported material, scheduled rotation.
+                if let Err(e) = k.apply_due(unix_now()) {
+                    tracing::error!(error = %e, "cannot apply the keyring's scheduled changes");
+                }
+                if let Err(e) = k.flush_usage(false) {
+                    tracing::warn!(error = %e, "cannot record key usage");
+                }
                 match k.reload_if_changed() {
                     Ok(true) => tracing::info!(path = %k.path.display(), "keyring reloaded"),
                     Ok(false) => {}
@@ -409,7 +449,8 @@ impl Keyring {
             name: KEYRING_NAME.into(),
             path: path.to_path_buf(),
             master: load_master_key(master, false)?,
-            keys: RwLock::new(BTreeMap::new()),
+            keys: RwLock::new(Keys::default()),
+            usage: std::sync::Mutex::new(lifecycle::Usage::default()),
             stamp: std::sync::Mutex::new(None),
             changes: watch::channel(0).0,
             seen: std::sync::Mutex::new(0),
@@ -428,10 +469,12 @@ impl Keyring {
 
     pub fn list(&self) -> Vec<KeySummary> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        keys.iter()
+        keys.keys
+            .iter()
             .map(|(name, k)| KeySummary {
                 name: name.clone(),
-                enabled: k.enabled,
+                enabled: k.enabled(),
+                state: k.state,
                 created: k.created,
                 current_version: k.current().map(|(v, _)| v).unwrap_or(0),
                 versions: k.versions.len(),
@@ -443,44 +486,63 @@ impl Keyring {
     pub fn create_key(&self, name: &str) -> Result<KeySummary, KeyringError> {
         validate_key_name(name)?;
         self.modify(name, |keys| {
-            if keys.contains_key(name) {
+            if keys.keys.contains_key(name) {
                 return Err(KeyringError::Exists(name.to_string()));
             }
             let now = unix_now();
             let mut versions = BTreeMap::new();
             versions.insert(1, new_version(now));
-            keys.insert(
+            keys.keys.insert(
                 name.to_string(),
                 RootKey {
-                    enabled: true,
+                    state: KeyState::Enabled,
                     created: now,
                     versions,
+                    life: lifecycle::Life::default(),
                 },
             );
             Ok(())
         })
     }
 
-    /// Add a new version to `name`; new data keys use it, older versions still unwrap.
+    /// Add a new version to `name`; new data keys use it, older versions still unwrap. Keys
+    /// with imported material cannot be rotated (as in AWS KMS): make a new key and re-point
+    /// the alias.
     pub fn rotate_key(&self, name: &str) -> Result<KeySummary, KeyringError> {
         self.modify(name, |keys| {
             let key = keys
+                .keys
                 .get_mut(name)
                 .ok_or_else(|| KeyringError::NotFound(name.to_string()))?;
-            let next = key.current().map(|(v, _)| v + 1).unwrap_or(1);
-            key.versions.insert(next, new_version(unix_now()));
-            Ok(())
+            lifecycle::rotate(name, key, unix_now())
         })
     }
 
     /// Disable or enable `name`. A disabled key neither wraps nor unwraps (as in AWS KMS):
     /// data under it is unreadable until it is enabled again. Cached data keys are dropped.
+    /// Only an enabled or disabled key changes so (a key pending deletion is cancelled first,
+    /// one pending import gets its material).
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<KeySummary, KeyringError> {
         self.modify(name, |keys| {
             let key = keys
+                .keys
                 .get_mut(name)
                 .ok_or_else(|| KeyringError::NotFound(name.to_string()))?;
-            key.enabled = enabled;
+            match key.state {
+                KeyState::Enabled | KeyState::Disabled => {}
+                other => {
+                    return Err(KeyringError::Invalid(format!(
+                        "root key {name} is {}: {}",
+                        other.name(),
+                        other.hint()
+                    )));
+                }
+            }
+            key.state = if enabled {
+                KeyState::Enabled
+            } else {
+                KeyState::Disabled
+            };
             Ok(())
         })
     }
@@ -488,8 +550,20 @@ impl Keyring {
     fn modify(
         &self,
         name: &str,
-        change: impl FnOnce(&mut BTreeMap<String, RootKey>) -> Result<(), KeyringError>,
+        change: impl FnOnce(&mut Keys) -> Result<(), KeyringError>,
     ) -> Result<KeySummary, KeyringError> {
+        self.modify_all(change)?;
+        self.list()
+            .into_iter()
+            .find(|k| k.name == name)
+            .ok_or_else(|| KeyringError::NotFound(name.to_string()))
+    }
+
+    /// Change the keyring under its lock: re-read, change, write the next generation.
+    fn modify_all(
+        &self,
+        change: impl FnOnce(&mut Keys) -> Result<(), KeyringError>,
+    ) -> Result<(), KeyringError> {
         let _lock = self.lock()?;
         // Refuses a rolled-back file before changing anything.
         self.reload()?;
@@ -500,10 +574,7 @@ impl Keyring {
         self.write_high_water(next)?;
         self.reload()?;
         self.changes.send_modify(|n| *n += 1);
-        self.list()
-            .into_iter()
-            .find(|k| k.name == name)
-            .ok_or_else(|| KeyringError::NotFound(name.to_string()))
+        Ok(())
     }
 
     fn lock(&self) -> Result<File, KeyringError> {
@@ -518,7 +589,7 @@ impl Keyring {
         Ok(f)
     }
 
-    fn read(&self) -> Result<(BTreeMap<String, RootKey>, u64), KeyringError> {
+    fn read(&self) -> Result<(Keys, u64), KeyringError> {
         let path = &self.path;
         check_private(path)?;
         let raw = fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
@@ -556,11 +627,11 @@ impl Keyring {
             .map_err(|_| {
                 file_err(path, "does not open with this master key (wrong master key, or the file was modified)")
             })?;
-        let inner: InnerDoc = serde_json::from_slice(body)
+        let mut inner: InnerDoc = serde_json::from_slice(body)
             .map_err(|_| file_err(path, "sealed keyring content is malformed"))?;
         let generation = inner.generation;
         let mut keys = BTreeMap::new();
-        for (name, k) in inner.keys {
+        for (name, mut k) in inner.keys {
             let mut versions = BTreeMap::new();
             for v in &k.versions {
                 let material = Zeroizing::new(
@@ -583,28 +654,48 @@ impl Keyring {
                     },
                 );
             }
+            let state = KeyState::parse(&k.state).ok_or_else(|| {
+                file_err(
+                    path,
+                    format!("key {name} has an unknown state {:?}", k.state),
+                )
+            })?;
+            let life = lifecycle::Life::read(std::mem::take(&mut k.life))
+                .map_err(|e| file_err(path, format!("key {name}: {e}")))?;
             keys.insert(
                 name,
                 RootKey {
-                    enabled: k.state == "enabled",
+                    state,
                     created: k.created,
                     versions,
+                    life,
                 },
             );
         }
-        Ok((keys, generation))
+        Ok((
+            Keys {
+                keys,
+                aliases: std::mem::take(&mut inner.aliases),
+                alias_history: std::mem::take(&mut inner.alias_history),
+            },
+            generation,
+        ))
     }
 
-    fn write(&self, keys: &BTreeMap<String, RootKey>, generation: u64) -> Result<(), KeyringError> {
+    fn write(&self, keys: &Keys, generation: u64) -> Result<(), KeyringError> {
         let inner = InnerDoc {
             generation,
+            aliases: keys.aliases.clone(),
+            alias_history: keys.alias_history.clone(),
             keys: keys
+                .keys
                 .iter()
                 .map(|(name, k)| {
                     (
                         name.clone(),
                         InnerKey {
-                            state: if k.enabled { "enabled" } else { "disabled" }.to_string(),
+                            state: k.state.name().to_string(),
+                            life: k.life.write(),
                             created: k.created,
                             versions: k
                                 .versions
@@ -644,19 +735,28 @@ impl Keyring {
         write_atomically(&self.path, &json)
     }
 
+    /// Run `f` on key `key_id` (an alias is followed) when its state allows use: only an
+    /// enabled key wraps or unwraps. A refusal for the key's state is counted (the alarm on use
+    /// of a key pending deletion). `f` gets the key's own name.
     fn with_key<T>(
         &self,
         key_id: &str,
-        f: impl FnOnce(&RootKey) -> Result<T, BackendError>,
+        f: impl FnOnce(&str, &RootKey) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let name = keys.resolve(key_id);
         let key = keys
-            .get(key_id)
+            .keys
+            .get(name)
             .ok_or_else(|| BackendError::KeyNotFound(key_id.to_string()))?;
-        if !key.enabled {
-            return Err(BackendError::KeyDisabled(key_id.to_string()));
+        if let Err(e) = lifecycle::usable(name, key) {
+            if let Some(m) = self.metrics.get() {
+                m.key_state_refused(name, key.state.name());
+            }
+            tracing::warn!(key = %name, state = key.state.name(), "use of a root key refused for its state");
+            return Err(e);
         }
-        f(key)
+        f(name, key)
     }
 
     fn wrap(
@@ -665,7 +765,7 @@ impl Keyring {
         data_key: &DataKey,
         ctx: &Context,
     ) -> Result<WrappedKey, BackendError> {
-        self.with_key(key_id, |key| {
+        let wrapped = self.with_key(key_id, |name, key| {
             let (version, material) = key
                 .current()
                 .ok_or_else(|| BackendError::KeyNotFound(key_id.to_string()))?;
@@ -677,18 +777,22 @@ impl Keyring {
             let tag = Aes256Gcm::new(&Array::from(*material.material))
                 .encrypt_inout_detached(
                     &Array::from(nonce),
-                    &wrap_aad(key_id, version, ctx),
+                    &wrap_aad(name, version, ctx),
                     (&mut blob[12..]).into(),
                 )
                 .map_err(|_| BackendError::Unavailable("local wrap failed".into()))?;
             blob.extend_from_slice(&tag);
+            // The EDK names the key itself, never an alias: re-pointing the alias later leaves
+            // what was written under this key readable.
             Ok(WrappedKey {
                 backend: self.name.clone(),
-                key_id: key_id.to_string(),
+                key_id: name.to_string(),
                 key_version: version,
                 blob,
             })
-        })
+        })?;
+        self.used(&wrapped.key_id, wrapped.key_version);
+        Ok(wrapped)
     }
 }
 
@@ -713,7 +817,11 @@ impl RootKeyProvider for Keyring {
         wrapped: &WrappedKey,
         ctx: &Context,
     ) -> Result<DataKey, BackendError> {
-        self.with_key(&wrapped.key_id, |key| {
+        let data_key = self.with_key(&wrapped.key_id, |name, key| {
+            // An EDK names a key, never an alias (a name that resolves elsewhere is foreign).
+            if name != wrapped.key_id {
+                return Err(BackendError::InvalidCiphertext);
+            }
             let version = key
                 .versions
                 .get(&wrapped.key_version)
@@ -738,19 +846,43 @@ impl RootKeyProvider for Keyring {
                 )
                 .map_err(|_| BackendError::InvalidCiphertext)?;
             Ok(DataKey::from_bytes(*key_bytes))
+        })?;
+        self.used(&wrapped.key_id, wrapped.key_version);
+        Ok(data_key)
+    }
+
+    /// `key_id` may be an alias: the description is of the key it points to (named so).
+    async fn describe_key(&self, key_id: &str) -> Result<KeyDescription, BackendError> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let name = keys.resolve(key_id);
+        let key = keys
+            .keys
+            .get(name)
+            .ok_or_else(|| BackendError::KeyNotFound(key_id.to_string()))?;
+        Ok(KeyDescription {
+            key_id: name.to_string(),
+            enabled: key.enabled(),
+            current_version: key.current().map(|(v, _)| v).unwrap_or(0),
         })
     }
 
-    async fn describe_key(&self, key_id: &str) -> Result<KeyDescription, BackendError> {
+    /// A route naming an alias opens what was sealed under any key the alias pointed to (now
+    /// or before): re-pointing it leaves old data readable through the same route.
+    fn same_key(&self, configured: &str, wrapped_key_id: &str) -> bool {
+        if configured == wrapped_key_id {
+            return true;
+        }
+        if !configured.starts_with(lifecycle::ALIAS_PREFIX) {
+            return false;
+        }
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        let key = keys
-            .get(key_id)
-            .ok_or_else(|| BackendError::KeyNotFound(key_id.to_string()))?;
-        Ok(KeyDescription {
-            key_id: key_id.to_string(),
-            enabled: key.enabled,
-            current_version: key.current().map(|(v, _)| v).unwrap_or(0),
-        })
+        keys.aliases
+            .get(configured)
+            .is_some_and(|k| k == wrapped_key_id)
+            || keys
+                .alias_history
+                .get(configured)
+                .is_some_and(|h| h.contains(wrapped_key_id))
     }
 
     fn changes(&self) -> Option<watch::Receiver<u64>> {
@@ -782,6 +914,11 @@ fn unix_now() -> u64 {
 }
 
 pub fn validate_key_name(name: &str) -> Result<(), KeyringError> {
+    if name.starts_with(lifecycle::ALIAS_PREFIX) {
+        return Err(KeyringError::Invalid(format!(
+            "{name:?}: names starting with alias/ are aliases (`keys alias create`)"
+        )));
+    }
     crate::config::keys::validate_key_name(name).map_err(KeyringError::Invalid)
 }
 
