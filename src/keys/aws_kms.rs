@@ -124,8 +124,28 @@ pub(crate) fn classify(
     let key = || key_id.to_string();
     match code.unwrap_or("") {
         "InvalidCiphertextException" | "IncorrectKeyException" => BackendError::InvalidCiphertext,
-        // Disabled, pending deletion, pending import, unavailable custom key store state.
-        "DisabledException" | "KMSInvalidStateException" => BackendError::KeyDisabled(key()),
+        // Pending deletion or import: named as the local keyring names them (the client's
+        // error says so; the message is KMS's). Disabled, or another state: disabled.
+        "KMSInvalidStateException" => {
+            let message = detail();
+            let state =
+                if message.contains("pending deletion") || message.contains("PendingDeletion") {
+                    Some("pending_deletion")
+                } else if message.contains("pending import") || message.contains("PendingImport") {
+                    Some("pending_import")
+                } else {
+                    None
+                };
+            match state {
+                Some(state) => BackendError::KeyState {
+                    key: key(),
+                    state,
+                    detail: "the AWS KMS key's state allows no use (see DescribeKey)".into(),
+                },
+                None => BackendError::KeyDisabled(key()),
+            }
+        }
+        "DisabledException" => BackendError::KeyDisabled(key()),
         // An asymmetric or HMAC key configured for envelope encryption.
         "InvalidKeyUsageException" => BackendError::KeyDisabled(key()),
         "NotFoundException" => BackendError::KeyNotFound(key()),
@@ -354,6 +374,33 @@ mod tests {
         assert_eq!(kind("AccessDeniedException"), "access_denied");
         assert_eq!(kind("DisabledException"), "key_disabled");
         assert_eq!(kind("KMSInvalidStateException"), "key_disabled");
+        // KMS says which state in the message: pending deletion and import are named.
+        let e = classify("k", Some("KMSInvalidStateException"), || {
+            "arn:aws:kms:us-east-1:123456789012:key/abc is pending deletion.".into()
+        });
+        assert!(
+            matches!(
+                e,
+                BackendError::KeyState {
+                    state: "pending_deletion",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = classify("k", Some("KMSInvalidStateException"), || {
+            "key/abc is pending import.".into()
+        });
+        assert!(
+            matches!(
+                e,
+                BackendError::KeyState {
+                    state: "pending_import",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         assert_eq!(kind("NotFoundException"), "key_not_found");
         assert_eq!(kind("ValidationException"), "refused");
         for code in [
