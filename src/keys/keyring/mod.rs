@@ -344,15 +344,30 @@ impl Keyring {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            // A read-only keyring (a mounted Secret) cannot take scheduled changes or usage
+            // notes: said once a minute, not every second. Keys past their deletion date stay
+            // refused meanwhile (their state already refuses every use).
+            let mut quiet_until = std::time::Instant::now();
             loop {
                 tick.tick().await;
                 let Some(k) = weak.upgrade() else { break };
+                let loud = std::time::Instant::now() >= quiet_until;
+                let mut failed = false;
                 // Scheduled deletion, expiry of imported material, scheduled rotation.
                 if let Err(e) = k.apply_due(unix_now()) {
-                    tracing::error!(error = %e, "cannot apply the keyring's scheduled changes");
+                    failed = true;
+                    if loud {
+                        tracing::error!(error = %e, "cannot apply the keyring's scheduled changes");
+                    }
                 }
                 if let Err(e) = k.flush_usage(false) {
-                    tracing::warn!(error = %e, "cannot record key usage");
+                    failed = true;
+                    if loud {
+                        tracing::warn!(error = %e, "cannot record key usage");
+                    }
+                }
+                if failed && loud {
+                    quiet_until = std::time::Instant::now() + Duration::from_secs(60);
                 }
                 match k.reload_if_changed() {
                     Ok(true) => tracing::info!(path = %k.path.display(), "keyring reloaded"),
