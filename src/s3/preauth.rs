@@ -14,8 +14,35 @@
 
 use http::{HeaderMap, StatusCode, header};
 
-use super::xml_error::S3Error;
 use crate::config::S3RouteConfig;
+
+/// An answer given before authentication: status, S3 error code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Error {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
+impl S3Error {
+    fn new(status: StatusCode, code: &'static str, message: &'static str) -> S3Error {
+        S3Error {
+            status,
+            code,
+            message,
+        }
+    }
+
+    /// The `<Error>` document S3 sends.
+    pub fn to_xml(&self) -> String {
+        use quick_xml::escape::escape;
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message></Error>",
+            escape(self.code),
+            escape(self.message)
+        )
+    }
+}
 
 /// Adjust the request for s3s, or return the answer to give it at once: see the module
 /// documentation.
