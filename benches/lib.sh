@@ -383,6 +383,7 @@ key = "objects"
 context = { bucket = "{s3.bucket}" }
 [route.s3]
 region = "$2"
+upstream_checksum = ${UPSTREAM_CHECKSUM:-true}
 upstream_access_key_id_file = "$3"
 upstream_secret_access_key_file = "$4"
 [[route.s3.client]]

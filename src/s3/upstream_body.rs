@@ -14,7 +14,9 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+
+use bytes::Bytes;
 use crc_fast::{CrcAlgorithm, Digest as CrcDigest};
 use futures_util::{Stream, StreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -81,57 +83,90 @@ pub fn set_headers(headers: &mut HeaderMap, decoded: u64) {
     );
 }
 
-fn frame(data: &[u8], out: &mut BytesMut) {
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Encode `input` (the sealed body) as aws-chunked with the CRC32 trailer. An error of the
-/// input passes through (the upstream request is then aborted, nothing committed).
+/// Encode `input` (the sealed body) as aws-chunked with the CRC32 trailer, without copying
+/// the data: each chunk goes out as its size line, the input's own buffers (split where a
+/// chunk ends) and a CRLF. An error of the input passes through (the upstream request is then
+/// aborted, nothing committed).
 pub fn encode<S>(input: S) -> impl Stream<Item = Result<Bytes, BoxError>> + Send + Sync + 'static
 where
     S: Stream<Item = Result<Bytes, BoxError>> + Send + Sync + 'static,
 {
     struct State<S> {
         input: std::pin::Pin<Box<S>>,
-        pending: BytesMut,
+        /// Input not framed yet, and its length.
+        queued: VecDeque<Bytes>,
+        queued_len: u64,
+        /// Framed output not sent yet.
+        out: VecDeque<Bytes>,
         crc: Option<CrcDigest>,
+    }
+    impl<S> State<S> {
+        /// Frame the first `n` queued bytes as one chunk.
+        fn frame(&mut self, n: u64) {
+            self.out
+                .push_back(Bytes::from(format!("{n:x}\r\n").into_bytes()));
+            let mut left = n as usize;
+            while left > 0 {
+                let Some(mut front) = self.queued.pop_front() else {
+                    break;
+                };
+                if front.len() > left {
+                    let piece = front.split_to(left);
+                    self.queued.push_front(front);
+                    left = 0;
+                    self.out.push_back(piece);
+                } else {
+                    left -= front.len();
+                    self.out.push_back(front);
+                }
+            }
+            self.queued_len -= n;
+            self.out.push_back(Bytes::from_static(b"\r\n"));
+        }
     }
     let state = State {
         input: Box::pin(input),
-        pending: BytesMut::new(),
+        queued: VecDeque::new(),
+        queued_len: 0,
+        out: VecDeque::new(),
         crc: Some(CrcDigest::new(CrcAlgorithm::Crc32IsoHdlc)),
     };
     futures_util::stream::unfold(state, |mut st| async move {
-        let crc = st.crc.as_mut()?;
         loop {
-            if st.pending.len() as u64 >= CHUNK {
-                let mut out = BytesMut::new();
-                while st.pending.len() as u64 >= CHUNK {
-                    let chunk = st.pending.split_to(CHUNK as usize);
-                    frame(&chunk, &mut out);
-                }
-                return Some((Ok(out.freeze()), st));
+            if let Some(b) = st.out.pop_front() {
+                return Some((Ok(b), st));
             }
+            if st.queued_len >= CHUNK {
+                st.frame(CHUNK);
+                continue;
+            }
+            st.crc.as_ref()?;
             match st.input.next().await {
                 Some(Ok(bytes)) => {
-                    crc.update(&bytes);
-                    st.pending.extend_from_slice(&bytes);
+                    if let Some(crc) = st.crc.as_mut() {
+                        crc.update(&bytes);
+                    }
+                    st.queued_len += bytes.len() as u64;
+                    if !bytes.is_empty() {
+                        st.queued.push_back(bytes);
+                    }
                 }
                 Some(Err(e)) => {
                     st.crc = None;
+                    st.queued.clear();
+                    st.queued_len = 0;
                     return Some((Err(e), st));
                 }
                 None => {
                     let crc = st.crc.take()?;
-                    let mut out = BytesMut::new();
-                    if !st.pending.is_empty() {
-                        frame(&std::mem::take(&mut st.pending), &mut out);
+                    if st.queued_len > 0 {
+                        let n = st.queued_len;
+                        st.frame(n);
                     }
                     let value = STANDARD.encode((crc.finalize() as u32).to_be_bytes());
-                    out.extend_from_slice(format!("0\r\n{TRAILER}:{value}\r\n\r\n").as_bytes());
-                    return Some((Ok(out.freeze()), st));
+                    st.out.push_back(Bytes::from(
+                        format!("0\r\n{TRAILER}:{value}\r\n\r\n").into_bytes(),
+                    ));
                 }
             }
         }
