@@ -38,6 +38,23 @@ fn ok(dir: &Path, args: &[&str]) -> String {
     out
 }
 
+/// `keys import byok --material M --token T [--expires E]`.
+fn import(dir: &Path, material: &Path, token: &Path, expires: Option<&str>) -> (bool, String) {
+    let mut args = vec![
+        "keys",
+        "import",
+        "byok",
+        "--material",
+        material.to_str().unwrap(),
+        "--token",
+        token.to_str().unwrap(),
+    ];
+    if let Some(e) = expires {
+        args.extend(["--expires", e]);
+    }
+    cli(dir, &args)
+}
+
 fn keyring(dir: &Path) -> Arc<Keyring> {
     Keyring::open(
         "local",
@@ -341,48 +358,16 @@ async fn imported_key_material_byok() {
     let last = bad.len() - 1;
     bad[last] ^= 1;
     std::fs::write(d.join("bad-token.bin"), &bad).unwrap();
-    let (success, out) = cli(
-        &d,
-        &[
-            "keys",
-            "import",
-            "byok",
-            "--material",
-            wrapped.to_str().unwrap(),
-            "--token",
-            d.join("bad-token.bin").to_str().unwrap(),
-        ],
-    );
+    let (success, out) = import(&d, &wrapped, &d.join("bad-token.bin"), None);
     assert!(!success && out.contains("does not verify"), "{out}");
     let expires = "2099-06-30";
-    let out = ok(
-        &d,
-        &[
-            "keys",
-            "import",
-            "byok",
-            "--material",
-            wrapped.to_str().unwrap(),
-            "--token",
-            token.to_str().unwrap(),
-            "--expires",
-            expires,
-        ],
+    let (success, out) = import(&d, &wrapped, &token, Some(expires));
+    assert!(
+        success && out.contains("imported key material into byok"),
+        "{out}"
     );
-    assert!(out.contains("imported key material into byok"), "{out}");
     // Parameters are used once.
-    let (success, out) = cli(
-        &d,
-        &[
-            "keys",
-            "import",
-            "byok",
-            "--material",
-            wrapped.to_str().unwrap(),
-            "--token",
-            token.to_str().unwrap(),
-        ],
-    );
+    let (success, out) = import(&d, &wrapped, &token, None);
     assert!(!success && out.contains("used already"), "{out}");
     // Imported keys are not rotated by the proxy.
     let (success, out) = cli(&d, &["keys", "rotate", "byok"]);
@@ -421,34 +406,13 @@ async fn imported_key_material_byok() {
     std::fs::write(&material, [8u8; 32]).unwrap();
     let other = d.join("other.bin");
     wrap(&other, &params2);
-    let (success, out) = cli(
-        &d,
-        &[
-            "keys",
-            "import",
-            "byok",
-            "--material",
-            other.to_str().unwrap(),
-            "--token",
-            params2.join("import-token.bin").to_str().unwrap(),
-        ],
-    );
+    let (success, out) = import(&d, &other, &params2.join("import-token.bin"), None);
     assert!(!success && out.contains("not the key material"), "{out}");
     std::fs::write(&material, [7u8; 32]).unwrap();
     let again = d.join("again.bin");
     wrap(&again, &params2);
-    ok(
-        &d,
-        &[
-            "keys",
-            "import",
-            "byok",
-            "--material",
-            again.to_str().unwrap(),
-            "--token",
-            params2.join("import-token.bin").to_str().unwrap(),
-        ],
-    );
+    let (success, out) = import(&d, &again, &params2.join("import-token.bin"), None);
+    assert!(success, "{out}");
     assert_eq!(
         until_status(&http, &proxy, "u1", 200).await.json()["ssn"],
         "555-55-5555"
