@@ -93,4 +93,19 @@ async fn embedded_backends_and_providers_must_match() {
         .err()
         .unwrap();
     assert!(err.contains("no [backend.demo]"), "{err}");
+
+    // Two providers under one name: which one would serve is not left to chance.
+    let text = example::config("127.0.0.1:0", "127.0.0.1:0", data.path());
+    let config = envelope_proxy::config::parse(&text).unwrap();
+    let twice = |s: &[u8]| -> std::sync::Arc<dyn envelope_proxy::keys::RootKeyProvider> {
+        std::sync::Arc::new(example::DemoProvider { secret: s.to_vec() })
+    };
+    let err = envelope_proxy::server::Builder::new(config)
+        .provider(twice(b"a"))
+        .provider(twice(b"b"))
+        .start()
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("given twice"), "{err}");
 }

@@ -255,7 +255,10 @@ pub async fn connect_backends_with(
     embedded: &[Arc<dyn RootKeyProvider>],
 ) -> Result<(Arc<keyring::Keyring>, Vec<Arc<dyn RootKeyProvider>>), String> {
     use crate::config::BackendKind;
-    for p in embedded {
+    for (i, p) in embedded.iter().enumerate() {
+        if embedded[..i].iter().any(|q| q.name() == p.name()) {
+            return Err(format!("provider {:?}: given twice", p.name()));
+        }
         let configured = config
             .backends
             .iter()
