@@ -140,9 +140,10 @@ fn sidecar_shares_the_socket_volume_with_the_app() {
 }
 
 /// The checker itself refuses what it should: a PrometheusRule that drifted from the rules
-/// file, and a proxy container that may write its root filesystem.
+/// file, a proxy container that may write its root filesystem, and a NetworkPolicy whose
+/// client selector needs the proxy's own labels (kustomize's label transformer did that).
 #[test]
-fn the_checker_refuses_drift_and_a_writable_root_filesystem() {
+fn the_checker_refuses_drift_a_writable_root_and_a_self_selecting_policy() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(kubectl())
         .args(["kustomize"])
@@ -165,6 +166,15 @@ fn the_checker_refuses_drift_and_a_writable_root_filesystem() {
                 1,
             ),
             "readOnlyRootFilesystem",
+        ),
+        (
+            "a client selector carrying the proxy's labels",
+            rendered.replacen(
+                "envelope-proxy/client: \"true\"",
+                "app.kubernetes.io/instance: envelope-proxy-gateway",
+                1,
+            ),
+            "own labels",
         ),
     ] {
         let path = dir.path().join("bad.yaml");

@@ -125,6 +125,15 @@ def main():
             err(where, f"schema: {e.message} at {'/'.join(str(p) for p in e.path)}")
         except Exception as e:  # no schema for the kind: that is a failure too
             err(where, f"cannot validate: {e}")
+        if kind == "NetworkPolicy":
+            own = ((doc["spec"].get("podSelector") or {}).get("matchLabels") or {})
+            for rule in doc["spec"].get("ingress") or []:
+                for peer in rule.get("from") or []:
+                    labels = ((peer.get("podSelector") or {}).get("matchLabels") or {})
+                    shared = {k for k in labels if own.get(k) == labels[k]}
+                    if shared:
+                        err(where, f"an ingress peer selects the proxy's own labels {sorted(shared)}: "
+                                   "clients would have to look like the proxy")
         if kind == "ConfigMap" and "config.toml" in (doc.get("data") or {}):
             path = os.path.join(out_dir, f"{name}.toml")
             with open(path, "w") as f:
