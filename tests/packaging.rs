@@ -5,8 +5,7 @@
 //! - makes the runtime base itself: a glibc root filesystem from Debian's mirror (mmdebstrap,
 //!   only base-files, libc6, libgcc-s1, netbase: no shell), `podman import`ed once and cached
 //!   in podman's image store as [`BASE`];
-//! - builds the real Containerfile with `BINARY_FROM` naming an image that holds the binary
-//!   this suite built (the release build with LTO happens in the Containerfile's builder stage for
+//! - builds the real Containerfile's `prebuilt` target, feeding it the binary this suite built (the release build with LTO happens in the Containerfile's builder stage for
 //!   real users; here it would cost more than the whole suite);
 //! - exports the image's root filesystem and runs its entrypoint under `chroot` as the image's
 //!   user: `--version`, then the proxy with its demo store, a POST and a PUT through it,
@@ -84,10 +83,10 @@ fn ensure_base() {
     run(podman().arg("import").arg(&tar).arg(BASE));
 }
 
-/// Removes the test's images and container however the test ends (removing a tagged image
-/// removes its intermediate layers; the build leaves no untagged stage images behind).
+/// Removes the test's image and container however the test ends (removing the tagged image
+/// removes its intermediate layers: the `prebuilt` target copies from no other stage, so no
+/// untagged stage image is left behind).
 struct Cleanup {
-    binary_image: String,
     image: String,
     container: String,
 }
@@ -99,13 +98,11 @@ impl Drop for Cleanup {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        for image in [&self.image, &self.binary_image] {
-            let _ = podman()
-                .args(["rmi", "-f", image])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        let _ = podman()
+            .args(["rmi", "-f", &self.image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -135,27 +132,17 @@ fn build_and_export(into: &Path, cleanup: &Cleanup) -> Value {
     if !stripped {
         std::fs::copy(env!("CARGO_BIN_EXE_envelope-proxy"), &binary).unwrap();
     }
-    // The binary as an image (BINARY_FROM may name one): a `prebuilt` stage would leave an
-    // untagged stage image behind in podman's store on every run.
-    let binary_containerfile = context.path().join("Containerfile.binary");
-    std::fs::write(
-        &binary_containerfile,
-        "FROM scratch\nCOPY prebuilt/envelope-proxy /out/envelope-proxy\n",
-    )
-    .unwrap();
-    run(podman()
-        .args(["build", "--pull=never", "--quiet", "-f"])
-        .arg(&binary_containerfile)
-        .args(["-t", &cleanup.binary_image])
-        .arg(context.path()));
     let containerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Containerfile");
     run(podman()
-        .args(["build", "--pull=never", "--quiet", "-f"])
-        .arg(&containerfile)
         .args([
-            "--build-arg",
-            &format!("BINARY_FROM={}", cleanup.binary_image),
+            "build",
+            "--pull=never",
+            "--quiet",
+            "--target",
+            "prebuilt",
+            "-f",
         ])
+        .arg(&containerfile)
         .args(["--build-arg", &format!("RUNTIME_IMAGE={BASE}")])
         .args(["-t", &cleanup.image])
         .arg(context.path()));
@@ -218,7 +205,6 @@ async fn image_builds_and_serves_from_its_root_filesystem() {
     ensure_base();
     let id = format!("{}-{}", std::process::id(), rand_suffix());
     let cleanup = Cleanup {
-        binary_image: format!("localhost/envelope-proxy-test-binary:{id}"),
         image: format!("localhost/envelope-proxy-test:{id}"),
         container: format!("envelope-proxy-test-{id}"),
     };
@@ -407,10 +393,16 @@ fn containerfile_builds_release_and_documents_vendor_modules() {
     ] {
         assert!(text.contains(needle), "Containerfile lacks {needle:?}");
     }
-    // The runtime stage runs nothing: it builds without a shell or a container runtime.
-    let runtime = text.rsplit("FROM ${RUNTIME_IMAGE}").next().unwrap();
+    // The runtime stages run nothing: they build without a shell or a container runtime.
+    let runtime = text
+        .split("FROM ${RUNTIME_IMAGE} AS runtime-base")
+        .nth(1)
+        .unwrap();
     assert!(
         !runtime.lines().any(|l| l.trim_start().starts_with("RUN")),
-        "the runtime stage has a RUN step"
+        "a runtime stage has a RUN step"
     );
+    // The default target is the one with the builder's binary.
+    let last = text.lines().rfind(|l| l.starts_with("FROM ")).unwrap();
+    assert_eq!(last, "FROM runtime-base AS runtime");
 }
