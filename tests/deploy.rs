@@ -191,3 +191,52 @@ fn the_checker_refuses_drift_a_writable_root_and_a_self_selecting_policy() {
         assert!(stderr.contains(needle), "{what}: {stderr}");
     }
 }
+
+/// Every metric an alert rule reads is one the proxy exports (a renamed metric would leave an
+/// alert that never fires): names from the rules file against the `# TYPE` lines of
+/// `Metrics::encode` (counters are sampled as NAME_total, histograms as NAME_bucket/_sum/_count).
+#[test]
+fn alert_rules_read_metrics_the_proxy_exports() {
+    // A labelled family is exported once it has a child: record one sample of each.
+    let metrics = envelope_proxy::metrics::Metrics::new();
+    metrics.denial("r", "k", "no-allow");
+    metrics.request("r", 200, 0.001);
+    metrics.record_cache(true);
+    metrics.record_cache(false);
+    metrics.backend_call("b", "unwrap");
+    metrics.backend_error("b", "unwrap", "unavailable");
+    metrics.keyring_rollback_refused();
+    metrics.fields("r", 1, 1);
+    metrics.plaintext_read("r");
+    metrics.unbound_read("r");
+    metrics.decrypt_failure("r");
+    let exported: std::collections::HashSet<String> = metrics
+        .encode()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert!(exported.contains("envelope_proxy_requests"), "{exported:?}");
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/envelope-proxy.rules.yaml"))
+        .unwrap();
+    let mut used = Vec::new();
+    for (i, _) in rules.match_indices("envelope_proxy_") {
+        let name: String = rules[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        used.push(name);
+    }
+    assert!(!used.is_empty());
+    for name in used {
+        let base = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            exported.contains(base),
+            "the rules read {name}, which the proxy does not export (exported: {exported:?})"
+        );
+    }
+}
