@@ -1,30 +1,40 @@
-//! Writing your own root-key backend.
+//! Writing your own root-key backend, and serving requests with it.
 //!
-//! `RootKeyProvider` is the one extension point for root keys: implement it outside the crate,
-//! hand it to `KeyService`, and the rest of the proxy (data-key cache, tokens) works unchanged.
+//! `RootKeyProvider` is the one extension point for root keys: implement it outside the crate
+//! and hand it to the server beside the config (`server::Builder::provider`); routes name its
+//! keys as `NAME:key` once the config declares `[backend.NAME] kind = "embedded"`. The rest of
+//! the proxy (policies, data-key cache, tokens, S3 objects, audit) works unchanged.
 //!
 //! This toy backend, `demo`, derives one AES-256 root key per key id from a secret in the
 //! `DEMO_ROOT_SECRET` environment variable and wraps data keys with AES-256-GCM, binding the key
 //! context as AAD. It is for learning only: a real backend keeps root keys in a KMS or HSM.
 //!
-//! Run it with `cargo run --example custom_provider`.
+//! Run it with `cargo run --example custom_provider`: the proxy on 127.0.0.1:8080 in front of
+//! its in-memory demo store on 127.0.0.1:3000, the `users` route sealing `$.ssn` under
+//! `demo:users`:
+//!
+//! ```console
+//! $ curl -s -X POST localhost:8080/tenants/acme/users -H 'content-type: application/json' -d '{"id":"1","ssn":"123-45-6789"}'
+//! $ curl -s localhost:3000/tenants/acme/users/1      # the store: a token wrapped by "demo"
+//! $ curl -s localhost:8080/tenants/acme/users/1      # through the proxy: plaintext
+//! ```
+//!
+//! tests/embedding.rs runs this file's `start` and makes that round trip.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use aes_gcm::aead::array::Array;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use async_trait::async_trait;
-use envelope_proxy::envelope::token::{self, ParsedToken};
-use envelope_proxy::envelope::{Context, WrappedKey, context::FIELD_KEY, fill_random};
-use envelope_proxy::keys::{
-    BackendError, CacheLimits, DataKey, KeyDescription, KeyRef, KeyService, RootKeyProvider,
-};
-use envelope_proxy::metrics::Metrics;
+use envelope_proxy::envelope::{Context, WrappedKey, fill_random};
+use envelope_proxy::keys::{BackendError, DataKey, KeyDescription, RootKeyProvider};
+use envelope_proxy::server::{Builder, Running};
 use sha2::{Digest, Sha256};
 
 /// Our backend. It holds only the secret; root keys are derived on demand.
-struct DemoProvider {
-    secret: Vec<u8>,
+pub struct DemoProvider {
+    pub secret: Vec<u8>,
 }
 
 impl DemoProvider {
@@ -125,69 +135,68 @@ impl RootKeyProvider for DemoProvider {
     }
 }
 
+/// The proxy's config: the keyring is still required (empty here), the `demo` backend is
+/// embedded (its provider comes from this program), and the route's key is on it.
+pub fn config(listen: &str, store: &str, data_dir: &Path) -> String {
+    let data = data_dir.display();
+    format!(
+        r#"
+[server]
+listen = "{listen}"
+auth = "none"
+
+[keyring]
+path = "{data}/keyring.json"
+master_key_file = "{data}/master.key"
+
+[backend.demo]
+kind = "embedded"
+
+[demo_store]
+listen = "{store}"
+
+[[route]]
+name = "users"
+path = "/tenants/{{tenant}}/users/{{id?}}"
+upstream = "http://{store}"
+key = "demo:users"
+fields = ["$.ssn"]
+context = {{ tenant = "{{path.tenant}}" }}
+message_context = {{ id = "{{path.id|json.id}}" }}
+"#
+    )
+}
+
+/// Start the proxy with the `demo` provider serving the config's embedded backend.
+pub async fn start(config_text: &str, secret: &[u8]) -> Result<Running, String> {
+    let config = envelope_proxy::config::parse(config_text).map_err(|e| e.to_string())?;
+    let provider = DemoProvider {
+        secret: secret.to_vec(),
+    };
+    Builder::new(config)
+        .provider(Arc::new(provider))
+        .start()
+        .await
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // 1. Build the backend and hand it to a KeyService (which adds the data-key cache).
     let secret = std::env::var("DEMO_ROOT_SECRET").unwrap_or_else(|_| {
         eprintln!("DEMO_ROOT_SECRET is not set; using a built-in demo secret");
         "not-a-secret".to_string()
     });
-    let provider = DemoProvider {
-        secret: secret.into_bytes(),
-    };
-    let keys = KeyService::new(
-        vec![Arc::new(provider)],
-        CacheLimits::default(),
-        Arc::new(Metrics::new()),
+    let data = Path::new("data/custom_provider");
+    std::fs::create_dir_all(data)?;
+    let running = start(
+        &config("127.0.0.1:8080", "127.0.0.1:3000", data),
+        secret.as_bytes(),
+    )
+    .await?;
+    println!(
+        "proxy on {:?}, demo store on {:?}; root keys from the \"demo\" provider. Ctrl-C stops.",
+        running.addr, running.demo_store_addr
     );
-
-    // 2. Contexts. The key context goes to the backend (and partitions the cache); the message
-    //    context is bound into each token and includes the key context plus the field's path.
-    let key_context: Context = [("tenant", "acme")].into_iter().collect();
-    let mut message_context = key_context.clone();
-    message_context.insert("id", "42");
-    message_context.insert(FIELD_KEY, "$.ssn");
-
-    // 3. Seal a JSON value. The plaintext is its JSON serialization.
-    let root = KeyRef {
-        backend: "demo".into(),
-        key_id: "k1".into(),
-    };
-    let value = serde_json::json!("123-45-6789");
-    let plaintext = serde_json::to_vec(&value)?;
-    let sealing = keys
-        .sealing_key(&[root], &key_context, 1, plaintext.len() as u64)
-        .await?;
-    let token = token::seal(
-        &sealing.header,
-        sealing.data_key.expose(),
-        &message_context,
-        &plaintext,
-    )?;
-    println!("sealed:    {value}");
-    println!("token:     {token}");
-
-    // 4. Open it again: parse the token, let the KeyService find a backend that unwraps one of
-    //    the header's EDKs, then open the message under the same message context.
-    let parsed = ParsedToken::parse(&token)?;
-    println!("wrapped by {:?}", parsed.header.edks);
-    let data_key = keys.opening_key(&parsed.header, &key_context).await?;
-    let opened = parsed.open(data_key.expose(), &message_context)?;
-    let recovered: serde_json::Value = serde_json::from_slice(&opened)?;
-    println!("recovered: {recovered}");
-    assert_eq!(recovered, value);
-
-    // 5. The bindings hold: another tenant's key context cannot unwrap the data key, and the
-    //    token does not open as another field.
-    let other_tenant: Context = [("tenant", "globex")].into_iter().collect();
-    assert!(
-        keys.opening_key(&parsed.header, &other_tenant)
-            .await
-            .is_err()
-    );
-    let mut other_field = message_context.clone();
-    other_field.insert(FIELD_KEY, "$.name");
-    assert!(parsed.open(data_key.expose(), &other_field).is_err());
-    println!("another key context or field path fails, as it should");
+    tokio::signal::ctrl_c().await?;
+    running.stop().await;
     Ok(())
 }

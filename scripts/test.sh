@@ -6,6 +6,10 @@
 #   SoftHSM2           Debian package softhsm2 (scripts/softhsm-setup.sh)
 #   rclone, s3cmd      Debian packages: real S3 clients driven through the gateway
 #   s3s-fs 0.14.1      crates.io (cargo install into tests/peers/cargo): a second S3 upstream
+#   podman, mmdebstrap Debian packages: the image test (tests/packaging.rs) builds the
+#                      Containerfile on a Debian base it makes itself (cached in podman's store)
+#   kubernetes-validate pip (tests/peers/requirements.txt), with kubectl (expected on the
+#                      machine): the manifest tests (tests/deploy.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +29,9 @@ missing=()
 need python3 || missing+=(python3 python3-venv)
 need rclone || missing+=(rclone)
 need s3cmd || missing+=(s3cmd)
+need podman || missing+=(podman)
+need mmdebstrap || missing+=(mmdebstrap)
+need objcopy || missing+=(binutils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   apt_install "${missing[@]}"
@@ -45,6 +52,8 @@ echo "==> test peers: s3s-fs"
 if [ "$(tests/peers/cargo/bin/s3s-fs --version 2>/dev/null)" != "s3s-fs 0.14.1" ]; then
   cargo install -q --locked --root tests/peers/cargo s3s-fs --version 0.14.1 --features binary
 fi
+
+need kubectl || { echo "error: kubectl is required (tests/deploy.rs renders deploy/ with kubectl kustomize)" >&2; exit 1; }
 
 if [ -f scripts/softhsm-setup.sh ]; then
   echo "==> test peers: SoftHSM2"

@@ -1,5 +1,5 @@
 //! The command line: `serve`, `check-config`, `keys`, `grants`, `policy simulate`, `decrypt`
-//! (offline), `audit-verify`.
+//! (offline), `audit-verify`, and for packagers `completions` and `man`.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{self, Config, RouteKind};
 use crate::keys::keyring::Keyring;
@@ -15,10 +15,19 @@ use crate::keys::{KeyRef, KeyService};
 use crate::metrics::Metrics;
 use crate::transform::json_fields::{self, RequestMeta};
 
+/// `--version`: the crate's version and the git revision it was built from (build.rs:
+/// ENVELOPE_PROXY_GIT_REV, "unknown" when built outside a git checkout without it).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (rev ",
+    env!("ENVELOPE_PROXY_GIT_REV"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "envelope-proxy",
-    version,
+    version = VERSION,
     about = "Transparent envelope encryption proxy"
 )]
 struct Cli {
@@ -104,6 +113,24 @@ enum Command {
         /// A copy of the checkpoints (shipped off the host; default: FILE.checkpoints if present).
         #[arg(long)]
         checkpoints: Option<PathBuf>,
+    },
+    /// Print a shell completion script to stdout.
+    ///
+    /// bash: `envelope-proxy completions bash > /etc/bash_completion.d/envelope-proxy`;
+    /// zsh: into a directory on $fpath as `_envelope-proxy`; fish:
+    /// `~/.config/fish/completions/envelope-proxy.fish`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, or with --out-dir write one page per command there.
+    ///
+    /// `envelope-proxy man | man -l -`; packagers: `envelope-proxy man --out-dir
+    /// /usr/share/man/man1`.
+    Man {
+        /// Write envelope-proxy.1 and a page per subcommand (envelope-proxy-keys-create.1, ...).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -316,6 +343,21 @@ fn open_keyring(cfg: &Config) -> Result<Arc<Keyring>, String> {
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve => crate::server::run(load(&cli.config)?).await,
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "envelope-proxy", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out_dir } => {
+            let cmd = Cli::command();
+            match out_dir {
+                Some(dir) => clap_mangen::generate_to(cmd, &dir)
+                    .map_err(|e| format!("{}: {e}", dir.display())),
+                None => clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .map_err(|e| format!("stdout: {e}")),
+            }
+        }
         Command::CheckConfig { file } => {
             let path = file.unwrap_or(cli.config);
             let cfg = load(&path)?;

@@ -113,6 +113,15 @@ struct FileKmsBackend {
     open_for_secs: Option<u64>,
 }
 
+/// A backend the program embedding envelope-proxy supplies (`server::Builder::provider`). It
+/// is used as given: deadlines, retries and circuit breaking are the provider's own.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEmbeddedBackend {
+    #[allow(dead_code)]
+    kind: String,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FilePkcs11Backend {
@@ -289,6 +298,9 @@ pub struct BackendConfig {
 pub enum BackendKind {
     AwsKms(KmsSettings),
     Pkcs11(Pkcs11Settings),
+    /// A `RootKeyProvider` the embedding program registers under this name
+    /// (`server::Builder::provider`); the `envelope-proxy` binary has none.
+    Embedded,
 }
 
 #[derive(Debug, Clone)]
@@ -1001,13 +1013,30 @@ fn resolve_backends(value: Option<&toml::Value>, errors: &mut Vec<String>) -> Ve
                     None
                 }
             },
+            "embedded" => match v.clone().try_into::<FileEmbeddedBackend>() {
+                Ok(_) => Some((
+                    BackendKind::Embedded,
+                    FileResilience {
+                        call_timeout_ms: None,
+                        retries: None,
+                        failure_threshold: None,
+                        open_for_secs: None,
+                    },
+                )),
+                Err(e) => {
+                    errors.push(format!("{place}: {}", e.message()));
+                    None
+                }
+            },
             "" => {
-                errors.push(format!("{place}.kind: missing (\"aws-kms\" or \"pkcs11\")"));
+                errors.push(format!(
+                    "{place}.kind: missing (\"aws-kms\", \"pkcs11\" or \"embedded\")"
+                ));
                 None
             }
             other => {
                 errors.push(format!(
-                    "{place}.kind: {other:?} is not one of \"aws-kms\", \"pkcs11\""
+                    "{place}.kind: {other:?} is not one of \"aws-kms\", \"pkcs11\", \"embedded\""
                 ));
                 None
             }

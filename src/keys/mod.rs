@@ -254,6 +254,33 @@ pub trait RootKeyProvider: Send + Sync + 'static {
 pub async fn connect_backends(
     config: &crate::config::Config,
 ) -> Result<(Arc<keyring::Keyring>, Vec<Arc<dyn RootKeyProvider>>), String> {
+    connect_backends_with(config, &[]).await
+}
+
+/// [`connect_backends`], with the providers a program embedding envelope-proxy supplies for
+/// its `kind = "embedded"` backends (matched by name; both sides must match: a provider the
+/// config does not name, or an embedded backend without a provider, is an error).
+pub async fn connect_backends_with(
+    config: &crate::config::Config,
+    embedded: &[Arc<dyn RootKeyProvider>],
+) -> Result<(Arc<keyring::Keyring>, Vec<Arc<dyn RootKeyProvider>>), String> {
+    use crate::config::BackendKind;
+    for (i, p) in embedded.iter().enumerate() {
+        if embedded[..i].iter().any(|q| q.name() == p.name()) {
+            return Err(format!("provider {:?}: given twice", p.name()));
+        }
+        let configured = config
+            .backends
+            .iter()
+            .any(|b| b.name == p.name() && matches!(b.kind, BackendKind::Embedded));
+        if !configured {
+            return Err(format!(
+                "provider {:?}: the config has no [backend.{}] with kind = \"embedded\"",
+                p.name(),
+                p.name()
+            ));
+        }
+    }
     let keyring = keyring::Keyring::open(
         KeyRef::DEFAULT_BACKEND,
         &config.keyring.path,
@@ -262,7 +289,18 @@ pub async fn connect_backends(
     .map_err(|e| e.to_string())?;
     let mut backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring.clone()];
     for b in &config.backends {
-        backends.push(connect_one(b).await?);
+        match b.kind {
+            BackendKind::Embedded => match embedded.iter().find(|p| p.name() == b.name) {
+                Some(p) => backends.push(p.clone()),
+                None => {
+                    return Err(format!(
+                        "backend {}: kind = \"embedded\" needs a provider from the program embedding envelope-proxy (server::Builder::provider); the envelope-proxy binary has none",
+                        b.name
+                    ));
+                }
+            },
+            _ => backends.push(connect_one(b).await?),
+        }
     }
     Ok((keyring, backends))
 }
@@ -301,6 +339,10 @@ async fn connect_one(b: &crate::config::BackendConfig) -> Result<Arc<dyn RootKey
                 Err(missing("pkcs11"))
             }
         }
+        BackendKind::Embedded => Err(format!(
+            "backend {}: kind = \"embedded\" needs a provider (server::Builder::provider)",
+            b.name
+        )),
     }
 }
 

@@ -31,7 +31,6 @@
 use http::HeaderValue;
 
 use crate::envelope::chunked;
-use crate::s3::xml_error::S3Error;
 
 const CHUNK: u64 = chunked::CHUNK_SIZE as u64;
 const SEALED: u64 = chunked::SEALED_CHUNK_SIZE as u64;
@@ -171,8 +170,8 @@ fn number(s: &str) -> Option<u64> {
     }))
 }
 
-/// A valid range that cannot be served for this object: answer `416` with
-/// [`RangeNotSatisfiable::to_s3_error`] and `Content-Range: ` [`content_range`](Self::content_range).
+/// A valid range that cannot be served for this object: answer `416 InvalidRange` with
+/// `Content-Range: ` [`content_range`](Self::content_range) (the gateway's `invalid_range`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("range {requested:?} not satisfiable for an object of {size} bytes")]
 pub struct RangeNotSatisfiable {
@@ -186,18 +185,6 @@ impl RangeNotSatisfiable {
     /// `bytes */<size>`, the `Content-Range` of a 416 response.
     pub fn content_range(&self) -> String {
         format!("bytes */{}", self.size)
-    }
-
-    /// The S3 error body: `416 InvalidRange`, "The requested range is not satisfiable", with
-    /// `<RangeRequested>` and `<ActualObjectSize>` as S3 sends them.
-    pub fn to_s3_error(&self) -> S3Error {
-        S3Error::new(
-            http::StatusCode::RANGE_NOT_SATISFIABLE,
-            "InvalidRange",
-            "The requested range is not satisfiable",
-        )
-        .with_field("RangeRequested", self.requested.clone())
-        .with_field("ActualObjectSize", self.size.to_string())
     }
 }
 
@@ -564,15 +551,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unsatisfiable_error_body() {
+    #[tokio::test]
+    async fn unsatisfiable_error_response() {
+        use http_body_util::BodyExt;
         let e = res("bytes=100-", 42).unwrap_err();
-        let err = e.to_s3_error();
-        assert_eq!(err.status, http::StatusCode::RANGE_NOT_SATISFIABLE);
-        let xml = err.with_resource("/b/k").to_xml();
-        assert!(xml.contains("<Code>InvalidRange</Code>"));
-        assert!(xml.contains("<RangeRequested>bytes=100-</RangeRequested>"));
-        assert!(xml.contains("<ActualObjectSize>42</ActualObjectSize>"));
+        let resp = crate::s3::gateway::invalid_range(Some(e.size))
+            .to_http_response()
+            .unwrap();
+        assert_eq!(resp.status(), http::StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(resp.headers()["content-range"], e.content_range());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let xml = String::from_utf8(body.to_vec()).unwrap();
+        assert!(xml.contains("<Code>InvalidRange</Code>"), "{xml}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! S3 XML error bodies: building ours, and spotting upstream errors hidden in a `200 OK`.
+//! S3 XML error bodies from upstream: spotting errors hidden in a `200 OK`. (Our own error
+//! bodies are `s3s::S3Error`s, serialized by s3s.)
 //!
 //! S3 answers every failed request with a body like
 //!
@@ -9,8 +10,7 @@
 //! ```
 //!
 //! (some codes add fields, e.g. `InvalidRange` adds `<RangeRequested>` and
-//! `<ActualObjectSize>`). Clients read `Code` to decide what to do (retry, 404, ...), so the
-//! proxy's own errors must be in this shape, with `Content-Type: application/xml`.
+//! `<ActualObjectSize>`). Clients read `Code` to decide what to do (retry, 404, ...).
 //!
 //! Two S3 operations can fail *after* having sent `200 OK`: CompleteMultipartUpload and
 //! CopyObject (also UploadPartCopy) send the status line early and keep the connection alive
@@ -18,128 +18,12 @@
 //! [`parse_error`] detects the latter so the gateway can turn it into a real error status
 //! ([`status_for_code`]) instead of passing a "successful" failure to the client.
 //!
-//! Text is escaped with quick-xml's [`escape`](quick_xml::escape::escape) (`&`, `<`, `>`, `'`,
-//! `"`), so keys with `&` or `<` in a `Resource` stay well-formed.
-
-use std::borrow::Cow;
+//! The body is attacker-influenced (anything between us and the storage): parsing never
+//! panics, and a document that is not an `<Error>` at its root is not an error.
 
 use http::StatusCode;
 use quick_xml::Reader;
-use quick_xml::Writer;
-use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
-
-/// The XML declaration S3 puts in front of every error body.
-pub const XML_DECLARATION: &str = r#"<?xml version="1.0" encoding="UTF-8"?>"#;
-
-/// One S3 error response: status, `Code`, `Message` and the optional fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Error {
-    /// HTTP status to send with the body.
-    pub status: StatusCode,
-    /// S3 error code (`NoSuchKey`, `InvalidRange`, `BadDigest`, ...).
-    pub code: Cow<'static, str>,
-    /// Human-readable message. Never put plaintext or secrets here.
-    pub message: Cow<'static, str>,
-    /// `<Resource>`: the bucket or object path the request addressed, if known.
-    pub resource: Option<String>,
-    /// `<RequestId>`: the proxy's request id, if any.
-    pub request_id: Option<String>,
-    /// Extra elements after `Message` (e.g. `("ActualObjectSize", "42")`), in order.
-    /// Names are fixed by the code that creates the error, hence `&'static str`.
-    pub extra: Vec<(&'static str, String)>,
-}
-
-impl S3Error {
-    /// A new error with no resource, request id or extra fields.
-    pub fn new(
-        status: StatusCode,
-        code: impl Into<Cow<'static, str>>,
-        message: impl Into<Cow<'static, str>>,
-    ) -> Self {
-        S3Error {
-            status,
-            code: code.into(),
-            message: message.into(),
-            resource: None,
-            request_id: None,
-            extra: Vec::new(),
-        }
-    }
-
-    /// Sets `<Resource>`.
-    pub fn with_resource(mut self, resource: impl Into<String>) -> Self {
-        self.resource = Some(resource.into());
-        self
-    }
-
-    /// Sets `<RequestId>`.
-    pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
-        self.request_id = Some(request_id.into());
-        self
-    }
-
-    /// Appends an extra element `<name>value</name>`. `name` must be a plain XML name
-    /// (ASCII letters and digits); it is written as is.
-    pub fn with_field(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        debug_assert!(
-            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric()),
-            "extra field names are plain XML names"
-        );
-        self.extra.push((name, value.into()));
-        self
-    }
-
-    /// The complete body: declaration, then `<Error>` with `Code`, `Message`, the extra
-    /// fields, `Resource` and `RequestId` (the last two only when set), no whitespace.
-    pub fn to_xml(&self) -> String {
-        let mut writer = Writer::new(Vec::with_capacity(256));
-        put(
-            &mut writer,
-            Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)),
-        );
-        put(&mut writer, Event::Start(BytesStart::new("Error")));
-        write_field(&mut writer, "Code", &self.code);
-        write_field(&mut writer, "Message", &self.message);
-        for (name, value) in &self.extra {
-            write_field(&mut writer, name, value);
-        }
-        if let Some(resource) = &self.resource {
-            write_field(&mut writer, "Resource", resource);
-        }
-        if let Some(request_id) = &self.request_id {
-            write_field(&mut writer, "RequestId", request_id);
-        }
-        put(&mut writer, Event::End(BytesEnd::new("Error")));
-        String::from_utf8(writer.into_inner()).expect("quick-xml writes UTF-8 for UTF-8 input")
-    }
-}
-
-fn put(writer: &mut Writer<Vec<u8>>, event: Event<'_>) {
-    writer
-        .write_event(event)
-        .expect("writing XML into a Vec cannot fail");
-}
-
-/// `<name>escaped value</name>`.
-fn write_field(writer: &mut Writer<Vec<u8>>, name: &str, value: &str) {
-    put(writer, Event::Start(BytesStart::new(name)));
-    put(writer, Event::Text(BytesText::new(value)));
-    put(writer, Event::End(BytesEnd::new(name)));
-}
-
-/// Shorthand for `S3Error::new(...).with_resource(..).with_request_id(..).to_xml()` without
-/// extra fields.
-pub fn error_xml(
-    code: &str,
-    message: &str,
-    resource: Option<&str>,
-    request_id: Option<&str>,
-) -> String {
-    let mut error = S3Error::new(StatusCode::BAD_REQUEST, code.to_owned(), message.to_owned());
-    error.resource = resource.map(str::to_owned);
-    error.request_id = request_id.map(str::to_owned);
-    error.to_xml()
-}
+use quick_xml::events::Event;
 
 /// An `<Error>` document received from upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -282,83 +166,64 @@ pub fn status_for_code(code: &str) -> StatusCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use s3s::{S3Error, S3ErrorCode};
 
-    #[test]
-    fn builds_the_s3_shape() {
-        let xml = S3Error::new(
-            StatusCode::NOT_FOUND,
-            "NoSuchKey",
-            "The specified key does not exist.",
-        )
-        .with_resource("/bucket/photos/2024/a.jpg")
-        .with_request_id("4442587FB7D0A2F9")
-        .to_xml();
-        assert_eq!(
-            xml,
-            concat!(
-                r#"<?xml version="1.0" encoding="UTF-8"?>"#,
-                "<Error><Code>NoSuchKey</Code>",
-                "<Message>The specified key does not exist.</Message>",
-                "<Resource>/bucket/photos/2024/a.jpg</Resource>",
-                "<RequestId>4442587FB7D0A2F9</RequestId></Error>"
-            )
-        );
-        assert!(xml.starts_with(XML_DECLARATION));
+    /// What s3s (which writes the proxy's own S3 errors) sends for `e`.
+    async fn s3s_body(e: S3Error) -> (StatusCode, String) {
+        let resp = e.to_http_response().unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
     }
 
-    #[test]
-    fn optional_fields_are_omitted_and_extras_kept_in_order() {
-        let xml = S3Error::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "InvalidRange",
-            "The requested range is not satisfiable",
-        )
-        .with_field("RangeRequested", "bytes=100-")
-        .with_field("ActualObjectSize", "42")
-        .to_xml();
-        assert_eq!(
-            xml,
-            concat!(
-                r#"<?xml version="1.0" encoding="UTF-8"?>"#,
-                "<Error><Code>InvalidRange</Code>",
-                "<Message>The requested range is not satisfiable</Message>",
-                "<RangeRequested>bytes=100-</RangeRequested>",
-                "<ActualObjectSize>42</ActualObjectSize></Error>"
-            )
+    /// Our errors are s3s's: the S3 shape, which our parser reads back, escapes and all.
+    #[tokio::test]
+    async fn s3s_errors_round_trip_through_the_parser() {
+        let mut e = S3Error::with_message(S3ErrorCode::NoSuchKey, "Key <a & b> \"quoted\" it's");
+        e.set_request_id("id&1");
+        let (status, xml) = s3s_body(e).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(
+            xml.starts_with(r#"<?xml version="1.0" encoding="UTF-8"?>"#),
+            "{xml}"
         );
-    }
-
-    #[test]
-    fn escapes_text() {
-        let xml = error_xml(
-            "NoSuchKey",
-            "Key <a & b> \"quoted\" it's",
-            Some("/b/Tom & Jerry <1>.txt"),
-            Some("id&1"),
-        );
-        assert!(xml.contains("<Resource>/b/Tom &amp; Jerry &lt;1&gt;.txt</Resource>"));
-        assert!(xml.contains("<RequestId>id&amp;1</RequestId>"));
-        assert!(!xml.contains("<a & b>"));
-        // And it round-trips through our own parser.
+        assert!(xml.contains("<Code>NoSuchKey</Code>"), "{xml}");
+        assert!(!xml.contains("<a & b>"), "{xml}");
         let parsed = parse_error(xml.as_bytes()).unwrap();
         assert_eq!(parsed.code, "NoSuchKey");
         assert_eq!(parsed.message, "Key <a & b> \"quoted\" it's");
-        assert_eq!(parsed.resource.as_deref(), Some("/b/Tom & Jerry <1>.txt"));
         assert_eq!(parsed.request_id.as_deref(), Some("id&1"));
+        assert_eq!(status_for_code(&parsed.code), status);
     }
 
-    #[test]
-    fn unicode_survives() {
-        let xml = error_xml(
-            "NoSuchKey",
-            "ключ 😀 not found",
-            Some("/b/日本語 キー"),
-            None,
-        );
+    #[tokio::test]
+    async fn unicode_survives() {
+        let e = S3Error::with_message(S3ErrorCode::NoSuchKey, "ключ 😀 not found: 日本語 キー");
+        let (_, xml) = s3s_body(e).await;
         let parsed = parse_error(xml.as_bytes()).unwrap();
-        assert_eq!(parsed.message, "ключ 😀 not found");
-        assert_eq!(parsed.resource.as_deref(), Some("/b/日本語 キー"));
+        assert_eq!(parsed.message, "ключ 😀 not found: 日本語 キー");
         assert_eq!(parsed.request_id, None);
+    }
+
+    /// Where s3s and S3 agree on a code's status, so do we.
+    #[tokio::test]
+    async fn status_for_code_agrees_with_s3s() {
+        for code in [
+            S3ErrorCode::AccessDenied,
+            S3ErrorCode::NoSuchKey,
+            S3ErrorCode::NoSuchUpload,
+            S3ErrorCode::InvalidRange,
+            S3ErrorCode::PreconditionFailed,
+            S3ErrorCode::BadDigest,
+            S3ErrorCode::InvalidPart,
+            S3ErrorCode::SlowDown,
+            S3ErrorCode::InternalError,
+        ] {
+            let name = code.as_str().to_string();
+            let (status, _) = s3s_body(S3Error::new(code)).await;
+            assert_eq!(status_for_code(&name), status, "{name}");
+        }
     }
 
     #[test]

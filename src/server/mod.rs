@@ -55,11 +55,54 @@ impl Running {
 
 /// Open the keyring, build the state and bind every listener.
 pub async fn start(config: Config) -> Result<Running, String> {
+    Builder::new(config).start().await
+}
+
+/// A server with root-key providers of the program embedding envelope-proxy, beside the
+/// config: each serves the `[backend.NAME]` with `kind = "embedded"` whose name is the
+/// provider's `name()` (examples/custom_provider.rs).
+///
+/// ```no_run
+/// # async fn run(config: envelope_proxy::config::Config,
+/// #              mine: std::sync::Arc<dyn envelope_proxy::keys::RootKeyProvider>) -> Result<(), String> {
+/// let running = envelope_proxy::server::Builder::new(config).provider(mine).start().await?;
+/// # running.stop().await; Ok(()) }
+/// ```
+pub struct Builder {
+    config: Config,
+    providers: Vec<Arc<dyn RootKeyProvider>>,
+}
+
+impl Builder {
+    pub fn new(config: Config) -> Builder {
+        Builder {
+            config,
+            providers: Vec::new(),
+        }
+    }
+
+    /// Add a root-key provider (a provider the config names no embedded backend for is an
+    /// error at start, as is an embedded backend without a provider).
+    pub fn provider(mut self, provider: Arc<dyn RootKeyProvider>) -> Builder {
+        self.providers.push(provider);
+        self
+    }
+
+    /// Open the keyring, connect the backends, build the state and bind every listener.
+    pub async fn start(self) -> Result<Running, String> {
+        start_with(self.config, &self.providers).await
+    }
+}
+
+async fn start_with(
+    config: Config,
+    providers: &[Arc<dyn RootKeyProvider>],
+) -> Result<Running, String> {
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
     let metrics = Arc::new(Metrics::new());
-    let (keyring, backends) = crate::keys::connect_backends(&config).await?;
+    let (keyring, backends) = crate::keys::connect_backends_with(&config, providers).await?;
     check_route_keys(&config, &keyring, &backends).await?;
     keyring.report_to(metrics.clone());
     keyring.watch(Duration::from_secs(1));
