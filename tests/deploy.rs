@@ -210,6 +210,7 @@ fn alert_rules_read_metrics_the_proxy_exports() {
     metrics.plaintext_read("r");
     metrics.unbound_read("r");
     metrics.decrypt_failure("r");
+    metrics.key_state_refused("k", "pending_deletion");
     let exported: std::collections::HashSet<String> = metrics
         .encode()
         .lines()
