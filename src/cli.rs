@@ -307,7 +307,7 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logging::init();
+    crate::logging::init(crate::logging::Format::choose(Some(&cli.config)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -32,13 +32,68 @@ pub fn dependency_caps() -> Targets {
         .with_target("cryptoki", LevelFilter::INFO)
 }
 
+/// How log lines are written: text for people, or one JSON object per line for log pipelines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s.trim() {
+            "text" => Some(Format::Text),
+            "json" => Some(Format::Json),
+            _ => None,
+        }
+    }
+
+    /// `ENVELOPE_PROXY_LOG_FORMAT` (`text` or `json`) wins; then `[server] log_format` of the
+    /// config file, read here before the config is loaded (so that loading errors are logged
+    /// in the chosen format); then text.
+    pub fn choose(config_file: Option<&std::path::Path>) -> Format {
+        if let Some(f) = std::env::var("ENVELOPE_PROXY_LOG_FORMAT")
+            .ok()
+            .as_deref()
+            .and_then(Format::parse)
+        {
+            return f;
+        }
+        config_file
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| {
+                t.get("server")?
+                    .get("log_format")?
+                    .as_str()
+                    .and_then(Format::parse)
+            })
+            .unwrap_or(Format::Text)
+    }
+}
+
 /// Install the process's subscriber (stderr), filtered by `ENVELOPE_PROXY_LOG` and capped by
 /// [`dependency_caps`]. `log` records (rustls) are bridged and capped the same way.
-pub fn init() {
+pub fn init(format: Format) {
     let env =
         EnvFilter::try_from_env("ENVELOPE_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(env.and(dependency_caps()));
-    tracing_subscriber::registry().with(layer).init();
+    let filter = env.and(dependency_caps());
+    match format {
+        Format::Text => {
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter);
+            tracing_subscriber::registry().with(layer).init();
+        }
+        Format::Json => {
+            let layer = tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_writer(std::io::stderr)
+                .with_filter(filter);
+            tracing_subscriber::registry().with(layer).init();
+        }
+    }
 }

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -43,6 +44,20 @@ pub struct KeyStateLabels {
     pub state: String,
 }
 
+/// `build_info{version, revision}` (always 1).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+    pub revision: String,
+}
+
+/// Bytes through a route's transform: `direction` is `sealed` or `opened`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub route: String,
+    pub direction: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
@@ -64,6 +79,10 @@ pub struct Metrics {
     unbound_object_reads: Family<RouteLabels, Counter>,
     denials: Family<DenialLabels, Counter>,
     key_state_refusals: Family<KeyStateLabels, Counter>,
+    backend_latency: Family<BackendLabels, Histogram>,
+    in_flight: Gauge,
+    bytes: Family<BytesLabels, Counter>,
+    aborted_bodies: Family<RouteLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -76,9 +95,52 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("envelope_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
+        // 50 µs to ~3.5 min: small JSON requests and S3 transfers of minutes alike.
         let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 23))
         });
+        // Root-key backend calls: 50 µs (a local unwrap) to ~100 s (retries against a slow
+        // KMS or HSM).
+        let backend_latency = Family::<BackendLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
+        });
+        let in_flight = Gauge::default();
+        let bytes = Family::<BytesLabels, Counter>::default();
+        let aborted_bodies = Family::<RouteLabels, Counter>::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+                revision: env!("ENVELOPE_PROXY_GIT_REV").into(),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "The running build: version and git revision (always 1)",
+            build_info,
+        );
+        registry.register(
+            "backend_call_seconds",
+            "Duration of root-key backend calls, by backend and operation (errors included)",
+            backend_latency.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests being handled, their response bodies included",
+            in_flight.clone(),
+        );
+        registry.register_with_unit(
+            "transformed",
+            "Plaintext bytes sealed on the way to storage and opened on the way back, by route",
+            prometheus_client::registry::Unit::Bytes,
+            bytes.clone(),
+        );
+        registry.register(
+            "response_bodies_aborted",
+            "Response bodies that ended before their end: a stored object that failed \
+             authentication mid-stream, storage that stopped sending, or a client that went away",
+            aborted_bodies.clone(),
+        );
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let backend_calls = Family::<BackendLabels, Counter>::default();
@@ -178,7 +240,66 @@ impl Metrics {
             unbound_object_reads,
             denials,
             key_state_refusals,
+            backend_latency,
+            in_flight,
+            bytes,
+            aborted_bodies,
         }
+    }
+
+    /// How long one backend call took.
+    pub fn backend_seconds(&self, backend: &str, operation: &str, seconds: f64) {
+        self.backend_latency
+            .get_or_create(&BackendLabels {
+                backend: backend.into(),
+                operation: operation.into(),
+            })
+            .observe(seconds);
+    }
+
+    /// A request started (`+1`) or its response body ended (`-1`).
+    pub fn in_flight(&self, delta: i64) {
+        self.in_flight.inc_by(delta);
+    }
+
+    pub fn in_flight_now(&self) -> i64 {
+        self.in_flight.get()
+    }
+
+    /// Plaintext bytes sealed or opened on `route`.
+    pub fn transformed(&self, route: &str, direction: &'static str, bytes: u64) {
+        self.bytes
+            .get_or_create(&BytesLabels {
+                route: route.to_string(),
+                direction: direction.to_string(),
+            })
+            .inc_by(bytes);
+    }
+
+    pub fn transformed_of(&self, route: &str, direction: &'static str) -> u64 {
+        self.bytes
+            .get_or_create(&BytesLabels {
+                route: route.to_string(),
+                direction: direction.to_string(),
+            })
+            .get()
+    }
+
+    /// A response body that ended early on `route`.
+    pub fn body_aborted(&self, route: &str) {
+        self.aborted_bodies
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn bodies_aborted_of(&self, route: &str) -> u64 {
+        self.aborted_bodies
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .get()
     }
 
     /// A key use refused for the key's state.

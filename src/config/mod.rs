@@ -48,6 +48,9 @@ struct FileServer {
     unix_socket: Option<PathBuf>,
     /// Its permissions, octal (default "0600").
     unix_socket_mode: Option<String>,
+    /// `text` (default) or `json`; read by the logger before the config loads
+    /// (`crate::logging::Format::choose`), checked here.
+    log_format: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -812,6 +815,13 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
             }
         },
     };
+    if let Some(f) = &s.log_format
+        && !matches!(f.trim(), "text" | "json")
+    {
+        errors.push(format!(
+            "server.log_format: {f:?} is not \"text\" or \"json\""
+        ));
+    }
     if s.unix_socket_mode.is_some() && s.unix_socket.is_none() {
         errors.push("server.unix_socket_mode: only with unix_socket".into());
     }

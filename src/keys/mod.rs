@@ -425,9 +425,13 @@ impl KeyService {
             .split_first()
             .ok_or_else(|| BackendError::KeyNotFound("(no keys configured)".into()))?;
         self.metrics.backend_call(&first.backend, "generate");
+        let backend = self.backend(&first.backend)?;
         let generated = self
-            .backend(&first.backend)?
-            .generate_data_key(&first.key_id, key_context)
+            .timed(
+                &first.backend,
+                "generate",
+                backend.generate_data_key(&first.key_id, key_context),
+            )
             .await
             .inspect_err(|e| {
                 self.metrics
@@ -436,9 +440,13 @@ impl KeyService {
         let mut edks = vec![generated.wrapped];
         for other in rest {
             self.metrics.backend_call(&other.backend, "wrap");
+            let backend = self.backend(&other.backend)?;
             let wrapped = self
-                .backend(&other.backend)?
-                .wrap_data_key(&other.key_id, &generated.plaintext, key_context)
+                .timed(
+                    &other.backend,
+                    "wrap",
+                    backend.wrap_data_key(&other.key_id, &generated.plaintext, key_context),
+                )
                 .await
                 .inspect_err(|e| self.metrics.backend_error(&other.backend, "wrap", e.kind()))?;
             edks.push(wrapped);
@@ -447,6 +455,20 @@ impl KeyService {
             data_key: generated.plaintext,
             header: Header { edks },
         })
+    }
+
+    /// Run one backend call, recording how long it took (`backend_call_seconds`).
+    async fn timed<T>(
+        &self,
+        backend: &str,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.metrics
+            .backend_seconds(backend, operation, started.elapsed().as_secs_f64());
+        result
     }
 
     /// The data key inside `header`, considering only EDKs under one of `allowed` (the route's
@@ -516,7 +538,11 @@ impl KeyService {
                     self.cache
                         .opening_key(edk, key_context, || {
                             self.metrics.backend_call(&edk.backend, "unwrap");
-                            backend.unwrap_data_key(edk, key_context)
+                            self.timed(
+                                &edk.backend,
+                                "unwrap",
+                                backend.unwrap_data_key(edk, key_context),
+                            )
                         })
                         .await
                 }

@@ -20,6 +20,7 @@
 //! ([`ProxyError::to_response`]; S3 errors as S3 XML) and every request that used a key or was
 //! refused is audited with its principal and what allowed or refused it.
 
+pub mod access;
 pub mod authorize;
 pub mod identity;
 pub mod json;
@@ -29,7 +30,7 @@ pub mod s3;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -89,11 +90,24 @@ where
     // it waited for `100 Continue`), which would be read as the next request. Closing it after
     // this response (with the lingering close of `server`) keeps every client's next request
     // on a clean connection.
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let ids = access::ids(&mut parts.headers);
+    state.metrics.in_flight(1);
+    let pending = access::Pending {
+        state: state.clone(),
+        ids,
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        client: client.label(),
+        started: Instant::now(),
+        request_bytes: Arc::new(AtomicU64::new(0)),
+        head: parts.method == http::Method::HEAD,
+    };
     let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
     let body = Tracked {
         inner: body,
         finished: finished.clone(),
+        bytes: pending.request_bytes.clone(),
     };
     let mut resp = handle_request(state, Request::from_parts(parts, body), client).await;
     if empty_expect || !finished.load(Ordering::Relaxed) {
@@ -102,16 +116,20 @@ where
             http::HeaderValue::from_static("close"),
         );
     }
-    resp
+    access::Logged::wrap(resp, pending)
 }
 
-/// A request body that records when it has been read to its end.
+/// A request body that records when it has been read to its end, and how many bytes it had.
 struct Tracked<B> {
     inner: B,
     finished: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
+impl<B: Body + Unpin> Body for Tracked<B>
+where
+    B::Data: bytes::Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -120,6 +138,12 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(d) = frame.data_ref()
+        {
+            self.bytes
+                .fetch_add(bytes::Buf::remaining(d) as u64, Ordering::Relaxed);
+        }
         if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
             self.finished.store(true, Ordering::Relaxed);
         }
@@ -150,8 +174,8 @@ where
         Ok(found) => found,
         Err(e) => {
             let (method, path) = (req.method().to_string(), req.uri().path().to_string());
-            let resp = e.to_response();
-            finish(&state, "-", &resp, started);
+            let mut resp = e.to_response();
+            finish(&state, "-", &mut resp, started, None);
             state
                 .audit
                 .record(AuditEvent {
@@ -174,8 +198,8 @@ where
         // S3: s3s verifies the client's signature, then the same stages run inside the
         // gateway (see `s3`).
         RouteKind::S3(s3) => {
-            let resp = s3::handle(&state, route, s3, req, client.clone()).await;
-            finish(&state, &route.name, &resp, started);
+            let mut resp = s3::handle(&state, route, s3, req, client.clone()).await;
+            finish(&state, &route.name, &mut resp, started, None);
             resp
         }
         // Explicit pass-through: stream both ways, nothing read or changed.
@@ -195,8 +219,8 @@ where
                 }) {
                 Ok(p) => p,
                 Err(e) => {
-                    let resp = e.to_response();
-                    finish(&state, &route.name, &resp, started);
+                    let mut resp = e.to_response();
+                    finish(&state, &route.name, &mut resp, started, None);
                     state
                         .audit
                         .record(AuditEvent {
@@ -214,6 +238,7 @@ where
                     return resp;
                 }
             };
+            let who = principal.name.clone();
             drop(principal);
             // Credentials for the proxy never reach storage, on pass-through routes too.
             identity::strip_credentials(&state, route, &mut parts.headers);
@@ -235,8 +260,8 @@ where
                 }),
                 Err(e) => Err(e),
             };
-            let resp = result.unwrap_or_else(|e| e.to_response());
-            finish(&state, &route.name, &resp, started);
+            let mut resp = result.unwrap_or_else(|e| e.to_response());
+            finish(&state, &route.name, &mut resp, started, Some(&who));
             resp
         }
         // 2–6. Context, data key, transform, upstream, response transform.
@@ -261,7 +286,7 @@ where
                 }
                 Err(e) => Err(e),
             };
-            let (resp, error) = match result {
+            let (mut resp, error) = match result {
                 Ok(resp) => (resp, None),
                 Err(e) => {
                     if let ProxyError::DecryptFailed(f, place) = &e {
@@ -276,7 +301,7 @@ where
             state
                 .metrics
                 .fields(&route.name, outcome.sealed, outcome.opened);
-            finish(&state, &route.name, &resp, started);
+            finish(&state, &route.name, &mut resp, started, who.as_deref());
             state
                 .audit
                 .record(AuditEvent {
@@ -341,7 +366,20 @@ pub(crate) fn audit_reason(e: &ProxyError) -> String {
     }
 }
 
-fn finish(state: &AppState, route: &str, resp: &Response<ProxyBody>, started: Instant) {
+fn finish(
+    state: &AppState,
+    route: &str,
+    resp: &mut Response<ProxyBody>,
+    started: Instant,
+    principal: Option<&str>,
+) {
+    let note = resp
+        .extensions_mut()
+        .get_or_insert_with(access::AccessNote::default);
+    note.route = route.to_string();
+    if note.principal.is_none() {
+        note.principal = principal.map(str::to_string);
+    }
     state.metrics.request(
         route,
         resp.status().as_u16(),

@@ -43,6 +43,11 @@ where
     let resp = gateway(state, route, req, client, &outcome).await;
     let status = resp.status();
     let o = std::mem::take(&mut *outcome.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut resp = resp;
+    resp.extensions_mut().insert(super::access::AccessNote {
+        route: route.name.clone(),
+        principal: o.principal.clone(),
+    });
     state
         .audit
         .record(AuditEvent {

@@ -1008,6 +1008,11 @@ impl Ctx<'_> {
             return Err(e);
         }
         let resp = result?;
+        if resp.status().is_success() {
+            self.state
+                .metrics
+                .transformed(&self.route.name, "sealed", plain_len);
+        }
         let verified = verified.lock().unwrap_or_else(|e| e.into_inner()).take();
         match verified {
             Some(v) => Ok((resp, v)),
@@ -1016,6 +1021,23 @@ impl Ctx<'_> {
             None if !resp.status().is_success() => Ok((resp, checksum::Verified::default())),
             None => Err(internal("upstream accepted an upload before its end")),
         }
+    }
+
+    /// A decrypted download body, counted: plaintext bytes opened, and a stored object that
+    /// fails authentication mid-stream (an integrity failure, logged by the stream).
+    pub(super) fn counted_open<S>(
+        &self,
+        stream: S,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + Sync + 'static
+    where
+        S: futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + Sync + 'static,
+    {
+        let metrics = self.state.metrics.clone();
+        let route = self.route.name.clone();
+        stream.inspect(move |item| match item {
+            Ok(b) => metrics.transformed(&route, "opened", b.len() as u64),
+            Err(_) => metrics.decrypt_failure(&route),
+        })
     }
 
     /// The upstream answer to a sealed upload, for the client: with the verified flexible
@@ -1272,14 +1294,14 @@ impl Ctx<'_> {
         let body = if head {
             Body::empty()
         } else {
-            Body::http_body(boxed_stream(open_stream(
+            Body::http_body(boxed_stream(self.counted_open(open_stream(
                 body,
                 opener,
                 stored_front,
                 stored_len,
                 skip,
                 len,
-            )))
+            ))))
         };
         let mut out = S3Response::new(body);
         out.status = Some(parts.status);

@@ -1753,7 +1753,9 @@ impl Ctx<'_> {
         );
         respond(
             parts,
-            Body::http_body(boxed_stream(open_parts_stream(body, opener))),
+            Body::http_body(boxed_stream(
+                self.counted_open(open_parts_stream(body, opener)),
+            )),
         )
     }
 }
