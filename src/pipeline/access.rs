@@ -69,17 +69,33 @@ fn trace_id(v: &str) -> Option<&str> {
     ok.then_some(trace)
 }
 
+/// A new request id: 32 hex digits, unique in this process and unpredictable enough to tell
+/// processes apart (a random per-process prefix, then a counter mixed by a randomly keyed
+/// hash). No system call per request: ids are labels, not secrets.
+fn fresh_id() -> String {
+    use std::hash::BuildHasher;
+    use std::sync::OnceLock;
+    static STATE: OnceLock<(u64, std::collections::hash_map::RandomState)> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let (prefix, hasher) = STATE.get_or_init(|| {
+        let mut raw = [0u8; 8];
+        crate::envelope::fill_random(&mut raw);
+        (
+            u64::from_be_bytes(raw),
+            std::collections::hash_map::RandomState::new(),
+        )
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix:016x}{:016x}", hasher.hash_one(n))
+}
+
 /// Settle the request's ids on its headers: keep or make `x-request-id`, keep a valid
 /// `traceparent`, drop an invalid one.
 pub fn ids(headers: &mut HeaderMap) -> Ids {
     let mut given = headers.get_all(REQUEST_ID).iter();
     let request_id = match (given.next(), given.next()) {
         (Some(v), None) if valid_id(v.as_bytes()) => v.to_str().unwrap_or_default().to_string(),
-        _ => {
-            let mut raw = [0u8; 16];
-            crate::envelope::fill_random(&mut raw);
-            hex::encode(raw)
-        }
+        _ => fresh_id(),
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert(REQUEST_ID, v);
@@ -102,12 +118,12 @@ pub fn ids(headers: &mut HeaderMap) -> Ids {
 pub struct Pending {
     pub state: Arc<AppState>,
     pub ids: Ids,
-    pub method: String,
-    pub path: String,
-    pub client: String,
+    pub method: http::Method,
+    /// The request URI (only its path is ever logged).
+    pub uri: http::Uri,
+    pub client: super::ClientInfo,
     pub started: Instant,
     pub request_bytes: Arc<AtomicU64>,
-    pub head: bool,
 }
 
 /// The response body, counted; the access line goes out when it ends or is dropped.
@@ -157,13 +173,13 @@ impl Logged {
             trace_id = p.ids.trace_id.as_deref().unwrap_or("-"),
             route,
             method = %p.method,
-            path = %p.path,
+            path = p.uri.path(),
             status = self.status,
             bytes_in = p.request_bytes.load(Ordering::Relaxed),
             bytes_out = self.sent,
             duration_ms = p.started.elapsed().as_secs_f64() * 1000.0,
             principal = self.note.principal.as_deref().unwrap_or("-"),
-            client = %p.client,
+            client = %p.client.label(),
             outcome,
             "request"
         );
@@ -175,10 +191,10 @@ impl Logged {
                 outcome: "error",
                 principal: self.note.principal.clone(),
                 route: route.to_string(),
-                method: p.method,
-                path: p.path,
+                method: p.method.to_string(),
+                path: p.uri.path().to_string(),
                 status: self.status,
-                client: p.client,
+                client: p.client.label(),
                 reason: Some(format!("response_body_{outcome}")),
                 ..Default::default()
             };
@@ -228,7 +244,11 @@ impl Drop for Logged {
     fn drop(&mut self) {
         // A HEAD answer, or a body with nothing left, ended as it should; anything else was
         // cut short by the client (or the connection) going away.
-        let complete = self.pending.as_ref().is_some_and(|p| p.head) || self.inner.is_end_stream();
+        let complete = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.method == http::Method::HEAD)
+            || self.inner.is_end_stream();
         self.finish(if complete { "ok" } else { "client_gone" });
     }
 }

@@ -96,12 +96,11 @@ where
     let pending = access::Pending {
         state: state.clone(),
         ids,
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_string(),
-        client: client.label(),
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        client: client.clone(),
         started: Instant::now(),
         request_bytes: Arc::new(AtomicU64::new(0)),
-        head: parts.method == http::Method::HEAD,
     };
     let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
     let body = Tracked {
