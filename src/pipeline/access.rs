@@ -37,11 +37,26 @@ pub struct AccessNote {
     pub principal: Option<String>,
 }
 
-/// The request's id and trace id.
+/// The request's id and trace context, as the headers carry them (no copies).
 #[derive(Debug, Clone)]
 pub struct Ids {
-    pub request_id: String,
-    pub trace_id: Option<String>,
+    pub request_id: HeaderValue,
+    /// A valid `traceparent`.
+    pub traceparent: Option<HeaderValue>,
+}
+
+impl Ids {
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+
+    /// The trace id of the `traceparent`.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.traceparent
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id)
+    }
 }
 
 fn valid_id(v: &[u8]) -> bool {
@@ -94,23 +109,25 @@ fn fresh_id() -> String {
 pub fn ids(headers: &mut HeaderMap) -> Ids {
     let mut given = headers.get_all(REQUEST_ID).iter();
     let request_id = match (given.next(), given.next()) {
-        (Some(v), None) if valid_id(v.as_bytes()) => v.to_str().unwrap_or_default().to_string(),
-        _ => fresh_id(),
+        (Some(v), None) if valid_id(v.as_bytes()) => v.clone(),
+        _ => {
+            let v = HeaderValue::from_str(&fresh_id()).unwrap_or(HeaderValue::from_static("-"));
+            headers.insert(REQUEST_ID, v.clone());
+            v
+        }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        headers.insert(REQUEST_ID, v);
-    }
     let mut traces = headers.get_all(TRACEPARENT).iter();
-    let trace = match (traces.next(), traces.next()) {
-        (Some(v), None) => v.to_str().ok().and_then(trace_id).map(str::to_string),
-        _ => None,
+    let traceparent = match (traces.next(), traces.next()) {
+        (Some(v), None) if v.to_str().ok().and_then(trace_id).is_some() => Some(v.clone()),
+        (None, _) => None,
+        _ => {
+            headers.remove(TRACEPARENT);
+            None
+        }
     };
-    if trace.is_none() {
-        headers.remove(TRACEPARENT);
-    }
     Ids {
         request_id,
-        trace_id: trace,
+        traceparent,
     }
 }
 
@@ -144,9 +161,9 @@ impl Logged {
             .unwrap_or_default();
         let status = resp.status().as_u16();
         let (mut parts, body) = resp.into_parts();
-        if let Ok(v) = HeaderValue::from_str(&pending.ids.request_id) {
-            parts.headers.insert(REQUEST_ID, v);
-        }
+        parts
+            .headers
+            .insert(REQUEST_ID, pending.ids.request_id.clone());
         let logged = Logged {
             inner: body,
             pending: Some(pending),
@@ -169,8 +186,8 @@ impl Logged {
         };
         tracing::info!(
             target: "envelope_proxy::access",
-            request_id = %p.ids.request_id,
-            trace_id = p.ids.trace_id.as_deref().unwrap_or("-"),
+            request_id = p.ids.request_id(),
+            trace_id = p.ids.trace_id().unwrap_or("-"),
             route,
             method = %p.method,
             path = p.uri.path(),
@@ -261,18 +278,18 @@ mod tests {
     fn request_ids_are_kept_when_sane_and_made_otherwise() {
         let mut h = HeaderMap::new();
         h.insert(REQUEST_ID, "abc-123".parse().unwrap());
-        assert_eq!(ids(&mut h).request_id, "abc-123");
+        assert_eq!(ids(&mut h).request_id(), "abc-123");
         for bad in ["", "has space", &"x".repeat(129)] {
             let mut h = HeaderMap::new();
             h.insert(REQUEST_ID, HeaderValue::from_str(bad).unwrap());
-            let id = ids(&mut h).request_id;
+            let id = ids(&mut h).request_id().to_string();
             assert_eq!(id.len(), 32, "{bad:?} → {id}");
             assert_eq!(h.get(REQUEST_ID).unwrap(), id.as_str());
         }
         let mut h = HeaderMap::new();
         h.append(REQUEST_ID, "a".parse().unwrap());
         h.append(REQUEST_ID, "b".parse().unwrap());
-        let id = ids(&mut h).request_id;
+        let id = ids(&mut h).request_id().to_string();
         assert!(id != "a" && id != "b");
         assert_eq!(h.get_all(REQUEST_ID).iter().count(), 1);
     }
@@ -283,7 +300,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, good.parse().unwrap());
         assert_eq!(
-            ids(&mut h).trace_id.as_deref(),
+            ids(&mut h).trace_id(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
         assert_eq!(h.get(TRACEPARENT).unwrap(), good);
@@ -297,7 +314,7 @@ mod tests {
         ] {
             let mut h = HeaderMap::new();
             h.insert(TRACEPARENT, bad.parse().unwrap());
-            assert_eq!(ids(&mut h).trace_id, None, "{bad}");
+            assert_eq!(ids(&mut h).trace_id(), None, "{bad}");
             assert!(h.get(TRACEPARENT).is_none(), "{bad} is not forwarded");
         }
     }
