@@ -10,6 +10,7 @@
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
 pub mod cache;
+pub mod currency;
 pub mod keyring;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
