@@ -16,7 +16,19 @@ use crate::envelope::Header;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CurrentVersions(pub Vec<(KeyRef, String, u32)>);
 
+/// How an EDK's key and version are named in the audit log: `BACKEND:KEY:VERSION`.
+pub fn key_version_label(edk: &crate::envelope::WrappedKey) -> String {
+    format!("{}:{}:{}", edk.backend, edk.key_id, edk.key_version)
+}
+
 impl KeyService {
+    /// Whether the stored EDK key id `wrapped_key_id` is of the configured key `k`.
+    pub fn same_key(&self, k: &KeyRef, wrapped_key_id: &str) -> bool {
+        self.backends
+            .get(&k.backend)
+            .is_some_and(|b| b.same_key(&k.key_id, wrapped_key_id))
+    }
+
     /// Ask each key's backend for its current version (resolving names first, so stored EDKs
     /// can be matched against it).
     pub async fn current_versions(&self, keys: &[KeyRef]) -> Result<CurrentVersions, BackendError> {

@@ -11,6 +11,7 @@
 pub mod aws_kms;
 pub mod cache;
 pub mod currency;
+pub use currency::key_version_label;
 pub mod keyring;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;

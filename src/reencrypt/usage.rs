@@ -4,7 +4,7 @@
 //! - the keyring's usage notes (`KEYRING.usage`, written by every proxy at most once a minute):
 //!   the last use of each version, sealing or opening;
 //! - the audit log: the requests that used the key (`keys`), counted per version where the
-//!   line names them (`key_versions`, `NAME:V`) and as `unknown` for older lines that do not.
+//!   line names them (`key_versions`, `BACKEND:KEY:VERSION`) and as `unknown` for older lines that do not.
 //!
 //! With the `reencrypt --dry-run` report (values still stored under each version) it tells an
 //! operator when a version is no longer used and can be retired (`keys retire-version`).
@@ -57,7 +57,11 @@ pub fn from_audit(
         if !matches!(v["action"].as_str(), Some("seal" | "open")) || v["outcome"] == "error" {
             continue;
         }
-        let named = |s: &str| s == key || names.iter().any(|n| n == s);
+        // Audit lines name keys as BACKEND:KEY (`local:users`).
+        let named = |s: &str| {
+            let s = s.strip_prefix("local:").unwrap_or(s);
+            s == key || names.iter().any(|n| n == s)
+        };
         let uses_key = v["keys"]
             .as_array()
             .is_some_and(|ks| ks.iter().filter_map(|k| k.as_str()).any(named));
@@ -67,7 +71,7 @@ pub fn from_audit(
                 a.iter()
                     .filter_map(|x| x.as_str())
                     .filter_map(|x| x.rsplit_once(':'))
-                    .filter(|(k, _)| *k == key)
+                    .filter(|(k, _)| k.split_once(':').map_or(*k, |(_, name)| name) == key)
                     .map(|(_, ver)| ver.to_string())
                     .collect()
             })
@@ -166,10 +170,10 @@ mod tests {
         std::fs::write(
             &p,
             concat!(
-                r#"{"ts_ms":1000,"action":"seal","outcome":"ok","keys":["users"],"key_versions":["users:1"]}"#, "\n",
-                r#"{"ts_ms":2000,"action":"open","outcome":"ok","keys":["users"],"key_versions":["users:1","users:2"]}"#, "\n",
+                r#"{"ts_ms":1000,"action":"seal","outcome":"ok","keys":["users"],"key_versions":["local:users:1"]}"#, "\n",
+                r#"{"ts_ms":2000,"action":"open","outcome":"ok","keys":["users"],"key_versions":["local:users:1","local:users:2"]}"#, "\n",
                 r#"{"ts_ms":3000,"action":"open","outcome":"ok","keys":["users"]}"#, "\n",
-                r#"{"ts_ms":4000,"action":"open","outcome":"ok","keys":["other"],"key_versions":["other:1"]}"#, "\n",
+                r#"{"ts_ms":4000,"action":"open","outcome":"ok","keys":["other"],"key_versions":["local:other:1"]}"#, "\n",
                 r#"{"checkpoint":"x"}"#, "\n",
             ),
         )
