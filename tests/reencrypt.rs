@@ -208,6 +208,10 @@ async fn json_collection_counted_interrupted_resumed_and_rewritten() {
     assert_eq!(s["conflicts"], 0);
     assert_eq!(s["errors"], 0);
     assert!(s.get("stopped_early").is_none(), "{s}");
+    assert!(
+        !cp.exists(),
+        "a walk that went through removes its checkpoint"
+    );
     for (id, edks) in stored_versions(&js) {
         assert_eq!(edks, [("users".to_string(), 2)], "{id}");
     }

@@ -298,6 +298,12 @@ async fn run(config_path: &std::path::Path, args: Args) -> Result<Summary, Strin
             return Err(format!("route {} encrypts nothing", route.name));
         }
     };
+    // A dry run's checkpoint must not make a real run skip what it only counted.
+    let target = if args.dry_run {
+        format!("{target} (dry run)")
+    } else {
+        target
+    };
     let run = Arc::new(Run {
         args,
         config,
@@ -453,7 +459,20 @@ impl Progress {
         if self.full() {
             self.summary.stopped_early = true;
         }
-        let saved = self.save();
+        // A walk that went through: the checkpoint is removed, so the next run (for the
+        // conflicts left) starts from the beginning. Otherwise it says where to go on.
+        let saved = match (
+            &self.checkpoint,
+            self.summary.stopped_early || result.is_err(),
+        ) {
+            (Some((path, _)), false) => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(format!("{}: {e}", path.display()))
+                }
+                _ => Ok(()),
+            },
+            _ => self.save(),
+        };
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
