@@ -60,6 +60,11 @@ pub struct AuditEvent {
     pub client: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
+    /// The root-key versions the request sealed or opened under, `BACKEND:KEY:VERSION` (JSON
+    /// routes; absent when none, and in lines written before it existed): what `keys usage`
+    /// counts per version.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub key_versions: Vec<String>,
     pub values: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

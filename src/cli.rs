@@ -114,6 +114,9 @@ enum Command {
         #[arg(long)]
         checkpoints: Option<PathBuf>,
     },
+    /// Re-encrypt stored data through a route so old key versions can be retired
+    /// (exit status 0: done, 1: errors, 2: conflicts left, run again).
+    Reencrypt(Box<crate::reencrypt::Args>),
     /// Print a shell completion script to stdout.
     ///
     /// bash: `envelope-proxy completions bash > /etc/bash_completion.d/envelope-proxy`;
@@ -208,6 +211,17 @@ enum KeysAction {
         version: u32,
         #[arg(long, default_value_t = 30)]
         unused_days: u64,
+    },
+    /// Uses of each version of a key: last use from the keyring's usage notes, and with
+    /// --audit FILE the requests in the audit log (per version where lines name them).
+    Usage {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+        #[arg(long)]
+        audit: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Knowingly go back to an older keyring (a restored backup): record its generation N as
     /// the high-water mark. Running proxies keep refusing it until they are restarted.
@@ -318,6 +332,9 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Reencrypt(args) = cli.command {
+        return runtime.block_on(crate::reencrypt::main(&cli.config, *args));
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -343,6 +360,11 @@ fn open_keyring(cfg: &Config) -> Result<Arc<Keyring>, String> {
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve => crate::server::run(load(&cli.config)?).await,
+        // Its own exit statuses: run by `main` before this.
+        Command::Reencrypt(args) => {
+            crate::reencrypt::main(&cli.config, *args).await;
+            Ok(())
+        }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "envelope-proxy", &mut std::io::stdout());
@@ -924,6 +946,12 @@ fn keys_command(keyring: &Keyring, action: KeysAction, now: u64) -> Result<(), S
                 "retired version {version} of {name}: data still under it can no longer be read"
             );
         }
+        KeysAction::Usage {
+            name,
+            version,
+            audit,
+            json,
+        } => crate::reencrypt::usage::command(keyring, &name, version, audit.as_deref(), json)?,
         KeysAction::AcceptGeneration { .. } => {}
     }
     Ok(())

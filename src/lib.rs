@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pki;
 pub mod policy;
+pub mod reencrypt;
 pub mod s3;
 pub mod secret;
 pub mod server;

@@ -10,6 +10,8 @@
 #[cfg(feature = "aws-kms")]
 pub mod aws_kms;
 pub mod cache;
+pub mod currency;
+pub use currency::key_version_label;
 pub mod keyring;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;

@@ -28,6 +28,8 @@ pub struct Outcome {
     pub withheld: usize,
     /// What allowed each key use (`statement:SID`, `grant:ID`, `no-policy`).
     pub basis: Vec<String>,
+    /// The root-key versions sealed or opened under (`BACKEND:KEY:VERSION`).
+    pub key_versions: Vec<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -120,6 +122,14 @@ where
             .await?;
         let (sealed, n) = json_fields::seal_scanned(jr, &meta, &key_ctx, &key, &doc, depth)?;
         outcome.sealed = n;
+        if n > 0 {
+            outcome.key_versions = key
+                .header
+                .edks
+                .iter()
+                .map(crate::keys::key_version_label)
+                .collect();
+        }
         Bytes::from(sealed)
     };
 
@@ -188,6 +198,11 @@ where
             json_fields::open_scanned_as(jr, &meta, &key_ctx, &state.keys, &doc, depth, shown)
                 .await?;
         outcome.opened = report.opened;
+        for v in report.key_versions {
+            if !outcome.key_versions.contains(&v) {
+                outcome.key_versions.push(v);
+            }
+        }
         outcome.redacted = report.redacted;
         outcome.masked = report.masked;
         outcome.withheld = report.withheld;

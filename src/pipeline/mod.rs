@@ -333,6 +333,7 @@ where
                     status: resp.status().as_u16(),
                     client: client.label(),
                     keys: jr.keys.iter().map(|k| k.to_string()).collect(),
+                    key_versions: std::mem::take(&mut outcome.key_versions),
                     values: outcome.sealed + outcome.opened,
                     reason: error.as_ref().map(audit_reason),
                     grant: None,

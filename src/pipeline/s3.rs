@@ -71,6 +71,7 @@ where
             status: status.as_u16(),
             client: client_ip,
             keys: s3.keys.iter().map(|k| k.to_string()).collect(),
+            key_versions: Vec::new(),
             values: 0,
             reason: o.denied.map(|d| format!("access_denied: {d}")),
             grant: None,

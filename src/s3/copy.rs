@@ -5,8 +5,11 @@
 //! layout. So:
 //!
 //! - **Server-side copy** only for a copy of a v2 single-part object onto itself (e.g. a
-//!   `REPLACE` copy that changes its metadata): upstream copies the ciphertext, still in its
-//!   place, and our reserved metadata (a `REPLACE` copy gets the source's put back).
+//!   `REPLACE` copy that changes its metadata) whose envelope header is under the current
+//!   version of every key of the route: upstream copies the ciphertext, still in its place, and
+//!   our reserved metadata (a `REPLACE` copy gets the source's put back). A copy onto itself of
+//!   an object under an older key version (or a key the route no longer names) is re-sealed:
+//!   how `envelope-proxy reencrypt` moves objects off a version.
 //! - **Re-encrypting copy** otherwise (another key, another bucket's context, a multipart
 //!   source, a legacy v1 source, which becomes v2) and for every UploadPartCopy (a part is bound to its upload's object id and part number): the
 //!   source is read through the gateway, decrypted under *its* key context, and written as a
@@ -16,6 +19,8 @@
 //!
 //! `x-amz-copy-source-if-*` conditions and `x-amz-copy-source-range` apply to the source read.
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
@@ -136,9 +141,13 @@ impl Ctx<'_> {
             // written around the proxy, which the read refuses (or, with
             // `dangerous_allow_plaintext_reads`, serves to be sealed: a migration).
             // A legacy (v1) object is re-sealed in place as v2: the way to migrate one.
+            // A source sealed under an older version of the route's keys (or under a key the
+            // route no longer names) is re-sealed under the current ones: the way stored data
+            // is moved off a version before it is retired (`envelope-proxy reencrypt`).
             if multipart::is_multipart(head.headers())
                 || !head.headers().contains_key(META_ENVELOPE)
                 || ObjectFormat::of(head.headers()) != Ok(ObjectFormat::Bound)
+                || !self.under_current_keys(head.headers()).await?
             {
                 return self.copy_reencrypting(req, &source, replace).await;
             }
@@ -172,6 +181,28 @@ impl Ctx<'_> {
         let resp = self.send_empty(Method::PUT, uri, headers).await?;
         self.rewrite_xml(resp, |body| etag::mark_in_xml(body).map_err(internal))
             .await
+    }
+
+    /// Whether the stored object's envelope header (its reserved metadata) is under the
+    /// current version of every key of this route. Metadata that does not decode is not
+    /// current (the re-encrypting copy then refuses it as the read would).
+    async fn under_current_keys(&self, stored: &HeaderMap) -> S3Result<bool> {
+        let Some(raw) = stored
+            .get(META_ENVELOPE)
+            .and_then(|v| URL_SAFE_NO_PAD.decode(v.as_bytes()).ok())
+        else {
+            return Ok(false);
+        };
+        let Ok((header, _)) = crate::envelope::Header::decode(&raw) else {
+            return Ok(false);
+        };
+        let current = self
+            .state
+            .keys
+            .current_versions(&self.cfg.keys)
+            .await
+            .map_err(super::gateway::backend_error)?;
+        Ok(self.state.keys.is_current(&header, &current))
     }
 
     /// UploadPartCopy: the source range, decrypted, sealed as this upload's part.

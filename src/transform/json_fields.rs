@@ -550,6 +550,7 @@ pub async fn open_scanned_as(
     }
     let out = json_scan::splice(doc.source().as_bytes(), &mut edits)
         .map_err(|e| ProxyError::Internal(format!("splice: {e}")))?;
+    report.key_versions = opener.versions;
     Ok((out, report))
 }
 
@@ -601,7 +602,7 @@ fn list_position(index: usize, documents: usize, root_is_list: bool) -> Option<u
 }
 
 /// How opening a body went.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct OpenReport {
     pub opened: usize,
     pub redacted: usize,
@@ -609,6 +610,9 @@ pub struct OpenReport {
     pub masked: usize,
     /// Values answered `null` because the caller may not open them.
     pub withheld: usize,
+    /// The root-key versions of the tokens opened (`BACKEND:KEY:VERSION`, each once): the
+    /// wrapped keys of the route's keys in their headers (for the audit log).
+    pub key_versions: Vec<String>,
 }
 
 /// Open every token at a configured path in `body`.
@@ -701,6 +705,7 @@ pub async fn open_body_as(
             }
         }
     }
+    report.key_versions = opener.versions;
     Ok(report)
 }
 
@@ -712,6 +717,8 @@ struct TokenOpener<'a> {
     /// The route's root keys: only EDKs under these are tried.
     allowed: &'a [crate::keys::KeyRef],
     opened: Vec<(Vec<u8>, Arc<DataKey>)>,
+    /// `BACKEND:KEY:VERSION` of the EDKs (of the route's keys) of the headers opened.
+    versions: Vec<String>,
 }
 
 impl<'a> TokenOpener<'a> {
@@ -721,6 +728,7 @@ impl<'a> TokenOpener<'a> {
             keys,
             allowed: &route.keys,
             opened: Vec::new(),
+            versions: Vec::new(),
         }
     }
 
@@ -756,6 +764,17 @@ impl<'a> TokenOpener<'a> {
             })?;
         self.opened
             .push((parsed.header_bytes().to_vec(), k.clone()));
+        for edk in &parsed.header.edks {
+            let v = crate::keys::key_version_label(edk);
+            if self
+                .allowed
+                .iter()
+                .any(|a| a.backend == edk.backend && self.keys.same_key(a, &edk.key_id))
+                && !self.versions.contains(&v)
+            {
+                self.versions.push(v);
+            }
+        }
         Ok(k)
     }
 }
