@@ -54,6 +54,8 @@ struct FileServer {
     max_requests: Option<u64>,
     shutdown_delay_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
+    readiness_interval_ms: Option<u64>,
+    readiness_failures: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +294,11 @@ pub struct ServerSettings {
     /// Then in-flight requests get this long to finish (default 25 s, below Kubernetes' 30 s
     /// grace period); those still running are cut.
     pub drain_timeout: Duration,
+    /// The routes' keys are probed in the background this often (default 5 s); `/readyz`
+    /// reads the result, never calls a backend itself.
+    pub readiness_interval: Duration,
+    /// A key counts as unusable after this many probes in a row failed (default 3).
+    pub readiness_failures: u32,
 }
 
 /// Limits of the listeners: each bounds what one client can hold (slowloris, floods).
@@ -929,7 +936,23 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
         0..=3_600_000,
         errors,
     ));
+    let readiness_interval = Duration::from_millis(bounded(
+        "readiness_interval_ms",
+        s.readiness_interval_ms,
+        5_000,
+        100..=3_600_000,
+        errors,
+    ));
+    let readiness_failures = bounded(
+        "readiness_failures",
+        s.readiness_failures,
+        3,
+        1..=100,
+        errors,
+    ) as u32;
     let settings = ServerSettings {
+        readiness_interval,
+        readiness_failures,
         limits,
         shutdown_delay,
         drain_timeout,

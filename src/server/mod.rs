@@ -5,6 +5,7 @@
 pub mod admin_api;
 mod limits;
 mod linger;
+mod readiness;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -254,6 +255,15 @@ async fn start_with(
         }
     }));
 
+    // Readiness is probed in the background; `/readyz` reads the result (see `readiness`).
+    let readiness = Arc::new(readiness::Readiness::default());
+    readiness.probe(&state).await;
+    tokio::spawn(
+        readiness
+            .clone()
+            .run(Arc::downgrade(&state), shutdown_rx.clone()),
+    );
+
     let admin_addr = match admin {
         Some((a, token, api_auth)) => {
             let l = bind(a).await?;
@@ -275,6 +285,7 @@ async fn start_with(
                     tls: admin_tls,
                     limits: admin_limits,
                     draining: draining.clone(),
+                    readiness,
                 },
                 shutdown_rx.clone(),
             )));
@@ -764,6 +775,7 @@ struct Admin {
     limits: Arc<limits::Limits>,
     /// Shutting down: `/readyz` answers 503.
     draining: Arc<AtomicBool>,
+    readiness: Arc<readiness::Readiness>,
 }
 
 async fn serve_admin(
@@ -787,6 +799,7 @@ async fn serve_admin(
         let tls = admin_cfg.tls.clone();
         let limits = admin_cfg.limits.clone();
         let draining = admin_cfg.draining.clone();
+        let readiness = admin_cfg.readiness.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let serve = |certs, io| {
@@ -801,6 +814,7 @@ async fn serve_admin(
                     let api = api.clone();
                     let peer = peer.clone();
                     let draining = draining.load(Ordering::Relaxed);
+                    let readiness = readiness.clone();
                     async move {
                         if req.uri().path().starts_with("/v1/") {
                             return Ok::<_, Infallible>(match &api {
@@ -810,7 +824,7 @@ async fn serve_admin(
                         }
                         // Without a token configured, the listener is on loopback (config checks).
                         let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
-                        Ok::<_, Infallible>(admin(&st, req, authorized, draining).await)
+                        Ok::<_, Infallible>(admin(&st, req, authorized, draining, &readiness).await)
                     }
                 });
                 limits.http1_builder().serve_connection(io, service)
@@ -865,6 +879,7 @@ async fn admin(
     req: Request<Incoming>,
     authorized: bool,
     draining: bool,
+    readiness: &readiness::Readiness,
 ) -> Response<ProxyBody> {
     let (status, ctype, body) = match req.uri().path() {
         // Shutting down: not ready at once, whatever the backends say.
@@ -878,8 +893,10 @@ async fn admin(
             "application/json",
             r#"{"status":"ok"}"#.to_string(),
         ),
+        // The background probe's last result: no backend call here.
         "/readyz" => {
-            let mut problems = Vec::new();
+            let snapshot = readiness.snapshot();
+            let mut problems = snapshot.problems.clone();
             let mut backends = serde_json::Map::new();
             for (name, health) in state.keys.backend_health() {
                 let h = match health {
@@ -892,18 +909,11 @@ async fn admin(
                 }
                 backends.insert(name, h.into());
             }
-            for route in &state.config.routes {
-                {
-                    for k in route.kind.keys() {
-                        if let Err(e) = state.keys.describe(k).await {
-                            problems.push(format!("{k}: {e}"));
-                        }
-                    }
-                }
-            }
-            let ready = problems.is_empty();
+            let ready = readiness.ready(state);
             let body = if authorized {
-                serde_json::json!({ "ready": ready, "backends": backends, "problems": problems })
+                serde_json::json!({ "ready": ready, "backends": backends, "problems": problems,
+                    "keys": snapshot.keys, "usable_keys": snapshot.usable,
+                    "probes": readiness.rounds() })
             } else {
                 serde_json::json!({ "ready": ready })
             };
