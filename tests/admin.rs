@@ -124,5 +124,5 @@ async fn a_readable_token_file_is_refused_at_start() {
     );
     let config = envelope_proxy::config::parse(&text).unwrap();
     let e = envelope_proxy::server::start(config).await.err().unwrap();
-    assert!(e.contains("chmod 600"), "{e}");
+    assert!(e.contains("chmod 0400"), "{e}");
 }

@@ -223,7 +223,8 @@ async fn a_hung_kms_keeps_cached_work_going_and_recovers() {
         .post_json(&proxy.url("/tenants/globex/users"), &[], &doc("g1"))
         .await;
     assert_eq!(w.status, StatusCode::SERVICE_UNAVAILABLE);
-    // … after which requests fail fast without waiting on KMS, and /readyz says so.
+    // … after which requests fail fast without waiting on KMS, and /readyz says so (in its
+    // detail: the proxy stays ready, its cached keys still serve tenant acme).
     let t = Instant::now();
     let w = http
         .post_json(&proxy.url("/tenants/globex/users"), &[], &doc("g1"))
@@ -235,12 +236,7 @@ async fn a_hung_kms_keeps_cached_work_going_and_recovers() {
         t.elapsed()
     );
     let ready = http.get(&format!("{admin}/readyz"), &[]).await;
-    assert_eq!(
-        ready.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        ready.text()
-    );
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     assert_eq!(ready.json()["backends"]["kms"], "down");
 
     moto.signal("-CONT");

@@ -665,7 +665,7 @@ fn group_or_world_readable_pin_file_is_refused() {
         sessions: 1,
     };
     let e = connect_err(&settings);
-    assert!(e.contains("chmod 600"), "{e}");
+    assert!(e.contains("chmod 0400"), "{e}");
     assert!(e.contains("644"), "{e}");
     assert!(!e.contains("1234"), "the PIN must never appear: {e}");
     let e = connect_err(&Pkcs11Settings {

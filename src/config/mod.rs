@@ -51,6 +51,14 @@ struct FileServer {
     /// `text` (default) or `json`; read by the logger before the config loads
     /// (`crate::logging::Format::choose`), checked here.
     log_format: Option<String>,
+    header_read_timeout_ms: Option<u64>,
+    max_header_bytes: Option<u64>,
+    max_connections: Option<u64>,
+    max_requests: Option<u64>,
+    shutdown_delay_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
+    readiness_interval_ms: Option<u64>,
+    readiness_failures: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,6 +289,45 @@ pub struct ServerSettings {
     /// Also serve on this unix socket (created at start with `unix_socket_mode`).
     pub unix_socket: Option<PathBuf>,
     pub unix_socket_mode: u32,
+    /// Listener limits (data and admin listeners).
+    pub limits: ListenerLimits,
+    /// After SIGTERM/SIGINT: `/readyz` fails at once, then this wait before the listeners
+    /// stop accepting (default 0; 5 s on Kubernetes lets endpoints drop the pod first).
+    pub shutdown_delay: Duration,
+    /// Then in-flight requests get this long to finish (default 25 s, below Kubernetes' 30 s
+    /// grace period); those still running are cut.
+    pub drain_timeout: Duration,
+    /// The routes' keys are probed in the background this often (default 5 s); `/readyz`
+    /// reads the result, never calls a backend itself.
+    pub readiness_interval: Duration,
+    /// A key counts as unusable after this many probes in a row failed (default 3).
+    pub readiness_failures: u32,
+}
+
+/// Limits of the listeners: each bounds what one client can hold (slowloris, floods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Time a client has to send a request's head (default 10 s; HTTP/1.1 also waits at most
+    /// this long for the next request on an idle keep-alive connection). Slowloris defence.
+    pub header_read_timeout: Duration,
+    /// Largest request head (start line + headers, default 64 KiB; HTTP/2: the header list)
+    /// → 431 above.
+    pub max_header_bytes: usize,
+    /// Open connections at most (default 4096): a connection beyond is closed at once.
+    pub max_connections: usize,
+    /// Requests handled at once at most (default 1024): one beyond gets 503 + Retry-After.
+    pub max_requests: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> ListenerLimits {
+        ListenerLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 << 10,
+            max_connections: 4096,
+            max_requests: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -836,7 +883,89 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
             ));
         }
     }
+    // A bounded value or the default; out of range is a config error naming the range.
+    let bounded = |place: &str,
+                   v: Option<u64>,
+                   default: u64,
+                   range: std::ops::RangeInclusive<u64>,
+                   errors: &mut Vec<String>| match v {
+        Some(v) if !range.contains(&v) => {
+            errors.push(format!(
+                "server.{place}: must be between {} and {}",
+                range.start(),
+                range.end()
+            ));
+            default
+        }
+        Some(v) => v,
+        None => default,
+    };
+    let defaults = ListenerLimits::default();
+    let limits = ListenerLimits {
+        header_read_timeout: Duration::from_millis(bounded(
+            "header_read_timeout_ms",
+            s.header_read_timeout_ms,
+            defaults.header_read_timeout.as_millis() as u64,
+            100..=300_000,
+            errors,
+        )),
+        // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+        max_header_bytes: bounded(
+            "max_header_bytes",
+            s.max_header_bytes,
+            defaults.max_header_bytes as u64,
+            8192..=1 << 20,
+            errors,
+        ) as usize,
+        max_connections: bounded(
+            "max_connections",
+            s.max_connections,
+            defaults.max_connections as u64,
+            1..=1_000_000,
+            errors,
+        ) as usize,
+        max_requests: bounded(
+            "max_requests",
+            s.max_requests,
+            defaults.max_requests as u64,
+            1..=1_000_000,
+            errors,
+        ) as usize,
+    };
+    let shutdown_delay = Duration::from_millis(bounded(
+        "shutdown_delay_ms",
+        s.shutdown_delay_ms,
+        0,
+        0..=300_000,
+        errors,
+    ));
+    let drain_timeout = Duration::from_millis(bounded(
+        "drain_timeout_ms",
+        s.drain_timeout_ms,
+        25_000,
+        0..=3_600_000,
+        errors,
+    ));
+    let readiness_interval = Duration::from_millis(bounded(
+        "readiness_interval_ms",
+        s.readiness_interval_ms,
+        5_000,
+        100..=3_600_000,
+        errors,
+    ));
+    let readiness_failures = bounded(
+        "readiness_failures",
+        s.readiness_failures,
+        3,
+        1..=100,
+        errors,
+    ) as u32;
     let settings = ServerSettings {
+        readiness_interval,
+        readiness_failures,
+        limits,
+        shutdown_delay,
+        drain_timeout,
         unix_socket: s.unix_socket,
         unix_socket_mode,
         listen,

@@ -131,6 +131,12 @@ impl DataKeyCache {
     }
 
     /// Drop every cached key (a root key was rotated, disabled or scheduled for deletion).
+    /// Whether any data key is cached (sealing or opening): requests on those keys can be
+    /// served without the backend (for readiness).
+    pub fn holds_keys(&self) -> bool {
+        self.seal.iter().next().is_some() || self.open.iter().next().is_some()
+    }
+
     pub fn invalidate_all(&self) {
         self.seal.invalidate_all();
         self.open.invalidate_all();

@@ -784,16 +784,7 @@ fn read_pin(name: &str, source: &SecretSource) -> Result<AuthPin, String> {
 fn check_private(path: &Path) -> Result<(), String> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = fs::metadata(path).map_err(|e| e.to_string())?;
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "is accessible by group or others (mode {:o}); run `chmod 600 {}`",
-                mode & 0o777,
-                path.display()
-            ));
-        }
+        crate::secret::check_private(path)?;
     }
     #[cfg(not(unix))]
     let _ = path;
@@ -823,7 +814,7 @@ mod tests {
         let err = read_pin("hsm", &SecretSource::File(path.clone()))
             .err()
             .unwrap();
-        assert!(err.contains("chmod 600"), "{err}");
+        assert!(err.contains("chmod 0400"), "{err}");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(read_pin("hsm", &SecretSource::File(path)).is_ok());
     }

@@ -3,20 +3,22 @@
 //! optional demo store, and graceful shutdown.
 
 pub mod admin_api;
+mod limits;
 mod linger;
+mod readiness;
 pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use linger::Lingering;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -39,17 +41,40 @@ pub struct Running {
     /// The unix socket served beside `addr` (`[server] unix_socket`).
     pub unix_socket: Option<std::path::PathBuf>,
     pub state: Arc<AppState>,
+    /// Set when shutting down: `/readyz` answers 503 from then on.
+    draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stop accepting, let in-flight requests finish (up to 30 s), and return.
+    /// Stop accepting, let in-flight requests finish (up to `[server] drain_timeout`; those
+    /// still running then are cut), and return.
     pub async fn stop(self) {
+        self.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
+        // Each listener drains for at most `drain_timeout`, then cuts what is left.
+        let bound = self.state.config.server.drain_timeout + Duration::from_secs(5);
         for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+            let _ = tokio::time::timeout(bound, t).await;
         }
+    }
+
+    /// The graceful shutdown of SIGTERM: `/readyz` fails at once (load balancers and
+    /// Kubernetes endpoints stop sending new requests), `[server] shutdown_delay` passes while
+    /// requests are still served, then [`Running::stop`].
+    pub async fn shutdown(self) {
+        self.draining.store(true, Ordering::Relaxed);
+        let delay = self.state.config.server.shutdown_delay;
+        let drain = self.state.config.server.drain_timeout;
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            drain_timeout_ms = drain.as_millis() as u64,
+            "shutting down: /readyz fails from now; still serving until the delay has passed, then finishing in-flight requests"
+        );
+        tokio::time::sleep(delay).await;
+        tracing::info!("shutdown: no longer accepting; draining in-flight requests");
+        self.stop().await;
     }
 }
 
@@ -126,6 +151,15 @@ async fn start_with(
         None => AuditLog::to_tracing(),
     };
     let upstream = UpstreamClient::new(&config.server)?;
+    let limits = Arc::new(limits::Limits::new(config.server.limits));
+    // The admin listener has its own connection budget: a flood of the data port must not
+    // take the probes and metrics down with it.
+    let admin_limits = Arc::new(limits::Limits::new(crate::config::ListenerLimits {
+        max_connections: 256,
+        max_requests: 256,
+        ..config.server.limits
+    }));
+    let draining = Arc::new(AtomicBool::new(false));
     let tls = match &config.server.tls {
         Some((cert, key)) => {
             let tls = tls::Tls::load(cert, key, config.server.client_ca_file.as_deref())?;
@@ -221,6 +255,15 @@ async fn start_with(
         }
     }));
 
+    // Readiness is probed in the background; `/readyz` reads the result (see `readiness`).
+    let readiness = Arc::new(readiness::Readiness::default());
+    readiness.probe(&state).await;
+    tokio::spawn(
+        readiness
+            .clone()
+            .run(Arc::downgrade(&state), shutdown_rx.clone()),
+    );
+
     let admin_addr = match admin {
         Some((a, token, api_auth)) => {
             let l = bind(a).await?;
@@ -236,9 +279,14 @@ async fn start_with(
             tasks.push(tokio::spawn(serve_admin(
                 l,
                 st,
-                token,
-                api,
-                admin_tls,
+                Admin {
+                    token,
+                    api,
+                    tls: admin_tls,
+                    limits: admin_limits,
+                    draining: draining.clone(),
+                    readiness,
+                },
                 shutdown_rx.clone(),
             )));
             Some(bound)
@@ -254,6 +302,7 @@ async fn start_with(
                 path.clone(),
                 file,
                 state.clone(),
+                limits.clone(),
                 shutdown_rx.clone(),
             )));
             tracing::info!(path = %path.display(), "envelope-proxy listening on a unix socket");
@@ -263,7 +312,13 @@ async fn start_with(
     };
     if let Some((listener, bound)) = listener {
         let st = state.clone();
-        tasks.push(tokio::spawn(accept_loop(listener, st, tls, shutdown_rx)));
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            st,
+            tls,
+            limits,
+            shutdown_rx,
+        )));
         tracing::info!(addr = %bound, "envelope-proxy listening");
     }
     Ok(Running {
@@ -272,6 +327,7 @@ async fn start_with(
         demo_store_addr,
         unix_socket,
         state,
+        draining,
         shutdown,
         tasks,
     })
@@ -338,38 +394,78 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 pub async fn run(config: Config) -> Result<(), String> {
     let running = start(config).await?;
     wait_for_signal().await;
-    tracing::info!("shutting down: finishing in-flight requests");
-    running.stop().await;
+    running.shutdown().await;
     Ok(())
 }
 
+/// Wait for SIGTERM or SIGINT. SIGHUP no longer ends the process (its default action): it is
+/// logged; TLS certificates, grants and JWKS files already reload when their files change.
 async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP: TLS certificates, grants and JWKS files reload by themselves when they change; other config changes need a restart"
+            ),
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The drain of one listener: in-flight requests get `deadline` to finish; the connections
+/// still open then are cut (`cut`), which drops their requests: an upload being streamed
+/// upstream is aborted mid-body, so the store never completes the object.
+async fn drain(
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    deadline: Duration,
+    cut: watch::Sender<bool>,
+) {
+    if tokio::time::timeout(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            deadline_ms = deadline.as_millis() as u64,
+            "drain deadline passed: cutting the requests still in flight"
+        );
+        let _ = cut.send(true);
+        // Let the cut connections' tasks run their drop.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Serve one connection until it ends or the drain deadline cuts it; `_slot` (its place
+/// under `max_connections`) is given back when it ends.
+async fn serve_connection<E: std::fmt::Display>(
+    conn: impl Future<Output = Result<(), E>>,
+    mut cut: watch::Receiver<bool>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(error = %e, "connection ended with an error");
+        },
+        _ = cut.wait_for(|c| *c) => tracing::debug!("connection cut at the drain deadline"),
+    }
 }
 
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<AppState>,
     tls: Option<Arc<tls::Tls>>,
+    limits: Arc<limits::Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (cut, cut_rx) = watch::channel(false);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -382,8 +478,15 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => break,
         };
+        let Some(slot) = limits.connection() else {
+            // Over `max_connections`: closed at once (see `limits`).
+            tracing::debug!(%peer, "connection refused: max_connections reached");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let builder = limits.builder();
+        let cut_rx = cut_rx.clone();
         match &tls {
             None => {
                 let client = ClientInfo {
@@ -392,25 +495,22 @@ async fn accept_loop(
                     peer_certs: None,
                     unix: false,
                 };
-                let service = proxy_service(state.clone(), client);
+                let service = proxy_service(state.clone(), client, limits.clone());
                 let conn = builder
                     .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(serve_connection(conn, cut_rx, slot));
             }
             Some(tls) => {
                 // The config current now: a reload while this handshake runs applies to the next.
                 let acceptor = tls.acceptor();
                 let watcher = graceful.watcher();
                 let st = state.clone();
+                let limits = limits.clone();
                 tokio::spawn(async move {
                     let stream = match tokio::time::timeout(
-                        Duration::from_secs(10),
+                        limits.settings.header_read_timeout,
                         acceptor.accept(stream),
                     )
                     .await
@@ -424,18 +524,16 @@ async fn accept_loop(
                         Err(_) => return,
                     };
                     let client = client_info(peer, &stream);
-                    let service = proxy_service(st, client);
+                    let service = proxy_service(st, client, limits);
                     let conn = builder
                         .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                         .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
+                    serve_connection(watcher.watch(conn), cut_rx, slot).await;
                 });
             }
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    drain(graceful, state.config.server.drain_timeout, cut).await;
 }
 
 /// The caller of a TLS connection: its address and the client certificate chain the
@@ -576,9 +674,11 @@ async fn accept_unix(
     path: std::path::PathBuf,
     file: SocketFile,
     state: Arc<AppState>,
+    limits: Arc<limits::Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (cut, cut_rx) = watch::channel(false);
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -591,6 +691,10 @@ async fn accept_unix(
             },
             _ = shutdown.changed() => break,
         };
+        let Some(slot) = limits.connection() else {
+            tracing::debug!("unix connection refused: max_connections reached");
+            continue;
+        };
         // `addr` is a placeholder that nothing reads when `unix` is set (see `ClientInfo`).
         let client = ClientInfo {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -598,25 +702,23 @@ async fn accept_unix(
             peer_certs: None,
             unix: true,
         };
-        let service = proxy_service(state.clone(), client);
-        let conn = auto::Builder::new(TokioExecutor::new())
+        let service = proxy_service(state.clone(), client, limits.clone());
+        let conn = limits
+            .builder()
             .serve_connection(TokioIo::new(Lingering::new(stream)), service)
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        tokio::spawn(serve_connection(conn, cut_rx.clone(), slot));
     }
     drop(listener);
     file.remove_if_ours(&path);
-    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    drain(graceful, state.config.server.drain_timeout, cut).await;
 }
 
 fn proxy_service(
     state: Arc<AppState>,
     client: ClientInfo,
+    limits: Arc<limits::Limits>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<ProxyBody>,
@@ -626,7 +728,17 @@ fn proxy_service(
     service_fn(move |req: Request<Incoming>| {
         let st = state.clone();
         let client = client.clone();
-        async move { Ok::<_, Infallible>(pipeline::handle(st, req, client).await) }
+        // Shed before any work when `max_requests` are in flight (see `limits`).
+        let slot = limits.request();
+        async move {
+            let Some(_slot) = slot else {
+                return Ok::<_, Infallible>(limits::overloaded(
+                    &st.config.routes,
+                    req.uri().path(),
+                ));
+            };
+            Ok::<_, Infallible>(pipeline::handle(st, req, client).await)
+        }
     })
 }
 
@@ -655,12 +767,21 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
         .is_some_and(|given| bool::from(given.ct_eq(token.as_bytes())))
 }
 
-async fn serve_admin(
-    listener: TcpListener,
-    state: Arc<AppState>,
+/// What the admin listener serves with.
+struct Admin {
     token: Option<Arc<Zeroizing<String>>>,
     api: Option<Arc<admin_api::AdminApi>>,
     tls: Option<Arc<tls::Tls>>,
+    limits: Arc<limits::Limits>,
+    /// Shutting down: `/readyz` answers 503.
+    draining: Arc<AtomicBool>,
+    readiness: Arc<readiness::Readiness>,
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    admin_cfg: Admin,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -668,11 +789,19 @@ async fn serve_admin(
             r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             _ = shutdown.changed() => break,
         };
+        let Some(slot) = admin_cfg.limits.connection() else {
+            drop(stream);
+            continue;
+        };
         let st = state.clone();
-        let token = token.clone();
-        let api = api.clone();
-        let tls = tls.clone();
+        let token = admin_cfg.token.clone();
+        let api = admin_cfg.api.clone();
+        let tls = admin_cfg.tls.clone();
+        let limits = admin_cfg.limits.clone();
+        let draining = admin_cfg.draining.clone();
+        let readiness = admin_cfg.readiness.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let serve = |certs, io| {
                 let peer = crate::auth::Peer {
                     addr,
@@ -684,6 +813,8 @@ async fn serve_admin(
                     let token = token.clone();
                     let api = api.clone();
                     let peer = peer.clone();
+                    let draining = draining.load(Ordering::Relaxed);
+                    let readiness = readiness.clone();
                     async move {
                         if req.uri().path().starts_with("/v1/") {
                             return Ok::<_, Infallible>(match &api {
@@ -693,10 +824,10 @@ async fn serve_admin(
                         }
                         // Without a token configured, the listener is on loopback (config checks).
                         let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
-                        Ok::<_, Infallible>(admin(&st, req, authorized).await)
+                        Ok::<_, Infallible>(admin(&st, req, authorized, draining, &readiness).await)
                     }
                 });
-                hyper::server::conn::http1::Builder::new().serve_connection(io, service)
+                limits.http1_builder().serve_connection(io, service)
             };
             match tls {
                 None => {
@@ -704,9 +835,11 @@ async fn serve_admin(
                 }
                 Some(tls) => {
                     let acceptor = tls.acceptor();
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                            .await
+                    let Ok(Ok(stream)) = tokio::time::timeout(
+                        limits.settings.header_read_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
                     else {
                         return;
                     };
@@ -741,15 +874,29 @@ fn admin_api_off() -> Response<ProxyBody> {
 /// The admin endpoints. `/healthz` is open (liveness says nothing); `/readyz` answers its
 /// status to anyone (probes need no token) but names backends and problems only to an
 /// authorized caller; `/metrics` needs authorization (401 without it).
-async fn admin(state: &AppState, req: Request<Incoming>, authorized: bool) -> Response<ProxyBody> {
+async fn admin(
+    state: &AppState,
+    req: Request<Incoming>,
+    authorized: bool,
+    draining: bool,
+    readiness: &readiness::Readiness,
+) -> Response<ProxyBody> {
     let (status, ctype, body) = match req.uri().path() {
+        // Shutting down: not ready at once, whatever the backends say.
+        "/readyz" if draining => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            r#"{"ready":false,"draining":true}"#.to_string(),
+        ),
         "/healthz" => (
             StatusCode::OK,
             "application/json",
             r#"{"status":"ok"}"#.to_string(),
         ),
+        // The background probe's last result: no backend call here.
         "/readyz" => {
-            let mut problems = Vec::new();
+            let snapshot = readiness.snapshot();
+            let mut problems = snapshot.problems.clone();
             let mut backends = serde_json::Map::new();
             for (name, health) in state.keys.backend_health() {
                 let h = match health {
@@ -762,18 +909,11 @@ async fn admin(state: &AppState, req: Request<Incoming>, authorized: bool) -> Re
                 }
                 backends.insert(name, h.into());
             }
-            for route in &state.config.routes {
-                {
-                    for k in route.kind.keys() {
-                        if let Err(e) = state.keys.describe(k).await {
-                            problems.push(format!("{k}: {e}"));
-                        }
-                    }
-                }
-            }
-            let ready = problems.is_empty();
+            let ready = readiness.ready(state);
             let body = if authorized {
-                serde_json::json!({ "ready": ready, "backends": backends, "problems": problems })
+                serde_json::json!({ "ready": ready, "backends": backends, "problems": problems,
+                    "keys": snapshot.keys, "usable_keys": snapshot.usable,
+                    "probes": readiness.rounds() })
             } else {
                 serde_json::json!({ "ready": ready })
             };

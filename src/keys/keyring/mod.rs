@@ -946,19 +946,7 @@ fn file_stamp(path: &Path) -> Result<(SystemTime, u64), KeyringError> {
 pub(crate) fn check_private(path: &Path) -> Result<(), KeyringError> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = fs::metadata(path).map_err(|e| file_err(path, e.to_string()))?;
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(file_err(
-                path,
-                format!(
-                    "is accessible by group or others (mode {:o}); run `chmod 600 {}`",
-                    mode & 0o777,
-                    path.display()
-                ),
-            ));
-        }
+        crate::secret::check_private(path).map_err(|e| file_err(path, e))?;
     }
     Ok(())
 }
@@ -1128,7 +1116,7 @@ mod tests {
         .err()
         .unwrap()
         .to_string();
-        assert!(err.contains("chmod 600"), "{err}");
+        assert!(err.contains("chmod 0400"), "{err}");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         let mut doc: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         let sealed = doc["sealed"].as_str().unwrap().to_string();

@@ -1,0 +1,105 @@
+//! Listener hardening: what one client may hold of the proxy.
+//!
+//! - **Header-read timeout** (hyper's own, which needs a timer: without one it is off): a
+//!   client sending its request head byte by byte (slowloris) is disconnected after
+//!   `header_read_timeout`. On HTTP/1.1 hyper starts that timer whenever it waits for a request
+//!   head, so an idle keep-alive connection is closed after the same time.
+//! - **Request head size**: `max_header_bytes` bounds hyper's HTTP/1 read buffer (431 above)
+//!   and the HTTP/2 header list.
+//! - **Connections**: at most `max_connections` open; one beyond is accepted and closed at
+//!   once. Accepting and closing (rather than leaving it in the kernel's backlog) keeps the
+//!   backlog empty, so a client within the limit is never queued behind a flood, and the
+//!   refused client learns at once instead of waiting for its connect timeout.
+//! - **Requests**: at most `max_requests` handled at once (TCP and unix socket together); one
+//!   beyond is shed with 503 and `Retry-After: 1` (JSON, or S3 XML `SlowDown` on an S3 route)
+//!   before any work is done. A request counts until its response head is sent.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioTimer;
+use hyper_util::server::conn::auto;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{ListenerLimits, Route, RouteKind};
+use crate::pipeline::{ProxyBody, full_body};
+
+/// The shared counters of one server's listeners.
+#[derive(Debug)]
+pub struct Limits {
+    pub settings: ListenerLimits,
+    connections: Arc<Semaphore>,
+    requests: Arc<Semaphore>,
+}
+
+impl Limits {
+    pub fn new(settings: ListenerLimits) -> Limits {
+        Limits {
+            settings,
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            requests: Arc::new(Semaphore::new(settings.max_requests)),
+        }
+    }
+
+    /// A slot for a new connection, held while it is open; `None`: at the limit.
+    pub fn connection(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// A slot for a request, held until its response head; `None`: shed it.
+    pub fn request(&self) -> Option<OwnedSemaphorePermit> {
+        self.requests.clone().try_acquire_owned().ok()
+    }
+
+    /// A connection builder (HTTP/1.1 and h2) with the timer, timeouts and sizes set.
+    pub fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .max_buf_size(self.settings.max_header_bytes);
+        b.http2().timer(TokioTimer::new()).max_header_list_size(
+            u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX),
+        );
+        b
+    }
+
+    /// An HTTP/1.1-only builder (the admin listener) with the same timeouts and sizes.
+    pub fn http1_builder(&self) -> hyper::server::conn::http1::Builder {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .max_buf_size(self.settings.max_header_bytes);
+        b
+    }
+}
+
+/// The answer to a request shed for load: 503, `Retry-After: 1`, in the route's dialect
+/// (S3 XML `SlowDown` on an S3 route, JSON otherwise).
+pub fn overloaded(routes: &[Route], path: &str) -> Response<ProxyBody> {
+    let s3 = crate::pipeline::route::select(routes, path)
+        .is_ok_and(|(route, _)| matches!(route.kind, RouteKind::S3(_)));
+    let (ctype, body) = if s3 {
+        (
+            "application/xml",
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
+             <Message>Please reduce your request rate.</Message></Error>"
+                .to_string(),
+        )
+    } else {
+        (
+            "application/json",
+            serde_json::json!({ "error": { "code": "overloaded",
+                "message": "the proxy is handling as many requests as it may; retry shortly" } })
+            .to_string(),
+        )
+    };
+    let mut resp = Response::new(full_body(Bytes::from(body)));
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = resp.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
