@@ -134,6 +134,27 @@ async fn get(http: &Http, proxy: &Proxy, id: &str) -> common::Reply {
     .await
 }
 
+/// Whether new writes (`v0`, `v1`, ...) come to be sealed under `key` version `version` within
+/// about five seconds (the proxy reloads the keyring every second).
+async fn writes_reach(
+    http: &Http,
+    proxy: &Proxy,
+    js: &JsonServer,
+    key: &str,
+    version: u32,
+) -> bool {
+    for i in 0..50 {
+        let id = format!("v{i}");
+        assert_eq!(post(http, proxy, &id, "222-22-2222").await.status, 201);
+        stored(js, &id).await;
+        if stored_keys(js, &id) == [(key.to_string(), version)] {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Wait until the proxy answers `id` with `status` (it reloads the keyring every second).
 async fn until_status(http: &Http, proxy: &Proxy, id: &str, status: u16) -> common::Reply {
     for _ in 0..60 {
@@ -176,18 +197,10 @@ async fn an_alias_repointed_keeps_old_data_readable() {
     assert!(out.contains("alias/users -> users-2027"), "{out}");
     // New writes use the new key once the proxy has reloaded (its cached data key for the
     // alias is dropped with the change).
-    let mut moved = false;
-    for i in 0..50 {
-        let id = format!("v{i}");
-        assert_eq!(post(&http, &proxy, &id, "222-22-2222").await.status, 201);
-        stored(&js, &id).await;
-        if stored_keys(&js, &id) == [("users-2027".to_string(), 1)] {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(moved, "new writes never used the re-pointed alias");
+    assert!(
+        writes_reach(&http, &proxy, &js, "users-2027", 1).await,
+        "new writes never used the re-pointed alias"
+    );
     // Both read back.
     assert_eq!(get(&http, &proxy, "u1").await.json()["ssn"], "111-11-1111");
     let list = ok(&d, &["keys", "alias", "list"]);
@@ -447,18 +460,7 @@ async fn scheduled_rotation_and_retiring_a_version() {
         serde_json::from_str(&ok(&d, &["keys", "describe", "users", "--json"])).unwrap();
     assert_eq!(described["current_version"], 2, "{described}");
     // New writes use version 2 once the proxy reloaded; version 1 still decrypts.
-    let mut rotated = false;
-    for i in 0..50 {
-        let id = format!("v{i}");
-        assert_eq!(post(&http, &proxy, &id, "222-22-2222").await.status, 201);
-        stored(&js, &id).await;
-        if stored_keys(&js, &id) == [("users".to_string(), 2)] {
-            rotated = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(rotated);
+    assert!(writes_reach(&http, &proxy, &js, "users", 2).await);
     assert_eq!(get(&http, &proxy, "u1").await.json()["ssn"], "123-45-6789");
 
     // Retiring version 1 is refused while the proxy still uses it (its usage notes), and the
