@@ -32,6 +32,7 @@ need s3cmd || missing+=(s3cmd)
 need podman || missing+=(podman)
 need mmdebstrap || missing+=(mmdebstrap)
 need objcopy || missing+=(binutils)
+need openssl || missing+=(openssl)          # tests/lifecycle.rs wraps BYOK key material with it
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   apt_install "${missing[@]}"
