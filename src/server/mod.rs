@@ -141,6 +141,7 @@ async fn start_with(
         grants,
     ));
     let keys = KeyService::new(backends, config.cache.clone(), metrics.clone());
+    crate::keys::vault::register_all(&keys, &config)?;
     let audit = match &config.audit_path {
         Some(p) => AuditLog::to_file(
             p,
