@@ -413,3 +413,319 @@ fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
+
+/// Run the CLI with the proxy's config; returns (success, stdout + stderr).
+fn cli(proxy: &Proxy, args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_envelope-proxy"))
+        .arg("--config")
+        .arg(&proxy.config_path)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The root-key versions in a stored record's EDKs.
+fn record_versions(doc: &Value) -> Vec<u32> {
+    use envelope_proxy::envelope::record::Record;
+    let rec = Record::decode(&base64_decode(doc["record"].as_str().unwrap())).unwrap();
+    rec.header.edks.iter().map(|e| e.key_version).collect()
+}
+
+#[tokio::test]
+async fn rewrap_changes_records_only_and_old_versions_can_then_be_retired() {
+    let js = JsonServer::start();
+    let routes = route(&js.url(), "v2");
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    for (tenant, id) in [("acme", "u1"), ("acme", "u2"), ("globex", "g1")] {
+        let w = http
+            .post_json(
+                &proxy.url(&format!("/tenants/{tenant}/users")),
+                &[],
+                &sample(id),
+            )
+            .await;
+        assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    }
+    let data_before = stored_users(&js).await.to_string();
+    let recs = records(&js).await;
+    assert_eq!(recs.len(), 2, "one record per key context");
+    assert!(recs.iter().all(|r| record_versions(r) == vec![1]));
+
+    let (ok, out) = cli(&proxy, &["keys", "rotate", "users"], "");
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&proxy, &["keys", "rewrap", "--route", "users"], "");
+    assert!(ok, "{out}");
+    assert!(out.contains("2 records rewrapped"), "{out}");
+    // The data is byte for byte what it was; the records now name version 2, same ids.
+    assert_eq!(stored_users(&js).await.to_string(), data_before);
+    let after = records(&js).await;
+    assert_eq!(
+        after.iter().map(|r| &r["id"]).collect::<Vec<_>>(),
+        recs.iter().map(|r| &r["id"]).collect::<Vec<_>>()
+    );
+    assert!(
+        after.iter().all(|r| record_versions(r) == vec![2]),
+        "{after:?}"
+    );
+    // Nothing left to do on a second run.
+    let (ok, out) = cli(&proxy, &["keys", "rewrap", "--route", "users"], "");
+    assert!(
+        ok && out.contains("0 records rewrapped, 2 already current"),
+        "{out}"
+    );
+
+    // Version 1 can go: every value still opens on a fresh replica.
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "keys",
+            "retire-version",
+            "users",
+            "--version",
+            "1",
+            "--unused-days",
+            "0",
+        ],
+        "",
+    );
+    assert!(ok, "{out}");
+    let fresh = replica(&proxy, &routes).await;
+    for (tenant, id) in [("acme", "u1"), ("acme", "u2"), ("globex", "g1")] {
+        let r = http
+            .get(&fresh.url(&format!("/tenants/{tenant}/users/{id}")), &[])
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.json(), sample(id));
+    }
+}
+
+#[tokio::test]
+async fn shredding_a_key_context_makes_exactly_its_values_unreadable_after_the_window() {
+    use envelope_proxy::keys::vault::{self, manage};
+    let js = JsonServer::start();
+    let routes = route(&js.url(), "v2");
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    for (tenant, id) in [("acme", "u1"), ("globex", "g1")] {
+        let w = http
+            .post_json(
+                &proxy.url(&format!("/tenants/{tenant}/users")),
+                &[],
+                &sample(id),
+            )
+            .await;
+        assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    }
+    let read = |p: &Proxy, tenant: &str, id: &str| p.url(&format!("/tenants/{tenant}/users/{id}"));
+
+    // Context keys must be the route's.
+    let (ok, out) = cli(
+        &proxy,
+        &["keys", "shred", "--route", "users", "--context", "x=acme"],
+        "",
+    );
+    assert!(!ok && out.contains("key context"), "{out}");
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "keys",
+            "shred",
+            "--route",
+            "users",
+            "--context",
+            "tenant=acme",
+            "--days",
+            "3",
+        ],
+        "",
+    );
+    assert!(!ok && out.contains("7 to 30 days"), "{out}");
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "keys",
+            "shred",
+            "--route",
+            "users",
+            "--context",
+            "tenant=acme",
+            "--days",
+            "7",
+        ],
+        "",
+    );
+    assert!(ok && out.contains("1 records scheduled"), "{out}");
+    // During the window: acme's values are refused (and audited), globex's open.
+    let fresh = replica(&proxy, &routes).await;
+    let r = http.get(&read(&fresh, "acme", "u1"), &[]).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text());
+    assert_eq!(r.error_code(), "key_record_pending_shred");
+    let audit = fresh.audit_for("/tenants/acme/users/u1", 409).await;
+    assert_eq!(audit["outcome"], "error", "{audit}");
+    let r = http.get(&read(&fresh, "globex", "g1"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Cancelled: readable again.
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "keys",
+            "shred",
+            "--route",
+            "users",
+            "--context",
+            "tenant=acme",
+            "--cancel",
+        ],
+        "",
+    );
+    assert!(ok && out.contains("1 records back in use"), "{out}");
+    let fresh = replica(&proxy, &routes).await;
+    let r = http.get(&read(&fresh, "acme", "u1"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    // Scheduled again; before the window nothing is deleted, after it acme's record is gone.
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "keys",
+            "shred",
+            "--route",
+            "users",
+            "--context",
+            "tenant=acme",
+            "--days",
+            "7",
+        ],
+        "",
+    );
+    assert!(ok, "{out}");
+    let cfg = envelope_proxy::config::load(&proxy.config_path).unwrap();
+    let users = cfg.routes.iter().find(|r| r.name == "users").unwrap();
+    let envelope_proxy::config::RouteKind::JsonFields(jr) = &users.kind else {
+        panic!("a JSON route")
+    };
+    let v = vault::open(jr.key_vault.as_ref().unwrap(), &users.upstream, &cfg.server).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        manage::apply_due_shreds(&v, now + 6 * 86_400)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let deleted = manage::apply_due_shreds(&v, now + 7 * 86_400 + 60)
+        .await
+        .unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(records(&js).await.len(), 1, "globex's record stays");
+    let fresh = replica(&proxy, &routes).await;
+    let r = http.get(&read(&fresh, "acme", "u1"), &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert_eq!(r.error_code(), "key_record_missing");
+    assert!(!r.text().contains("123-45-6789"));
+    let r = http.get(&read(&fresh, "globex", "g1"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), sample("g1"));
+}
+
+#[tokio::test]
+async fn decrypt_works_offline_with_a_vault_export() {
+    let js = JsonServer::start();
+    let proxy = Proxy::start(&route(&js.url(), "v2"), "").await;
+    let http = Http::default();
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[], &sample("u1"))
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    let stored = stored_user(&js, "u1").await;
+    let export = proxy.dir.path().join("vault-export.json");
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "keys",
+            "vault-export",
+            "--route",
+            "users",
+            "--out",
+            export.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(ok && out.contains("1 records written"), "{out}");
+    // The store is gone: only the export and the keyring remain.
+    drop(js);
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "decrypt",
+            "--route",
+            "users",
+            "--context",
+            "tenant=acme",
+            "--vault-export",
+            export.to_str().unwrap(),
+        ],
+        &stored.to_string(),
+    );
+    assert!(ok, "{out}");
+    let opened: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(opened, sample("u1"));
+    // A bare v2 token with its field and record id context.
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "decrypt",
+            "--route",
+            "users",
+            "--context",
+            "tenant=acme",
+            "--context",
+            "id=u1",
+            "--field",
+            "$.ssn",
+            "--vault-export",
+            export.to_str().unwrap(),
+        ],
+        stored["ssn"].as_str().unwrap(),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "\"123-45-6789\"");
+    // Another tenant's context does not open it.
+    let (ok, out) = cli(
+        &proxy,
+        &[
+            "decrypt",
+            "--route",
+            "users",
+            "--context",
+            "tenant=globex",
+            "--vault-export",
+            export.to_str().unwrap(),
+        ],
+        &stored.to_string(),
+    );
+    assert!(!ok, "{out}");
+    assert!(!out.contains("123-45-6789"), "{out}");
+}

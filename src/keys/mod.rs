@@ -660,6 +660,34 @@ impl KeyService {
         })
     }
 
+    /// Wrap an existing data key under every one of `keys` (their current versions) and
+    /// `key_context`: the header a rewrapped record gets.
+    pub async fn wrap_all(
+        &self,
+        keys: &[KeyRef],
+        data_key: &DataKey,
+        key_context: &Context,
+    ) -> Result<Header, BackendError> {
+        if keys.is_empty() {
+            return Err(BackendError::KeyNotFound("(no keys configured)".into()));
+        }
+        let mut edks = Vec::with_capacity(keys.len());
+        for k in keys {
+            self.metrics.backend_call(&k.backend, "wrap");
+            let backend = self.backend(&k.backend)?;
+            let wrapped = self
+                .timed(
+                    &k.backend,
+                    "wrap",
+                    backend.wrap_data_key(&k.key_id, data_key, key_context),
+                )
+                .await
+                .inspect_err(|e| self.metrics.backend_error(&k.backend, "wrap", e.kind()))?;
+            edks.push(wrapped);
+        }
+        Ok(Header { edks })
+    }
+
     /// Run one backend call, recording how long it took (`backend_call_seconds`).
     async fn timed<T>(
         &self,

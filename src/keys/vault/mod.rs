@@ -17,6 +17,7 @@
 //! can already delete records; what it cannot do is make a record open to another key.
 
 pub mod dir;
+pub mod manage;
 pub mod rest;
 
 use std::sync::Arc;
