@@ -582,6 +582,15 @@ async fn shredding_a_key_context_makes_exactly_its_values_unreadable_after_the_w
     assert_eq!(r.error_code(), "key_record_pending_shred");
     let audit = fresh.audit_for("/tenants/acme/users/u1", 409).await;
     assert_eq!(audit["outcome"], "error", "{audit}");
+    // Counted for the alarm (EnvelopeProxyShreddedRecordUsed).
+    let label = format!("vault:rest:{}/envelope-keys/{{id}}", js.url());
+    assert_eq!(
+        fresh
+            .state()
+            .metrics
+            .key_state_refusals_of(&label, "pending_shred"),
+        1
+    );
     let r = http.get(&read(&fresh, "globex", "g1"), &[]).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     // Cancelled: readable again.
@@ -728,4 +737,54 @@ async fn decrypt_works_offline_with_a_vault_export() {
     );
     assert!(!ok, "{out}");
     assert!(!out.contains("123-45-6789"), "{out}");
+}
+
+/// With AWS KMS (moto) and an escrow key beside it: the token is as small as with the local
+/// keyring, the record holds both EDKs, a cold replica opens it through KMS.
+#[cfg(feature = "aws-kms")]
+#[tokio::test]
+async fn v2_with_aws_kms_and_an_escrow_key() {
+    use common::Moto;
+    let moto = Moto::start();
+    moto.create_key("alias/users-v2").await;
+    let js = JsonServer::start();
+    let creds = tempfile::tempdir().unwrap();
+    let creds_file = creds.path().join("credentials");
+    std::fs::write(
+        &creds_file,
+        "[moto]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
+    )
+    .unwrap();
+    let backend = format!(
+        "[backend.kms]\nkind = \"aws-kms\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\nprofile = \"moto\"\ncredentials_file = \"{}\"\n",
+        moto.endpoint(),
+        creds_file.display()
+    );
+    let routes = format!(
+        "{backend}{}",
+        route(&js.url(), "v2").replace(
+            "key = \"users\"",
+            "keys = [\"kms:alias/users-v2\", \"escrow\"]"
+        )
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[], &sample("u1"))
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    let stored = stored_user(&js, "u1").await;
+    assert_eq!(stored["ssn"].as_str().unwrap().len(), 83, "{stored}");
+    let recs = records(&js).await;
+    assert_eq!(recs.len(), 1);
+    let rec = envelope_proxy::envelope::record::Record::decode(&base64_decode(
+        recs[0]["record"].as_str().unwrap(),
+    ))
+    .unwrap();
+    let backends: Vec<&str> = rec.header.edks.iter().map(|e| e.backend.as_str()).collect();
+    assert_eq!(backends, ["kms", "local"]);
+    let fresh = replica(&proxy, &routes).await;
+    let r = http.get(&fresh.url("/tenants/acme/users/u1"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), sample("u1"));
 }

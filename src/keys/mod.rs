@@ -572,6 +572,9 @@ impl KeyService {
             .map_err(vault_error)?
             .ok_or_else(|| BackendError::RecordMissing(format!("{id} in {}", vault.label())))?;
         if stored.doc.state == vault::STATE_PENDING_SHRED {
+            // The alarm: data under a key context about to be shredded is still read.
+            self.metrics
+                .key_state_refused(&format!("vault:{}", vault.label()), "pending_shred");
             return Err(BackendError::KeyState {
                 key: format!("data-key record {id}"),
                 state: "pending_shred",
