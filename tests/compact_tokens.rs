@@ -391,6 +391,19 @@ fn bad_vault_settings_are_config_errors() {
             .to_string();
         assert!(e.contains(says), "{to}: {e}");
     }
+    // A route that forwards clients to the vault's records on the same store.
+    for exposing in ["/**", "/envelope-keys/{id?}", "/ENVELOPE-KEYS/**"] {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n[keyring]\npath = \"/tmp/k.json\"\nmaster_key_file = \"/tmp/m.key\"\n{base}\n[[route]]\nname = \"rest\"\npath = \"{exposing}\"\nupstream = \"http://127.0.0.1:9\"\npassthrough = true\nauth = \"none\"\n"
+        );
+        let e = envelope_proxy::config::parse(&text)
+            .expect_err(exposing)
+            .to_string();
+        assert!(
+            e.contains("forwards requests to the key vault"),
+            "{exposing}: {e}"
+        );
+    }
     // v2 without a vault.
     let cut = &base[..base.find("[route.key_vault]").unwrap()];
     let text = format!(

@@ -718,6 +718,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
         }
     }
     check_shadowing(&routes, &mut errors);
+    check_vault_exposure(&routes, &mut errors);
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -773,6 +774,59 @@ fn check_shadowing(routes: &[Route], errors: &mut Vec<String>) {
                     a.pattern.source(),
                     b.name,
                     b.pattern.source()
+                ));
+            }
+        }
+    }
+}
+
+/// A REST key vault lives on a store the proxy forwards to: a route that would forward a
+/// client's request to the vault's paths (a catch-all pass-through, say) lets clients delete
+/// or replace data-key records, and with them every value under those keys. Refused.
+fn check_vault_exposure(routes: &[Route], errors: &mut Vec<String>) {
+    const SAMPLE_ID: &str = "0123456789abcdef0123456789abcdef";
+    for v in routes {
+        let RouteKind::JsonFields(JsonRoute {
+            key_vault: Some(KeyVault::Rest { path, .. }),
+            ..
+        }) = &v.kind
+        else {
+            continue;
+        };
+        let record = format!(
+            "{}{}",
+            v.upstream.base_path,
+            path.replace("{id}", SAMPLE_ID)
+        );
+        let collection = format!(
+            "{}{}",
+            v.upstream.base_path,
+            path.strip_suffix("/{id}").unwrap_or(path)
+        );
+        for r in routes {
+            let same_store = r.upstream.scheme == v.upstream.scheme
+                && r.upstream
+                    .authority
+                    .as_str()
+                    .eq_ignore_ascii_case(v.upstream.authority.as_str());
+            if !same_store {
+                continue;
+            }
+            let reaches = [&record, &collection].into_iter().any(|upstream_path| {
+                upstream_path
+                    .strip_prefix(&r.upstream.base_path)
+                    .filter(|p| p.starts_with('/'))
+                    .is_some_and(|p| {
+                        r.pattern.matches(p).is_some()
+                            || r.pattern.matches(&p.to_ascii_uppercase()).is_some()
+                    })
+            });
+            if reaches {
+                errors.push(format!(
+                    "route {:?}.path: {:?} forwards requests to the key vault of route {:?} ({path:?} on the same store): clients could delete or replace data-key records; narrow the route or move the vault",
+                    r.name,
+                    r.pattern.source(),
+                    v.name
                 ));
             }
         }
