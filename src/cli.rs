@@ -760,10 +760,11 @@ async fn vault_command(cfg: &Config, action: KeysAction, now: u64) -> Result<(),
                 ));
             }
             let r = if cancel {
-                manage::cancel_shred(&vault, &ctx).await?
+                manage::cancel_shred(&vault, &ctx).await
             } else {
-                manage::schedule_shred(&vault, &ctx, days, now).await?
-            };
+                manage::schedule_shred(&vault, &ctx, days, now).await
+            }
+            .map_err(|e| e.to_string())?;
             match r.shred_after {
                 Some(t) => println!(
                     "{} records scheduled for shredding after {} (cancel with --cancel)",

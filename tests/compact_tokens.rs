@@ -801,3 +801,85 @@ async fn v2_with_aws_kms_and_an_escrow_key() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json(), sample("u1"));
 }
+
+/// Shredding through the admin API: authorized by the key policy, audited.
+#[tokio::test]
+async fn shredding_through_the_admin_api_is_authorized_and_audited() {
+    let js = JsonServer::start();
+    let admin = r#"
+[admin]
+listen = "127.0.0.1:0"
+auth = "none"
+
+[[key_policy]]
+key = "users"
+[[key_policy.statement]]
+sid = "app"
+effect = "allow"
+principals = ["anonymous"]
+actions = ["seal", "open", "schedule-deletion", "cancel-deletion"]
+"#;
+    let routes = format!("{admin}{}", route(&js.url(), "v2"));
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[], &sample("u1"))
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    let port = proxy.running.as_ref().unwrap().admin_addr.unwrap().port();
+    let api = |p: &str| format!("http://127.0.0.1:{port}{p}");
+
+    let r = http
+        .post_json(
+            &api("/v1/routes/users/shred"),
+            &[],
+            &json!({"context": {"tenant": "acme"}, "days": 3}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    let r = http
+        .post_json(
+            &api("/v1/routes/users/shred"),
+            &[],
+            &json!({"context": {"region": "acme"}, "days": 7}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    let r = http
+        .post_json(
+            &api("/v1/routes/users/shred"),
+            &[],
+            &json!({"context": {"tenant": "acme"}, "days": 7}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["records"].as_array().unwrap().len(), 1);
+    let audit = proxy.audit_for("/v1/routes/users/shred", 200).await;
+    assert_eq!(audit["action"], "admin:shred", "{audit}");
+    assert_eq!(audit["principal"], "anonymous", "{audit}");
+    let fresh = replica(&proxy, &routes).await;
+    let r = http.get(&fresh.url("/tenants/acme/users/u1"), &[]).await;
+    assert_eq!(r.error_code(), "key_record_pending_shred", "{}", r.text());
+    let r = http
+        .post_json(
+            &api("/v1/routes/users/shred/cancel"),
+            &[],
+            &json!({"context": {"tenant": "acme"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let audit = proxy.audit_for("/v1/routes/users/shred/cancel", 200).await;
+    assert_eq!(audit["action"], "admin:cancel-shred", "{audit}");
+    let fresh = replica(&proxy, &routes).await;
+    let r = http.get(&fresh.url("/tenants/acme/users/u1"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Unknown routes and routes without a vault.
+    let r = http
+        .post_json(
+            &api("/v1/routes/nope/shred"),
+            &[],
+            &json!({"context": {"tenant": "acme"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text());
+}

@@ -133,6 +133,16 @@ async fn of_context(vault: &Vault, ctx: &Context) -> Result<Vec<Stored>, VaultEr
     Ok(out)
 }
 
+/// Why a shredding step was not done: the request (a window out of range, no such records)
+/// or the vault.
+#[derive(Debug, thiserror::Error)]
+pub enum ShredError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
 /// What a shredding step did, record by record.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ShredReport {
@@ -149,18 +159,18 @@ pub async fn schedule_shred(
     ctx: &Context,
     days: u32,
     now: u64,
-) -> Result<ShredReport, String> {
+) -> Result<ShredReport, ShredError> {
     if !(MIN_SHRED_DAYS..=MAX_SHRED_DAYS).contains(&days) {
-        return Err(format!(
-            "--days {days}: the waiting period is {MIN_SHRED_DAYS} to {MAX_SHRED_DAYS} days"
-        ));
+        return Err(ShredError::Invalid(format!(
+            "days = {days}: the waiting period is {MIN_SHRED_DAYS} to {MAX_SHRED_DAYS} days"
+        )));
     }
     let after = now + u64::from(days) * DAY;
     let mut report = ShredReport {
         records: Vec::new(),
         shred_after: Some(after),
     };
-    for stored in of_context(vault, ctx).await.map_err(|e| e.to_string())? {
+    for stored in of_context(vault, ctx).await? {
         let mut doc = stored.doc.clone();
         if doc.state == STATE_PENDING_SHRED {
             report.records.push(doc.id.clone());
@@ -168,32 +178,28 @@ pub async fn schedule_shred(
         }
         doc.state = STATE_PENDING_SHRED.into();
         doc.shred_after = Some(after);
-        vault
-            .replace(&stored, &doc)
-            .await
-            .map_err(|e| e.to_string())?;
+        vault.replace(&stored, &doc).await?;
         report.records.push(doc.id);
     }
     if report.records.is_empty() {
-        return Err("no record has that key context (nothing to shred)".into());
+        return Err(ShredError::Invalid(
+            "no record has that key context (nothing to shred)".into(),
+        ));
     }
     Ok(report)
 }
 
 /// Put the records of `ctx` scheduled for shredding back in use.
-pub async fn cancel_shred(vault: &Vault, ctx: &Context) -> Result<ShredReport, String> {
+pub async fn cancel_shred(vault: &Vault, ctx: &Context) -> Result<ShredReport, ShredError> {
     let mut report = ShredReport::default();
-    for stored in of_context(vault, ctx).await.map_err(|e| e.to_string())? {
+    for stored in of_context(vault, ctx).await? {
         if stored.doc.state != STATE_PENDING_SHRED {
             continue;
         }
         let mut doc = stored.doc.clone();
         doc.state = STATE_ACTIVE.into();
         doc.shred_after = None;
-        vault
-            .replace(&stored, &doc)
-            .await
-            .map_err(|e| e.to_string())?;
+        vault.replace(&stored, &doc).await?;
         report.records.push(doc.id);
     }
     Ok(report)
