@@ -5,11 +5,17 @@
 //!   work on a parsed `serde_json::Value`; `seal_bytes`/`open_bytes` include what the pipeline
 //!   adds per request (strict parse and serialization), and `parse_serialize` is that overhead
 //!   alone, for comparison.
+//! - `json_fields/*_v2`: the same document through a route with `token_format = "v2"` (compact
+//!   `enc:v2:` tokens, records in a directory vault), spliced path, warm caches: the sealing key
+//!   comes from the cache and the opening side finds the record's key in the record cache.
+//! - Before the groups, the bench prints the size of one SSN token (v1 local, v1 local +
+//!   escrow, v2); `JSON_FIELDS_ALLOC_PROBE` runs one operation N times for an allocation
+//!   tracer (see below).
 //! - `json_fields_parts/*`: the pieces of one field (path lookup, cache hits, one token), to see
 //!   where the per-document time goes.
 //! - `aead_core/*`: the C2SP chunked AES-256-GCM layer (`envelope::chunked`) on 1 MiB.
 //!
-//! Run: `cargo bench --bench json_fields` (about a minute).
+//! Run: `cargo bench --bench json_fields` (about a minute); `-- v2` for the v2 cases only.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -18,9 +24,11 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use envelope_proxy::config::{self, JsonRoute, RouteKind};
 use envelope_proxy::envelope::chunked;
+use envelope_proxy::envelope::compact;
+use envelope_proxy::envelope::context::FIELD_KEY;
 use envelope_proxy::envelope::token::{self, ParsedToken};
 use envelope_proxy::keys::keyring::Keyring;
-use envelope_proxy::keys::{KeyRef, KeyService, RootKeyProvider};
+use envelope_proxy::keys::{KeyRef, KeyService, RootKeyProvider, vault};
 use envelope_proxy::metrics::Metrics;
 use envelope_proxy::pipeline::route;
 use envelope_proxy::transform::json_fields::{self, RequestMeta};
@@ -31,6 +39,8 @@ use serde_json::Value;
 /// The load run's POST body: ~1 KiB, with `ssn`, `card.number` and `profile` (an object).
 const DOC: &str = include_str!("load/doc.json");
 const PATH: &str = "/tenants/acme/users/user-42";
+/// The same document on the v2 route (compact tokens, a directory vault).
+const PATH_V2: &str = "/v2/tenants/acme/users/user-42";
 const MAX_DEPTH: usize = 64;
 
 fn route_config(dir: &std::path::Path) -> String {
@@ -58,6 +68,20 @@ key = "users"
 fields = ["$.ssn", "$.card.number", "$.profile"]
 context = {{ tenant = "{{path.tenant}}", table = "users" }}
 message_context = {{ id = "{{path.id|json.id}}" }}
+
+[[route]]
+name = "users-v2"
+path = "/v2/tenants/{{tenant}}/users/{{id?}}"
+upstream = "http://127.0.0.1:3000"
+key = "users"
+fields = ["$.ssn", "$.card.number", "$.profile"]
+context = {{ tenant = "{{path.tenant}}", table = "users" }}
+message_context = {{ id = "{{path.id|json.id}}" }}
+token_format = "v2"
+
+[route.key_vault]
+kind = "dir"
+dir = "{d}/vault"
 "#
     )
 }
@@ -82,6 +106,9 @@ fn json_fields(c: &mut Criterion) {
     )
     .expect("keyring");
     keyring.create_key("users").expect("create root key");
+    keyring
+        .create_key("users-escrow")
+        .expect("create escrow root key");
     let backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring];
     // KeyService::new spawns its cache-invalidation task: it needs a runtime context.
     let keys = {
@@ -98,6 +125,23 @@ fn json_fields(c: &mut Criterion) {
     };
     let doc: Value = strict_json::parse(DOC.as_bytes(), MAX_DEPTH).expect("doc parses");
     let doc_len = serde_json::to_vec(&doc).expect("serialize").len();
+
+    // The v2 route: its directory vault registered as the server registers it.
+    let (route_v2, captures_v2) = route::select(&cfg.routes, PATH_V2).expect("v2 route matches");
+    let RouteKind::JsonFields(jr2) = &route_v2.kind else {
+        panic!("expected an encrypting route");
+    };
+    let jr2: &JsonRoute = jr2;
+    vault::register_all(&keys, &cfg).expect("vault");
+    let vault = keys
+        .vault(jr2.vault_label.as_deref().expect("v2 route has a vault"))
+        .expect("vault registered");
+    let meta_v2 = RequestMeta {
+        captures: &captures_v2,
+        headers: &headers,
+        given: None,
+        principal: None,
+    };
 
     // The request path: context → data key (cache) → seal.
     let seal_one = |doc: &mut Value| -> usize {
@@ -129,6 +173,106 @@ fn json_fields(c: &mut Criterion) {
         doc_len,
         sealed_bytes.len()
     );
+
+    // Bytes in, bytes out, as the proxy runs it (spliced path), for v1 and v2.
+    let seal_bytes = |jr: &JsonRoute, meta: &RequestMeta| -> (Vec<u8>, usize) {
+        let d = json_fields::scan_body(black_box(DOC.as_bytes()), MAX_DEPTH).expect("scan");
+        let key_ctx = json_fields::key_context(jr, meta).expect("key context");
+        let messages = json_fields::estimate_messages_scanned(jr, &d);
+        let key = match &jr.vault_label {
+            Some(_) => rt.block_on(keys.sealing_record_key(
+                &vault,
+                &jr.keys,
+                &key_ctx,
+                messages,
+                doc_len as u64,
+            )),
+            None => rt.block_on(keys.sealing_key(&jr.keys, &key_ctx, messages, doc_len as u64)),
+        }
+        .expect("sealing key");
+        json_fields::seal_scanned(jr, meta, &key_ctx, &key, &d, MAX_DEPTH).expect("seal")
+    };
+    let open_bytes = |jr: &JsonRoute, meta: &RequestMeta, body: &[u8]| -> Vec<u8> {
+        let d = json_fields::scan_body(black_box(body), MAX_DEPTH).expect("scan");
+        let key_ctx = json_fields::key_context(jr, meta).expect("key context");
+        let (out, report) = rt
+            .block_on(json_fields::open_scanned(
+                jr, meta, &key_ctx, &keys, &d, MAX_DEPTH,
+            ))
+            .expect("open");
+        assert_eq!(report.opened, 3);
+        out
+    };
+    // Warm the v2 caches (the first seal writes the record; its key primes the record cache)
+    // and check the round trip.
+    let (sealed_v2, n) = seal_bytes(jr2, &meta_v2);
+    assert_eq!(n, 3);
+    let text = String::from_utf8(sealed_v2.clone()).expect("utf-8");
+    assert_eq!(text.matches(compact::PREFIX).count(), 3, "three v2 tokens");
+    let reopened: Value =
+        serde_json::from_slice(&open_bytes(jr2, &meta_v2, &sealed_v2)).expect("json");
+    assert_eq!(reopened, doc, "v2 round trip");
+    eprintln!(
+        "document: {} bytes sealed with v2 tokens ({} records in the vault)",
+        sealed_v2.len(),
+        rt.block_on(vault.list()).expect("list").len()
+    );
+
+    // Allocation probe: `JSON_FIELDS_ALLOC_PROBE=OP:N` (OP one of seal_v1, open_v1, seal_v2,
+    // open_v2) runs OP N more times after the warm-up above and exits before the benchmarks.
+    // The crate forbids unsafe code (Cargo.toml [lints]), so the bench cannot install a
+    // counting global allocator; count under an allocation tracer instead, and take the
+    // difference of two runs per operation:
+    //   for n in 0 1000; do JSON_FIELDS_ALLOC_PROBE=open_v2:$n heaptrack -o /tmp/p$n \
+    //     target/release/deps/json_fields-HASH --bench; done
+    //   heaptrack_print /tmp/p1000.zst | grep 'calls to allocation'   (minus the n=0 run) / 1000
+    if let Ok(probe) = std::env::var("JSON_FIELDS_ALLOC_PROBE") {
+        let (op, n) = probe.split_once(':').expect("JSON_FIELDS_ALLOC_PROBE=OP:N");
+        let n: u64 = n.parse().expect("N");
+        for _ in 0..n {
+            match op {
+                "seal_v1" => drop(black_box(seal_bytes(jr, &meta))),
+                "open_v1" => drop(black_box(open_bytes(jr, &meta, &sealed_bytes))),
+                "seal_v2" => drop(black_box(seal_bytes(jr2, &meta_v2))),
+                "open_v2" => drop(black_box(open_bytes(jr2, &meta_v2, &sealed_v2))),
+                other => panic!("unknown probe {other:?}"),
+            }
+        }
+        eprintln!("probe {op}: {n} runs");
+        std::process::exit(0);
+    }
+
+    // One SSN ("123-45-6789", 13 bytes of JSON) as a token: v1 under one local key, v1 under
+    // a local key and an escrow key (two EDKs), v2 (any backends, any number of keys).
+    {
+        let key_ctx = json_fields::key_context(jr, &meta).expect("key context");
+        let mut msg_ctx = key_ctx.clone();
+        msg_ctx.insert("id", "user-42");
+        msg_ctx.insert(FIELD_KEY, "$.ssn");
+        let ssn = br#""123-45-6789""#;
+        let users = KeyRef::parse("local:users").expect("key");
+        let escrow = KeyRef::parse("local:users-escrow").expect("key");
+        for (name, route_keys) in [
+            ("v1 local (users)", vec![users.clone()]),
+            (
+                "v1 local + escrow (users, users-escrow)",
+                vec![users.clone(), escrow],
+            ),
+        ] {
+            let key = rt
+                .block_on(keys.sealing_key(&route_keys, &key_ctx, 1, 13))
+                .expect("sealing key");
+            let t = token::seal(&key.header, key.data_key.expose(), &msg_ctx, ssn).expect("seal");
+            eprintln!("ssn token {name}: {} characters", t.len());
+        }
+        let key = rt
+            .block_on(keys.sealing_record_key(&vault, &jr2.keys, &key_ctx, 1, 13))
+            .expect("sealing key");
+        let record = key.record.as_ref().expect("a v2 key has a record");
+        // The AAD: canonical(message context with ep:field).
+        let t = compact::seal(record, &msg_ctx.canonical(), ssn).expect("seal");
+        eprintln!("ssn token v2: {} characters", t.len());
+    }
 
     let mut g = c.benchmark_group("json_fields");
     g.measurement_time(Duration::from_secs(3))
@@ -178,6 +322,11 @@ fn json_fields(c: &mut Criterion) {
             ))
             .expect("open")
         })
+    });
+    // The same on the v2 route: compact tokens, the record's key from the caches.
+    g.bench_function("seal_bytes_v2", |b| b.iter(|| seal_bytes(jr2, &meta_v2)));
+    g.bench_function("open_bytes_v2", |b| {
+        b.iter(|| open_bytes(jr2, &meta_v2, &sealed_v2))
     });
     // The same through the DOM path (parse into a Value, replace, serialize): what routes
     // whose field paths may nest run.

@@ -1,4 +1,6 @@
-//! Golden vectors for the on-storage formats (docs/FORMAT.md), in `tests/vectors/tokens.json`.
+//! Golden vectors for the on-storage formats (docs/FORMAT.md), in `tests/vectors/tokens.json`
+//! (v1 tokens, EDKs, the keyring file), `tests/vectors/tokens_v2.json` (v2 records and tokens)
+//! and `tests/vectors/s3_objects.json`.
 //!
 //! Every check runs on every `cargo test`: the stored tokens, EDK blobs and keyring file must be
 //! reproduced byte for byte by the current code, open with it, and open with the independent
@@ -7,7 +9,8 @@
 //! §7), never an edit of the vectors.
 //!
 //! To regenerate after an intentional, versioned change (never otherwise):
-//! `cargo test --test vectors -- --ignored generate`, then review and copy the file it names.
+//! `cargo test --test vectors -- --ignored generate` (or `generate_s3`, `generate_v2`), then
+//! review and copy the file it names.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,10 +21,13 @@ use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD};
 use envelope_proxy::envelope::chunked;
+use envelope_proxy::envelope::compact::{self, CompactError};
 use envelope_proxy::envelope::header::HeaderError;
+use envelope_proxy::envelope::record::{self, Record, RecordId, RecordKey};
 use envelope_proxy::envelope::token::{self, ParsedToken, TokenError};
 use envelope_proxy::envelope::{Context, Header, WrappedKey};
 use envelope_proxy::keys::keyring::{Keyring, KeyringError, MasterKeySource};
+use envelope_proxy::keys::vault::VaultDoc;
 use envelope_proxy::keys::{BackendError, CacheLimits, DataKey, KeyService, RootKeyProvider};
 use envelope_proxy::metrics::Metrics;
 use hmac::{Hmac, Mac};
@@ -1528,4 +1534,773 @@ identity = "vectors"
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Format v2 (FORMAT.md §12): data-key records and `enc:v2:` tokens, in
+// `tests/vectors/tokens_v2.json`. The same rules: the current code must reproduce every stored
+// byte (record, EDK blobs, vault document, token), open every token (with the crate and with
+// the reference decoder below), and unwrap every record's EDKs through the keyring of
+// `tokens.json`, under the key context plus `ep:dk-id`.
+//
+// Regenerate only on a versioned format change: `cargo test --test vectors -- --ignored
+// generate_v2` (writes target/tokens_v2.candidate.json).
+
+const V2_VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/tokens_v2.json");
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct V2Vectors {
+    comment: Vec<String>,
+    records: Vec<RecordVector>,
+    tokens: Vec<V2TokenVector>,
+}
+
+/// One data-key record, as the vault stores it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct RecordVector {
+    description: String,
+    data_key: String,
+    /// 16 bytes, hex (also the record's name in the vault).
+    id: String,
+    /// The key context the record belongs to (stored in it); the EDKs are wrapped under it
+    /// plus `ep:dk-id` = `id`.
+    key_context: BTreeMap<String, String>,
+    /// Local-keyring EDKs (root keys of the keyring in `tokens.json`), with the nonce each wrap
+    /// used (the nonce is also the blob's first 12 bytes).
+    edks: Vec<EdkVector>,
+    wrap_nonces: Vec<String>,
+    /// Intermediate values, to debug an independent implementation.
+    token_key: String,
+    commitment: String,
+    header_hex: String,
+    /// The record bytes (hex).
+    record: String,
+    /// The vault document (JSON text as the crate serializes it).
+    vault_doc: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+struct V2TokenVector {
+    description: String,
+    /// The id of the record (in `records`) whose data key sealed it.
+    record_id: String,
+    /// The message context, including `ep:field` (the key context plus the route's
+    /// message_context pairs plus the field path).
+    context: BTreeMap<String, String>,
+    nonce: String,
+    plaintext: String,
+    /// Intermediate value: canonical(context), the AES-GCM AAD.
+    aad_hex: String,
+    token: String,
+}
+
+impl RecordVector {
+    fn data_key(&self) -> [u8; 32] {
+        unhex_array(&self.data_key)
+    }
+    fn record_id(&self) -> RecordId {
+        RecordId(unhex_array(&self.id))
+    }
+    /// The record the fields describe, built with the crate's types.
+    fn record(&self) -> Record {
+        Record {
+            id: self.record_id(),
+            commitment: unhex_array(&self.commitment),
+            key_context: to_context(&self.key_context),
+            header: Header {
+                edks: self
+                    .edks
+                    .iter()
+                    .map(|e| WrappedKey {
+                        backend: e.backend.clone(),
+                        key_id: e.key_id.clone(),
+                        key_version: e.key_version,
+                        blob: unhex(&e.blob),
+                    })
+                    .collect(),
+            },
+        }
+    }
+    /// The context the EDKs are wrapped under: the key context plus `ep:dk-id`.
+    fn bound_context(&self) -> BTreeMap<String, String> {
+        let mut c = self.key_context.clone();
+        c.insert("ep:dk-id".into(), self.id.clone());
+        c
+    }
+}
+
+fn load_v2() -> V2Vectors {
+    let text = std::fs::read_to_string(V2_VECTORS).expect("tests/vectors/tokens_v2.json");
+    serde_json::from_str(&text).expect("tokens_v2.json parses")
+}
+
+fn v2_record<'a>(v: &'a V2Vectors, t: &V2TokenVector) -> &'a RecordVector {
+    v.records
+        .iter()
+        .find(|r| r.id == t.record_id)
+        .unwrap_or_else(|| panic!("{}: no record {}", t.description, t.record_id))
+}
+
+/// The reference decoder for format v2, from FORMAT.md §12 with only the primitives
+/// (HMAC-SHA-256, AES-256-GCM, base64). It shares no code with the crate.
+mod reference_v2 {
+    use super::*;
+
+    pub const MAGIC: &[u8] = b"EPDK";
+    pub const SALT: &[u8] = b"envelope-proxy/dk-record/v1";
+    pub const PREFIX: &str = "enc:v2:";
+
+    fn hmac256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap();
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    /// HKDF-SHA-256 (RFC 5869): extract with the record salt, one 32-byte expand block each.
+    /// Returns (token key, commitment).
+    pub fn derive(data_key: &[u8; 32], id: &[u8; 16]) -> ([u8; 32], [u8; 32]) {
+        let prk = hmac256(SALT, &[data_key]);
+        let token_key = hmac256(&prk, &[b"token key", id, &[1]]);
+        let commitment = hmac256(&prk, &[b"commitment", id, &[1]]);
+        (token_key, commitment)
+    }
+
+    /// FORMAT.md §12.1.
+    pub fn encode_record(
+        id: &[u8; 16],
+        commitment: &[u8; 32],
+        key_context: &BTreeMap<String, String>,
+        edks: &[EdkVector],
+    ) -> Vec<u8> {
+        let ctx = reference::canonical(key_context);
+        let mut out = MAGIC.to_vec();
+        out.push(1);
+        out.extend_from_slice(id);
+        out.extend_from_slice(commitment);
+        out.extend_from_slice(&(ctx.len() as u32).to_be_bytes());
+        out.extend_from_slice(&ctx);
+        out.extend_from_slice(&reference::encode_header(edks));
+        out
+    }
+
+    /// FORMAT.md §12.4: the record id a token names and its plaintext under `data_key`, or
+    /// None. The caller checks the id against the record it took the key from.
+    pub fn open_token(
+        token: &str,
+        data_key: &[u8; 32],
+        ctx: &BTreeMap<String, String>,
+    ) -> Option<([u8; 16], Vec<u8>)> {
+        let raw = URL_SAFE_NO_PAD.decode(token.strip_prefix(PREFIX)?).ok()?;
+        if raw.len() < 16 + 12 + 16 {
+            return None;
+        }
+        let id: [u8; 16] = raw[..16].try_into().unwrap();
+        let nonce: [u8; 12] = raw[16..28].try_into().unwrap();
+        let (token_key, _) = derive(data_key, &id);
+        let pt = reference::gcm_open(&token_key, &nonce, &reference::canonical(ctx), &raw[28..])?;
+        Some((id, pt))
+    }
+}
+
+#[test]
+fn v2_vector_file_covers_the_cases() {
+    let v = load_v2();
+    assert!(v.records.len() >= 2);
+    assert!(v.records.iter().any(|r| r.edks.len() == 2));
+    assert!(v.records.iter().any(|r| r.key_context.is_empty()));
+    assert!(v.tokens.len() >= 6);
+    assert!(v.tokens.iter().all(|t| t.context.contains_key("ep:field")));
+    assert!(v.tokens.iter().any(|t| t.plaintext == "\"\""));
+    assert!(v.tokens.iter().any(|t| t.plaintext.len() > 1000));
+    for r in &v.records {
+        assert!(
+            v.tokens.iter().any(|t| t.record_id == r.id),
+            "{}: no token",
+            r.description
+        );
+    }
+}
+
+/// Records, EDK blobs and vault documents reproduce byte for byte, with the crate and with the
+/// reference encoder; the crate decodes them back.
+#[test]
+fn v2_records_reproduce() {
+    let v = load_v2();
+    let keyring = load().keyring;
+    for r in &v.records {
+        let d = &r.description;
+        let (dk, id) = (r.data_key(), r.record_id());
+        // Derivations (§12.2).
+        let (token_key, commitment) = reference_v2::derive(&dk, &id.0);
+        assert_eq!(hex::encode(token_key), r.token_key, "{d}: token key");
+        assert_eq!(hex::encode(commitment), r.commitment, "{d}: commitment");
+        assert_eq!(
+            record::commitment(&dk, &id),
+            commitment,
+            "{d}: crate commitment"
+        );
+        // The EDKs wrap the data key under the key context plus ep:dk-id (§12.3).
+        let bound = r.bound_context();
+        assert_eq!(
+            record::backend_context(&to_context(&r.key_context), &id),
+            to_context(&bound),
+            "{d}: bound context"
+        );
+        assert_eq!(r.edks.len(), r.wrap_nonces.len());
+        for (e, n) in r.edks.iter().zip(&r.wrap_nonces) {
+            let root = root_key(&keyring, &e.key_id, e.key_version);
+            let aad = reference::wrap_aad(&e.key_id, e.key_version, &bound);
+            assert_eq!(
+                hex::encode(reference::wrap(&root, &unhex_array(n), &aad, &dk)),
+                e.blob,
+                "{d}: EDK blob"
+            );
+        }
+        // The record bytes (§12.1).
+        let rec = r.record();
+        let bytes = rec.encode().unwrap();
+        assert_eq!(
+            hex::encode(&bytes),
+            r.record,
+            "{d}: the record format changed"
+        );
+        assert_eq!(
+            reference_v2::encode_record(&id.0, &commitment, &r.key_context, &r.edks),
+            bytes,
+            "{d}: reference record"
+        );
+        assert_eq!(
+            hex::encode(rec.header.encode().unwrap()),
+            r.header_hex,
+            "{d}: header"
+        );
+        assert_eq!(Record::decode(&bytes).unwrap(), rec, "{d}: decode");
+        // The vault document (§12.5).
+        let doc = VaultDoc::new(&rec).unwrap();
+        assert_eq!(
+            serde_json::to_string(&doc).unwrap(),
+            r.vault_doc,
+            "{d}: vault doc"
+        );
+        let parsed: VaultDoc = serde_json::from_str(&r.vault_doc).unwrap();
+        assert_eq!(parsed.record().unwrap(), rec, "{d}: vault doc record");
+        let json: serde_json::Value = serde_json::from_str(&r.vault_doc).unwrap();
+        assert_eq!(json["id"], r.id.as_str());
+        assert_eq!(json["state"], "active");
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(json["record"].as_str().unwrap())
+                .unwrap(),
+            bytes
+        );
+    }
+}
+
+/// Every token: the record's key (commitment checked) opens it, sealing with the stored nonce
+/// reproduces it, the reference decoder opens it, and its size is 7 + base64(P + 44).
+#[test]
+fn v2_every_token_opens() {
+    let v = load_v2();
+    for t in &v.tokens {
+        let d = &t.description;
+        let r = v2_record(&v, t);
+        let rec = r.record();
+        // The plaintext is one JSON value.
+        serde_json::from_str::<serde_json::Value>(&t.plaintext).expect("plaintext is JSON");
+        let aad = reference::canonical(&t.context);
+        assert_eq!(hex::encode(&aad), t.aad_hex, "{d}: AAD");
+        assert_eq!(to_context(&t.context).canonical(), aad, "{d}: crate AAD");
+        // The AAD as the proxy builds it: the message context without ep:field, plus it.
+        let mut without = t.context.clone();
+        let field = without.remove("ep:field").unwrap();
+        let mut built = vec![7u8];
+        to_context(&without).canonical_with_into(("ep:field", &field), &mut built);
+        assert_eq!(built, aad, "{d}: canonical_with_into");
+
+        let key = RecordKey::open(&r.data_key(), &rec).expect("the commitment matches");
+        assert_eq!(compact::record_id(&t.token).unwrap(), rec.id, "{d}: id");
+        let pt = compact::open(&key, &aad, &t.token).unwrap_or_else(|e| panic!("{d}: {e}"));
+        assert_eq!(&*pt, t.plaintext.as_bytes(), "{d}: crate plaintext");
+        let again = compact::seal_with_nonce(
+            &RecordKey::new(&r.data_key(), rec.id),
+            unhex_array(&t.nonce),
+            &aad,
+            t.plaintext.as_bytes(),
+        );
+        assert_eq!(again, t.token, "{d}: the token format changed");
+        let (id, pt) = reference_v2::open_token(&t.token, &r.data_key(), &t.context)
+            .unwrap_or_else(|| panic!("{d}: the reference decoder (FORMAT.md) rejects it"));
+        assert_eq!(id, rec.id.0, "{d}: reference id");
+        assert_eq!(pt, t.plaintext.as_bytes(), "{d}: reference plaintext");
+        // Size: prefix ‖ base64url(id 16 ‖ nonce 12 ‖ P ‖ tag 16).
+        let raw = URL_SAFE_NO_PAD.decode(&t.token["enc:v2:".len()..]).unwrap();
+        assert_eq!(
+            raw.len(),
+            t.plaintext.len() + compact::OVERHEAD,
+            "{d}: size"
+        );
+        assert_eq!(compact::OVERHEAD, 44);
+        assert_eq!(&raw[16..28], unhex(&t.nonce).as_slice(), "{d}: nonce");
+        assert_eq!(
+            t.token.len(),
+            7 + (4 * raw.len()).div_ceil(3),
+            "{d}: token length"
+        );
+    }
+}
+
+fn v2_opens(
+    key: &RecordKey,
+    data_key: &[u8; 32],
+    token: &str,
+    ctx: &BTreeMap<String, String>,
+) -> bool {
+    let ours = compact::open(key, &reference::canonical(ctx), token).is_ok();
+    let theirs =
+        reference_v2::open_token(token, data_key, ctx).is_some_and(|(id, _)| id == key.id.0);
+    assert_eq!(ours, theirs, "crate and reference disagree on {token}");
+    ours
+}
+
+/// A wrong data key, id, record or context, and any flipped bit, fail.
+#[test]
+fn v2_tampering_fails() {
+    let v = load_v2();
+    for t in &v.tokens {
+        let d = &t.description;
+        let r = v2_record(&v, t);
+        let rec = r.record();
+        let dk = r.data_key();
+        let key = RecordKey::open(&dk, &rec).unwrap();
+        assert!(v2_opens(&key, &dk, &t.token, &t.context), "{d}");
+
+        // The commitment ties the record to its data key and id.
+        let mut other = dk;
+        other[31] ^= 1;
+        assert!(
+            RecordKey::open(&other, &rec).is_none(),
+            "{d}: wrong data key"
+        );
+        let mut moved = rec.clone();
+        moved.id.0[0] ^= 1;
+        assert!(
+            RecordKey::open(&dk, &moved).is_none(),
+            "{d}: record moved to another id"
+        );
+        let mut forged = rec.clone();
+        forged.commitment[5] ^= 0x10;
+        assert!(
+            RecordKey::open(&dk, &forged).is_none(),
+            "{d}: commitment changed"
+        );
+        // The key of another record (data key, or id) does not open it.
+        for o in v.records.iter().filter(|o| o.id != r.id) {
+            let k = RecordKey::open(&o.data_key(), &o.record()).unwrap();
+            assert!(compact::open(&k, &reference::canonical(&t.context), &t.token).is_err());
+        }
+        let same_key_other_id = RecordKey::new(&dk, RecordId([0x42; 16]));
+        assert!(
+            compact::open(
+                &same_key_other_id,
+                &reference::canonical(&t.context),
+                &t.token
+            )
+            .is_err(),
+            "{d}: same data key, another id"
+        );
+
+        // Wrong message context: another field path, a changed, missing or extra pair.
+        let mut ctx = t.context.clone();
+        ctx.insert("ep:field".into(), "$.other".into());
+        assert!(!v2_opens(&key, &dk, &t.token, &ctx), "{d}: other ep:field");
+        for k in t.context.keys() {
+            let mut ctx = t.context.clone();
+            ctx.remove(k);
+            assert!(!v2_opens(&key, &dk, &t.token, &ctx), "{d}: without {k}");
+            let mut ctx = t.context.clone();
+            ctx.get_mut(k).unwrap().push('x');
+            assert!(!v2_opens(&key, &dk, &t.token, &ctx), "{d}: changed {k}");
+        }
+        let mut ctx = t.context.clone();
+        ctx.insert("extra".into(), String::new());
+        assert!(!v2_opens(&key, &dk, &t.token, &ctx), "{d}: extra pair");
+
+        // Flipped bits in every region: id, nonce, ciphertext, tag.
+        let raw = URL_SAFE_NO_PAD.decode(&t.token["enc:v2:".len()..]).unwrap();
+        let n = raw.len();
+        for at in [0, 15, 16, 27, 28, n - 17, n - 16, n - 1] {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = raw.clone();
+                bad[at] ^= bit;
+                let forged = format!("enc:v2:{}", URL_SAFE_NO_PAD.encode(&bad));
+                assert!(
+                    !v2_opens(&key, &dk, &forged, &t.context),
+                    "{d}: flip {bit:#x} at {at}"
+                );
+            }
+        }
+        // Truncated, extended, re-encoded, or under another prefix.
+        for cut in [1, 16, n - 44, n - 28, n] {
+            let forged = format!("enc:v2:{}", URL_SAFE_NO_PAD.encode(&raw[..n - cut]));
+            assert!(!v2_opens(&key, &dk, &forged, &t.context), "{d}: cut {cut}");
+        }
+        let forged = format!(
+            "enc:v2:{}",
+            URL_SAFE_NO_PAD.encode([&raw[..], &[0]].concat())
+        );
+        assert!(
+            !v2_opens(&key, &dk, &forged, &t.context),
+            "{d}: trailing byte"
+        );
+        for suffix in ["=", "==", " ", "\n", "*"] {
+            let forged = format!("{}{suffix}", t.token);
+            assert!(
+                !v2_opens(&key, &dk, &forged, &t.context),
+                "{d}: suffix {suffix:?}"
+            );
+        }
+        let padded = format!("enc:v2:{}", B64.encode(&raw));
+        if padded != t.token {
+            assert!(
+                !v2_opens(&key, &dk, &padded, &t.context),
+                "{d}: standard base64"
+            );
+        }
+        let body = &t.token["enc:v2:".len()..];
+        for prefix in ["enc:v1:", "enc:v3:", "enc:", "ENC:v2:", ""] {
+            let forged = format!("{prefix}{body}");
+            assert_eq!(
+                compact::open(&key, &aad_of(t), &forged).unwrap_err(),
+                CompactError::NotAToken,
+                "{d}: prefix {prefix:?}"
+            );
+            assert!(compact::record_id(&forged).is_err());
+        }
+        // A v2 body is no v1 token.
+        assert!(ParsedToken::parse(&format!("enc:v1:{body}")).is_err());
+    }
+}
+
+fn aad_of(t: &V2TokenVector) -> Vec<u8> {
+    reference::canonical(&t.context)
+}
+
+/// Record → vault → key service → token, as the proxy reads: the records are put in a
+/// directory vault, opened through `KeyService::opening_record_key` with the keyring of
+/// `tokens.json` (EDKs unwrapped under the key context plus ep:dk-id, commitment checked),
+/// and the key opens the tokens. A missing, pending-shred, foreign-context or forged record
+/// fails as FORMAT.md §12.6 says.
+#[tokio::test]
+async fn v2_records_open_through_key_service() {
+    use envelope_proxy::keys::KeyRef;
+    use envelope_proxy::keys::vault::{self, Vault};
+    let v = load_v2();
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = install_keyring(&load().keyring, dir.path());
+    let service = KeyService::new(
+        vec![keyring as Arc<dyn RootKeyProvider>],
+        CacheLimits::default(),
+        Arc::new(Metrics::new()),
+    );
+    let vault_dir = dir.path().join("vault");
+    let store: Vault = Arc::new(vault::dir::DirVault::new(&vault_dir, "dir:vectors".into()));
+    let allowed = vec![
+        KeyRef::parse("local:users").unwrap(),
+        KeyRef::parse("local:backup").unwrap(),
+    ];
+    for r in &v.records {
+        let doc: VaultDoc = serde_json::from_str(&r.vault_doc).unwrap();
+        store.create(&doc).await.unwrap();
+    }
+    for t in &v.tokens {
+        let d = &t.description;
+        let r = v2_record(&v, t);
+        let id = r.record_id();
+        let key_ctx = to_context(&r.key_context);
+        let opened = service
+            .opening_record_key(&store, &id, &key_ctx, &allowed)
+            .await
+            .unwrap_or_else(|e| panic!("{d}: {e}"));
+        assert_eq!(opened.key.id, id);
+        assert_eq!(opened.header, r.record().header, "{d}: header");
+        let pt = compact::open(&opened.key, &aad_of(t), &t.token).unwrap();
+        assert_eq!(&*pt, t.plaintext.as_bytes(), "{d}");
+        // The message context contains the key context.
+        for (k, val) in &r.key_context {
+            assert_eq!(t.context.get(k), Some(val), "{d}");
+        }
+    }
+
+    // Failures, each on a fresh service (the one above has the records cached).
+    let fresh = || {
+        let keyring = Keyring::open(
+            KeyRef::DEFAULT_BACKEND,
+            &dir.path().join("keyring.json"),
+            &MasterKeySource::File(dir.path().join("master.key")),
+        )
+        .unwrap();
+        KeyService::new(
+            vec![keyring as Arc<dyn RootKeyProvider>],
+            CacheLimits::default(),
+            Arc::new(Metrics::new()),
+        )
+    };
+    let r = &v.records[0];
+    let id = r.record_id();
+    let key_ctx = to_context(&r.key_context);
+    // Another key context: the record is refused (never redaction).
+    let mut other_ctx = r.key_context.clone();
+    other_ctx.insert("tenant".into(), "globex".into());
+    let e = fresh()
+        .opening_record_key(&store, &id, &to_context(&other_ctx), &allowed)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(e, BackendError::RecordInvalid(_)),
+        "foreign context: {e:?}"
+    );
+    // Not in the vault.
+    let e = fresh()
+        .opening_record_key(&store, &RecordId([0xee; 16]), &key_ctx, &allowed)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(e, BackendError::RecordMissing(_)),
+        "missing: {e:?}"
+    );
+    // No EDK under the route's keys.
+    let e = fresh()
+        .opening_record_key(
+            &store,
+            &id,
+            &key_ctx,
+            &[KeyRef::parse("local:other").unwrap()],
+        )
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(e, BackendError::RecordInvalid(_)),
+        "other keys: {e:?}"
+    );
+    // A forged commitment, a record stored under another record's id, a pending shred.
+    let current = store.get(&id).await.unwrap().unwrap();
+    let mut rec = r.record();
+    rec.commitment[0] ^= 1;
+    let forged = VaultDoc::new(&rec).unwrap();
+    store.replace(&current, &forged).await.unwrap();
+    let e = fresh()
+        .opening_record_key(&store, &id, &key_ctx, &allowed)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(e, BackendError::RecordInvalid(_)),
+        "commitment: {e:?}"
+    );
+    let current = store.get(&id).await.unwrap().unwrap();
+    let other = &v.records[1];
+    let mut swapped: VaultDoc = serde_json::from_str(&other.vault_doc).unwrap();
+    swapped.id = r.id.clone();
+    store.replace(&current, &swapped).await.unwrap();
+    let e = fresh()
+        .opening_record_key(&store, &id, &key_ctx, &allowed)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(e, BackendError::RecordInvalid(_)),
+        "swapped: {e:?}"
+    );
+    let current = store.get(&id).await.unwrap().unwrap();
+    let mut pending: VaultDoc = serde_json::from_str(&r.vault_doc).unwrap();
+    pending.state = "pending_shred".into();
+    pending.shred_after = Some(1_900_000_000);
+    store.replace(&current, &pending).await.unwrap();
+    let e = fresh()
+        .opening_record_key(&store, &id, &key_ctx, &allowed)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            e,
+            BackendError::KeyState {
+                state: "pending_shred",
+                ..
+            }
+        ),
+        "pending shred: {e:?}"
+    );
+}
+
+#[test]
+#[ignore = "generator: writes a candidate tokens_v2.json under target/, run only on a format change"]
+fn generate_v2() {
+    let keyring = load().keyring;
+    let dk_a: [u8; 32] = fixed("envelope-proxy v2 vectors: data key A");
+    let dk_b: [u8; 32] = fixed("envelope-proxy v2 vectors: data key B");
+    let id_a: [u8; 16] = fixed("envelope-proxy v2 vectors: record id A");
+    let id_b: [u8; 16] = fixed("envelope-proxy v2 vectors: record id B");
+
+    let make_record = |n: usize,
+                       description: &str,
+                       dk: [u8; 32],
+                       id: [u8; 16],
+                       key_context: BTreeMap<String, String>,
+                       roots: &[(&str, u32)]| {
+        let mut r = RecordVector {
+            description: description.into(),
+            data_key: hex::encode(dk),
+            id: hex::encode(id),
+            key_context,
+            edks: Vec::new(),
+            wrap_nonces: Vec::new(),
+            token_key: String::new(),
+            commitment: String::new(),
+            header_hex: String::new(),
+            record: String::new(),
+            vault_doc: String::new(),
+        };
+        let bound = r.bound_context();
+        for (i, (key_id, version)) in roots.iter().enumerate() {
+            let nonce: [u8; 12] = fixed(&format!("envelope-proxy v2 vectors: wrap nonce {n}.{i}"));
+            let root = root_key(&keyring, key_id, *version);
+            let aad = reference::wrap_aad(key_id, *version, &bound);
+            r.edks.push(EdkVector {
+                backend: "local".into(),
+                key_id: (*key_id).into(),
+                key_version: *version,
+                blob: hex::encode(reference::wrap(&root, &nonce, &aad, &dk)),
+            });
+            r.wrap_nonces.push(hex::encode(nonce));
+        }
+        let rid = RecordId(id);
+        r.token_key = hex::encode(reference_v2::derive(&dk, &id).0);
+        r.commitment = hex::encode(record::commitment(&dk, &rid));
+        let rec = r.record();
+        r.header_hex = hex::encode(rec.header.encode().unwrap());
+        r.record = hex::encode(rec.encode().unwrap());
+        r.vault_doc = serde_json::to_string(&VaultDoc::new(&rec).unwrap()).unwrap();
+        r
+    };
+    let records = vec![
+        make_record(
+            0,
+            "data key A, key context {tenant: acme}, one EDK (users v1)",
+            dk_a,
+            id_a,
+            ctx(&[("tenant", "acme")]),
+            &[("users", 1)],
+        ),
+        make_record(
+            1,
+            "data key B, empty key context, two EDKs (users v2 and backup v1)",
+            dk_b,
+            id_b,
+            ctx(&[]),
+            &[("users", 2), ("backup", 1)],
+        ),
+    ];
+
+    let mut tokens: Vec<V2TokenVector> = Vec::new();
+    let mut case = |description: &str,
+                    r: &RecordVector,
+                    extra: &[(&str, &str)],
+                    plaintext: serde_json::Value| {
+        let nonce: [u8; 12] = fixed(&format!(
+            "envelope-proxy v2 vectors: nonce {}",
+            tokens.len()
+        ));
+        let mut context = r.key_context.clone();
+        context.extend(ctx(extra));
+        let plaintext = serde_json::to_string(&plaintext).unwrap();
+        let aad = reference::canonical(&context);
+        let key = RecordKey::new(&r.data_key(), r.record_id());
+        let token = compact::seal_with_nonce(&key, nonce, &aad, plaintext.as_bytes());
+        tokens.push(V2TokenVector {
+            description: description.into(),
+            record_id: r.id.clone(),
+            context,
+            nonce: hex::encode(nonce),
+            plaintext,
+            aad_hex: hex::encode(&aad),
+            token,
+        });
+    };
+    let (a, b) = (&records[0], &records[1]);
+    case(
+        "a JSON string (the 11-character SSN: 13 bytes, an 83-character token)",
+        a,
+        &[("id", "42"), ("ep:field", "$.ssn")],
+        serde_json::json!("123-45-6789"),
+    );
+    case(
+        "a JSON number",
+        a,
+        &[("id", "42"), ("ep:field", "$.balance")],
+        serde_json::json!(-1234.5),
+    );
+    case(
+        "a JSON object (key order preserved, non-ASCII text); context keys sort bytewise",
+        a,
+        &[("app", "crm"), ("id", "42"), ("ep:field", "$.address")],
+        serde_json::json!({
+            "street": "1 Main St", "city": "Zürich", "zip": "8001",
+            "tags": ["home", "billing"], "primary": true, "unit": null,
+        }),
+    );
+    case(
+        "an empty JSON string (plaintext is the two bytes \"\")",
+        a,
+        &[("ep:field", "$.nickname")],
+        serde_json::json!(""),
+    );
+    case(
+        "null",
+        a,
+        &[("id", "43"), ("ep:field", "$.ssn")],
+        serde_json::Value::Null,
+    );
+    case(
+        "a 2050-byte JSON string (no chunking in v2: one AES-GCM message)",
+        a,
+        &[("id", "42"), ("ep:field", "$.notes")],
+        serde_json::json!("0123456789abcdef".repeat(128)),
+    );
+    case(
+        "a record with two EDKs and an empty key context",
+        b,
+        &[("ep:field", "$.card.number")],
+        serde_json::json!("4111111111111111"),
+    );
+    case(
+        "the same record, another field",
+        b,
+        &[("id", "7"), ("ep:field", "$.profile")],
+        serde_json::json!({"name": "Ada", "born": 1815}),
+    );
+
+    let out = V2Vectors {
+        comment: vec![
+            "Golden vectors for format v2 (docs/FORMAT.md §12): data-key records and enc:v2: tokens.".into(),
+            "Checked on every test run by tests/vectors.rs. Never edit: a format change needs a new version.".into(),
+            "Bytes are lowercase hex. The EDKs wrap data_key under root keys of the keyring in tokens.json, \
+             with the key context plus ep:dk-id = id as the context (FORMAT.md §6.1, §12.3)."
+                .into(),
+            "A token's AAD is canonical(context); its key is the token key of the record it names (record_id).".into(),
+        ],
+        records,
+        tokens,
+    };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tokens_v2.candidate.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap() + "\n").unwrap();
+    println!("wrote {}", path.display());
 }
