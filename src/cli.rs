@@ -359,7 +359,7 @@ fn open_keyring(cfg: &Config) -> Result<Arc<Keyring>, String> {
 
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve => crate::server::run(load(&cli.config)?).await,
+        Command::Serve => crate::server::run_file(&cli.config).await,
         // Its own exit statuses: run by `main` before this.
         Command::Reencrypt(args) => {
             crate::reencrypt::main(&cli.config, *args).await;

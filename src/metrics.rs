@@ -83,6 +83,9 @@ pub struct Metrics {
     in_flight: Gauge,
     bytes: Family<BytesLabels, Counter>,
     aborted_bodies: Family<RouteLabels, Counter>,
+    config_reloads: Counter,
+    config_reload_failures: Counter,
+    config_last_reload_success: Gauge,
 }
 
 impl Default for Metrics {
@@ -140,6 +143,24 @@ impl Metrics {
             "Response bodies that ended before their end: a stored object that failed \
              authentication mid-stream, storage that stopped sending, or a client that went away",
             aborted_bodies.clone(),
+        );
+        let config_reloads = Counter::default();
+        let config_reload_failures = Counter::default();
+        let config_last_reload_success = Gauge::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads applied (SIGHUP or a changed config file)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_failures",
+            "Config reloads refused (the config did not load or validate); the previous config serves on",
+            config_reload_failures.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the config in use was loaded (start or the last reload applied), Unix time",
+            config_last_reload_success.clone(),
         );
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
@@ -244,7 +265,28 @@ impl Metrics {
             in_flight,
             bytes,
             aborted_bodies,
+            config_reloads,
+            config_reload_failures,
+            config_last_reload_success,
         }
+    }
+
+    /// The config in use was loaded now (at start, or a reload was applied: `reloaded`).
+    pub fn config_loaded(&self, reloaded: bool) {
+        if reloaded {
+            self.config_reloads.inc();
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.config_last_reload_success
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    /// A reload was refused: the previous config serves on.
+    pub fn config_reload_failed(&self) {
+        self.config_reload_failures.inc();
     }
 
     /// How long one backend call took.

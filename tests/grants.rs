@@ -106,12 +106,12 @@ reload_secs = {reload_secs}
         }
     }
 
-    fn policies(&self) -> &Arc<Policies> {
-        &self.running.as_ref().unwrap().state.policies
+    fn policies(&self) -> Arc<Policies> {
+        self.running.as_ref().unwrap().state().policies.clone()
     }
 
-    fn grants(&self) -> &Arc<Grants> {
-        self.policies().grants()
+    fn grants(&self) -> Arc<Grants> {
+        self.policies().grants().clone()
     }
 
     fn api(&self, path: &str) -> String {

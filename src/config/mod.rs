@@ -59,6 +59,7 @@ struct FileServer {
     drain_timeout_ms: Option<u64>,
     readiness_interval_ms: Option<u64>,
     readiness_failures: Option<u64>,
+    config_poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +303,9 @@ pub struct ServerSettings {
     pub readiness_interval: Duration,
     /// A key counts as unusable after this many probes in a row failed (default 3).
     pub readiness_failures: u32,
+    /// The config file is read this often and reloaded when its content changed (default
+    /// 2 s; zero: off, SIGHUP still reloads). See `crate::server` (reload).
+    pub config_poll: Duration,
 }
 
 /// Limits of the listeners: each bounds what one client can hold (slowloris, floods).
@@ -960,7 +964,15 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
         1..=100,
         errors,
     ) as u32;
+    let config_poll = Duration::from_millis(bounded(
+        "config_poll_ms",
+        s.config_poll_ms,
+        2_000,
+        0..=3_600_000,
+        errors,
+    ));
     let settings = ServerSettings {
+        config_poll,
         readiness_interval,
         readiness_failures,
         limits,

@@ -266,6 +266,23 @@ pub async fn connect_backends_with(
     config: &crate::config::Config,
     embedded: &[Arc<dyn RootKeyProvider>],
 ) -> Result<(Arc<keyring::Keyring>, Vec<Arc<dyn RootKeyProvider>>), String> {
+    let keyring = keyring::Keyring::open(
+        KeyRef::DEFAULT_BACKEND,
+        &config.keyring.path,
+        &config.keyring.master_key,
+    )
+    .map_err(|e| e.to_string())?;
+    let backends = connect_backends_beside(config, embedded, &keyring).await?;
+    Ok((keyring, backends))
+}
+
+/// The backends of `config` beside an open `keyring` (first in the list): a config reload
+/// connects them again with the keyring it started with.
+pub async fn connect_backends_beside(
+    config: &crate::config::Config,
+    embedded: &[Arc<dyn RootKeyProvider>],
+    keyring: &Arc<keyring::Keyring>,
+) -> Result<Vec<Arc<dyn RootKeyProvider>>, String> {
     use crate::config::BackendKind;
     for (i, p) in embedded.iter().enumerate() {
         if embedded[..i].iter().any(|q| q.name() == p.name()) {
@@ -283,12 +300,6 @@ pub async fn connect_backends_with(
             ));
         }
     }
-    let keyring = keyring::Keyring::open(
-        KeyRef::DEFAULT_BACKEND,
-        &config.keyring.path,
-        &config.keyring.master_key,
-    )
-    .map_err(|e| e.to_string())?;
     let mut backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring.clone()];
     for b in &config.backends {
         match b.kind {
@@ -304,7 +315,7 @@ pub async fn connect_backends_with(
             _ => backends.push(connect_one(b).await?),
         }
     }
-    Ok((keyring, backends))
+    Ok(backends)
 }
 
 async fn connect_one(b: &crate::config::BackendConfig) -> Result<Arc<dyn RootKeyProvider>, String> {
@@ -392,7 +403,8 @@ impl KeyService {
         service
     }
 
-    fn backend(&self, name: &str) -> Result<&Arc<dyn RootKeyProvider>, BackendError> {
+    /// The backend called `name`.
+    pub fn backend(&self, name: &str) -> Result<&Arc<dyn RootKeyProvider>, BackendError> {
         self.backends
             .get(name)
             .ok_or_else(|| BackendError::UnknownBackend(name.to_string()))

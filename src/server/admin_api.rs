@@ -47,7 +47,8 @@ const MAX_EXPIRES_IN: u64 = 10 * 365 * 86_400;
 
 /// What the admin API needs beside the proxy's state.
 pub struct AdminApi {
-    pub state: Arc<AppState>,
+    /// The proxy's state, swapped on reload.
+    pub live: Arc<super::reload::Live>,
     /// The local keyring (keys are created, rotated, enabled and disabled there).
     pub keyring: Arc<Keyring>,
     /// `[admin] auth`.
@@ -55,8 +56,13 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
-    fn policies(&self) -> &Arc<Policies> {
-        &self.state.policies
+    /// The state now (each call: the current one).
+    fn state(&self) -> Arc<AppState> {
+        self.live.load()
+    }
+
+    fn policies(&self) -> Arc<Policies> {
+        self.state().policies.clone()
     }
 }
 
@@ -242,7 +248,7 @@ async fn authenticate(
         }
         _ => {}
     }
-    api.state
+    api.state()
         .authenticators
         .authenticate(api.auth, headers, peer)
         .await
@@ -291,7 +297,7 @@ async fn audit(
     status: StatusCode,
     reason: Option<String>,
 ) {
-    api.state
+    api.state()
         .audit
         .record(AuditEvent {
             action: info.op,
@@ -530,7 +536,7 @@ async fn describe_key(
             .ok_or_else(|| ApiError::not_found(format!("root key {key} not found")))?;
         return Ok((StatusCode::OK, key_json(&summary)));
     }
-    let enabled = match api.state.keys.describe(&key).await {
+    let enabled = match api.state().keys.describe(&key).await {
         Ok(_) => true,
         Err(BackendError::KeyDisabled(_)) => false,
         Err(e) => return Err(backend_error(e)),
@@ -709,7 +715,7 @@ async fn create_grant(
             return Err(ApiError::not_found(format!("root key {key} not found")));
         }
     } else {
-        match api.state.keys.describe(&key).await {
+        match api.state().keys.describe(&key).await {
             Ok(_) | Err(BackendError::KeyDisabled(_)) => {}
             Err(e) => return Err(backend_error(e)),
         }

@@ -216,8 +216,8 @@ path = "{d}/audit.log"
         std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
     }
 
-    pub fn state(&self) -> &envelope_proxy::pipeline::AppState {
-        &self.running.as_ref().unwrap().state
+    pub fn state(&self) -> std::sync::Arc<envelope_proxy::pipeline::AppState> {
+        self.running.as_ref().unwrap().state()
     }
 }
 
