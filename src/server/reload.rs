@@ -174,6 +174,9 @@ impl Live {
             String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", path.display()))?;
         let mut config = crate::config::parse(&text)
             .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        for w in config.warnings() {
+            tracing::warn!("{w}");
+        }
         for key in keep_restart_only(&mut config, &old.config) {
             tracing::warn!(
                 key,
