@@ -176,6 +176,15 @@ pub fn key_for(
     config: &crate::config::Config,
     keyring: &crate::keys::keyring::Keyring,
 ) -> Result<AuditKey, String> {
+    key_of(config, Some(keyring))
+}
+
+/// [`key_for`] where there may be no keyring (a stateless pod): then `[audit] key_file` is
+/// the only source.
+pub fn key_of(
+    config: &crate::config::Config,
+    keyring: Option<&crate::keys::keyring::Keyring>,
+) -> Result<AuditKey, String> {
     match &config.audit_key {
         Some(source) => {
             let secret =
@@ -187,7 +196,10 @@ pub fn key_for(
             }
             Ok(AuditKey::derive(secret.as_bytes()))
         }
-        None => Ok(AuditKey(keyring.derive_key(AuditKey::LABEL))),
+        None => match keyring {
+            Some(keyring) => Ok(AuditKey(keyring.derive_key(AuditKey::LABEL))),
+            None => Err("audit.key_file: required without [keyring]".into()),
+        },
     }
 }
 

@@ -447,8 +447,8 @@ async fn sighup_reloads_and_reopens_the_audit_file() {
     let config = envelope_proxy::config::load(&p.config).unwrap();
     let keyring = envelope_proxy::keys::keyring::Keyring::open(
         "local",
-        &config.keyring.path,
-        &config.keyring.master_key,
+        &config.keyring.as_ref().unwrap().path,
+        &config.keyring.as_ref().unwrap().master_key,
     )
     .unwrap();
     let key = envelope_proxy::audit::key_for(&config, &keyring).unwrap();

@@ -253,8 +253,11 @@ struct FileS3Client {
 pub struct Config {
     pub server: ServerSettings,
     pub admin: Option<AdminSettings>,
-    pub keyring: KeyringSettings,
-    /// Remote root-key backends by name (the keyring is always there as `local`).
+    /// The local keyring (backend `local`). `None`: a stateless pod whose keys are all on
+    /// remote backends (KMS, HSM); then no route may use a local key, and the audit chain and
+    /// grants need their own keys (`audit.key_file`, `grants.token_key_file` + `grants.path`).
+    pub keyring: Option<KeyringSettings>,
+    /// Remote root-key backends by name (the keyring, when configured, is there as `local`).
     pub backends: Vec<BackendConfig>,
     pub cache: CacheLimits,
     pub audit_path: Option<PathBuf>,
@@ -611,7 +614,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
 
     let server: Option<FileServer> = section(&table, "server", &mut errors, true);
     let admin: Option<FileAdmin> = section(&table, "admin", &mut errors, false);
-    let keyring: Option<FileKeyring> = section(&table, "keyring", &mut errors, true);
+    let keyring: Option<FileKeyring> = section(&table, "keyring", &mut errors, false);
     let cache: Option<FileCache> = section(&table, "cache", &mut errors, false);
     let audit: Option<FileAudit> = section(&table, "audit", &mut errors, false);
     if audit.as_ref().and_then(|a| a.checkpoint_every) == Some(0) {
@@ -621,6 +624,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
 
     let server = server.map(|s| resolve_server(s, &mut errors));
     let demo_store = demo.and_then(|d| socket_addr("demo_store.listen", &d.listen, &mut errors));
+    let keyring_missing = keyring.is_none();
     let keyring = keyring.and_then(|k| resolve_keyring(k, &mut errors));
     let cache = resolve_cache(cache.unwrap_or_default(), &mut errors);
 
@@ -663,12 +667,21 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
         }
     }
     check_shadowing(&routes, &mut errors);
+    if keyring_missing {
+        check_stateless(
+            &routes,
+            &access,
+            admin.as_ref(),
+            audit.as_ref(),
+            &mut errors,
+        );
+    }
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    match (server, keyring) {
-        (Some((server, _)), Some(keyring)) => Ok(Config {
+    match (server, keyring.is_some() || keyring_missing) {
+        (Some((server, _)), true) => Ok(Config {
             server,
             access,
             admin,
@@ -688,6 +701,60 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             routes,
         }),
         _ => Err(ConfigErrors(vec!["incomplete configuration".into()])),
+    }
+}
+
+/// Without `[keyring]` (a stateless pod, keys on remote backends), whatever needs the keyring
+/// is refused, each with its fix: routes on local keys, the admin API (it manages the local
+/// keyring), an audit chain without its own key, grants without their own file and key.
+fn check_stateless(
+    routes: &[Route],
+    access: &Access,
+    admin: Option<&AdminSettings>,
+    audit: Option<&FileAudit>,
+    errors: &mut Vec<String>,
+) {
+    for r in routes {
+        for k in r.kind.keys() {
+            if k.backend == KeyRef::DEFAULT_BACKEND {
+                errors.push(format!(
+                    "route {:?}: key {:?} is in the local keyring, and there is no [keyring] \
+                     section: add [keyring] (path, master_key_file) or use a key on a configured \
+                     backend (e.g. \"kms:alias/NAME\")",
+                    r.name, k.key_id
+                ));
+            }
+        }
+    }
+    if admin.is_some_and(|a| a.api_auth.is_some()) {
+        errors.push(
+            "admin.auth: the admin API manages the local keyring, and there is no [keyring] \
+             section: add [keyring] or remove admin.auth"
+                .into(),
+        );
+    }
+    if let Some(a) = audit
+        && a.key_file.is_none()
+    {
+        errors.push(
+            "audit.key_file: without [keyring] the audit chain's key cannot come from the master \
+             key: set audit.key_file (a secret of 32+ characters, mode 0600)"
+                .into(),
+        );
+    }
+    let g = &access.grants;
+    match (&g.path, &g.token_key) {
+        (None, None) | (Some(_), Some(_)) => {}
+        (None, Some(_)) => errors.push(
+            "grants.path: without [keyring] the grants file has no default place: set \
+             grants.path (or remove [grants]: no grants)"
+                .into(),
+        ),
+        (Some(_), None) => errors.push(
+            "grants.token_key_file: without [keyring] the grants' key cannot come from the \
+             master key: set grants.token_key_file (or remove [grants]: no grants)"
+                .into(),
+        ),
     }
 }
 

@@ -160,14 +160,11 @@ async fn start_with(
         tracing::warn!("{w}");
     }
     let metrics = Arc::new(Metrics::new());
-    let keyring = crate::keys::keyring::Keyring::open(
-        crate::keys::KeyRef::DEFAULT_BACKEND,
-        &config.keyring.path,
-        &config.keyring.master_key,
-    )
-    .map_err(|e| e.to_string())?;
-    keyring.report_to(metrics.clone());
-    keyring.watch(Duration::from_secs(1));
+    let keyring = crate::keys::open_keyring(&config)?;
+    if let Some(keyring) = &keyring {
+        keyring.report_to(metrics.clone());
+        keyring.watch(Duration::from_secs(1));
+    }
     let tls = match &config.server.tls {
         Some((cert, key)) => {
             let tls = tls::Tls::load(cert, key, config.server.client_ca_file.as_deref())?;
@@ -274,13 +271,15 @@ async fn start_with(
         Some((a, token, api_auth)) => {
             let l = bind(a).await?;
             let bound = l.local_addr().map_err(|e| e.to_string())?;
-            let api = api_auth.map(|auth| {
-                Arc::new(admin_api::AdminApi {
+            // Config validation refuses the admin API without a keyring.
+            let api = match (api_auth, &keyring) {
+                (Some(auth), Some(keyring)) => Some(Arc::new(admin_api::AdminApi {
                     live: live.clone(),
                     keyring: keyring.clone(),
                     auth,
-                })
-            });
+                })),
+                _ => None,
+            };
             tasks.push(tokio::spawn(serve_admin(
                 l,
                 live.clone(),
@@ -350,7 +349,7 @@ async fn build_state(
     fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") == format!("{b:?}")
     }
-    let keyring = &base.keyring;
+    let keyring = base.keyring.as_ref();
     // The data-key cache and the backends' circuit state stay when nothing about them changed.
     let keys = match prior {
         Some(p)
@@ -365,14 +364,14 @@ async fn build_state(
             KeyService::new(backends, config.cache.clone(), base.metrics.clone())
         }
     };
-    check_route_keys(&config, keyring, &keys).await?;
+    check_route_keys(&config, keyring.map(|k| &**k), &keys).await?;
     let grants = match prior {
         Some(p) if same(&p.config.access.grants, &config.access.grants) => {
             p.policies.grants().clone()
         }
         _ => {
             let grants = Arc::new(
-                crate::policy::Grants::open(&config.access.grants, keyring)
+                crate::policy::Grants::for_proxy(&config.access.grants, keyring.map(|k| &**k))
                     .map_err(|e| format!("grants: {e}"))?,
             );
             grants.watch(config.access.grants.reload);
@@ -390,7 +389,7 @@ async fn build_state(
         }
         (_, Some(p)) => AuditLog::to_file(
             p,
-            crate::audit::key_for(&config, keyring)?,
+            crate::audit::key_of(&config, keyring.map(|k| &**k))?,
             config.audit_checkpoint_every,
         )
         .map_err(|e| format!("audit log: {e}"))?,
@@ -434,12 +433,18 @@ async fn build_state(
 /// at start is a warning, not a failure: it may come back, and `/readyz` says so meanwhile).
 async fn check_route_keys(
     config: &Config,
-    keyring: &Keyring,
+    keyring: Option<&Keyring>,
     keys: &KeyService,
 ) -> Result<(), String> {
     for route in &config.routes {
         for k in route.kind.keys() {
             if k.backend == crate::keys::KeyRef::DEFAULT_BACKEND {
+                let (Some(keyring), Some(settings)) = (keyring, &config.keyring) else {
+                    return Err(format!(
+                        "route {:?} uses the local key {:?}, and there is no [keyring]",
+                        route.name, k.key_id
+                    ));
+                };
                 // An alias names the key it points to (`keys alias create`).
                 let name = keyring.resolve(&k.key_id);
                 if keyring.list().iter().any(|s| s.name == name) {
@@ -451,7 +456,7 @@ async fn check_route_keys(
                         route.name, k.key_id, k.key_id
                     ));
                 }
-                if !config.keyring.create_missing_keys {
+                if !settings.create_missing_keys {
                     return Err(format!(
                         "route {:?} uses root key {:?}, which is not in the keyring: run `envelope-proxy keys create {}`",
                         route.name, k.key_id, k.key_id

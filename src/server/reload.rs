@@ -44,7 +44,8 @@ use super::tls::Tls;
 
 /// What outlives reloads: opened once at start.
 pub(super) struct Base {
-    pub keyring: Arc<Keyring>,
+    /// `None`: no `[keyring]` (a stateless pod).
+    pub keyring: Option<Arc<Keyring>>,
     pub metrics: Arc<Metrics>,
     pub providers: Vec<Arc<dyn RootKeyProvider>>,
     /// The data listener's TLS (also the admin listener's with `[admin] auth = "mtls"`).
