@@ -63,6 +63,17 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// A listener: `data` (TCP and unix socket) or `admin`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendNameLabels {
+    pub backend: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -86,6 +97,9 @@ pub struct Metrics {
     config_reloads: Counter,
     config_reload_failures: Counter,
     config_last_reload_success: Gauge,
+    connections_refused: Family<ListenerLabels, Counter>,
+    requests_shed: Family<ListenerLabels, Counter>,
+    circuit_state: Family<BackendNameLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -161,6 +175,25 @@ impl Metrics {
             "config_last_reload_success_timestamp_seconds",
             "When the config in use was loaded (start or the last reload applied), Unix time",
             config_last_reload_success.clone(),
+        );
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
+        let requests_shed = Family::<ListenerLabels, Counter>::default();
+        let circuit_state = Family::<BackendNameLabels, Gauge>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the listener had max_connections open, by listener",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Requests answered 503 because max_requests were in flight, by listener",
+            requests_shed.clone(),
+        );
+        registry.register(
+            "backend_circuit_state",
+            "Circuit breaker of a remote key backend: 0 closed, 1 open (calls fail fast), \
+             2 half-open (the next call is a trial)",
+            circuit_state.clone(),
         );
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
@@ -268,7 +301,38 @@ impl Metrics {
             config_reloads,
             config_reload_failures,
             config_last_reload_success,
+            connections_refused,
+            requests_shed,
+            circuit_state,
         }
+    }
+
+    /// A connection closed at once: `listener` had `max_connections` open.
+    pub fn connection_refused(&self, listener: &str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    /// A request shed (503): `listener` had `max_requests` in flight.
+    pub fn request_shed(&self, listener: &str) {
+        self.requests_shed
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    /// A backend's circuit state now: 0 closed, 1 open, 2 half-open (set when scraped: the
+    /// state changes with time alone, open → half-open).
+    pub fn circuit_state(&self, backend: &str, state: i64) {
+        self.circuit_state
+            .get_or_create(&BackendNameLabels {
+                backend: backend.to_string(),
+            })
+            .set(state);
     }
 
     /// The config in use was loaded now (at start, or a reload was applied: `reloaded`).

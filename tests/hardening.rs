@@ -156,6 +156,20 @@ async fn requests_beyond_the_limit_are_shed_with_503() {
     // The slots are back.
     let resp = request(addr, "/p/x", "").await;
     assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(
+        metric(&p, "envelope_proxy_requests_shed_total{listener=\"data\"}"),
+        1.0
+    );
+}
+
+/// A sample of the proxy's metrics (the text `/metrics` serves), 0 when absent.
+fn metric(p: &Proxy, series: &str) -> f64 {
+    p.state()
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -173,6 +187,8 @@ async fn connection_flood_is_refused_and_clients_are_served_after_it() {
         closed_within(&mut extra, Duration::from_secs(2)).await,
         "a connection beyond max_connections stayed open"
     );
+    let refused = "envelope_proxy_connections_refused_total{listener=\"data\"}";
+    assert!(metric(&p, refused) >= 1.0, "the refusal is counted");
     // The flood goes; a normal client is served.
     drop(flood);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -202,6 +218,14 @@ fn bad_limits_are_config_errors() {
         ),
         ("max_connections = 0", "server.max_connections"),
         ("max_requests = 0", "server.max_requests"),
+        (
+            "h2_keepalive_timeout_ms = 0",
+            "server.h2_keepalive_timeout_ms",
+        ),
+        (
+            "h2_keepalive_interval_ms = 3600001",
+            "server.h2_keepalive_interval_ms",
+        ),
         ("drain_timeout_ms = 99999999", "server.drain_timeout_ms"),
     ] {
         let err = envelope_proxy::config::parse(&base.replace("{}", line))

@@ -55,6 +55,8 @@ struct FileServer {
     max_header_bytes: Option<u64>,
     max_connections: Option<u64>,
     max_requests: Option<u64>,
+    h2_keepalive_interval_ms: Option<u64>,
+    h2_keepalive_timeout_ms: Option<u64>,
     shutdown_delay_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     readiness_interval_ms: Option<u64>,
@@ -324,6 +326,10 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Requests handled at once at most (default 1024): one beyond gets 503 + Retry-After.
     pub max_requests: usize,
+    /// HTTP/2: a PING after this long without frames (default 30 s; zero: no pings).
+    pub h2_keepalive_interval: Duration,
+    /// HTTP/2: a peer that does not answer a PING within this (default 20 s) is disconnected.
+    pub h2_keepalive_timeout: Duration,
 }
 
 impl Default for ListenerLimits {
@@ -333,6 +339,8 @@ impl Default for ListenerLimits {
             max_header_bytes: 64 << 10,
             max_connections: 4096,
             max_requests: 1024,
+            h2_keepalive_interval: Duration::from_secs(30),
+            h2_keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -1002,6 +1010,20 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
             1..=1_000_000,
             errors,
         ) as usize,
+        h2_keepalive_interval: Duration::from_millis(bounded(
+            "h2_keepalive_interval_ms",
+            s.h2_keepalive_interval_ms,
+            defaults.h2_keepalive_interval.as_millis() as u64,
+            0..=3_600_000,
+            errors,
+        )),
+        h2_keepalive_timeout: Duration::from_millis(bounded(
+            "h2_keepalive_timeout_ms",
+            s.h2_keepalive_timeout_ms,
+            defaults.h2_keepalive_timeout.as_millis() as u64,
+            100..=600_000,
+            errors,
+        )),
     };
     let shutdown_delay = Duration::from_millis(bounded(
         "shutdown_delay_ms",

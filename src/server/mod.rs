@@ -189,14 +189,22 @@ async fn start_with(
     let state = live.load();
     let config = &state.config;
 
-    let limits = Arc::new(limits::Limits::new(config.server.limits));
+    let limits = Arc::new(limits::Limits::new(
+        config.server.limits,
+        "data",
+        state.metrics.clone(),
+    ));
     // The admin listener has its own connection budget: a flood of the data port must not
     // take the probes and metrics down with it.
-    let admin_limits = Arc::new(limits::Limits::new(crate::config::ListenerLimits {
-        max_connections: 256,
-        max_requests: 256,
-        ..config.server.limits
-    }));
+    let admin_limits = Arc::new(limits::Limits::new(
+        crate::config::ListenerLimits {
+            max_connections: 256,
+            max_requests: 256,
+            ..config.server.limits
+        },
+        "admin",
+        state.metrics.clone(),
+    ));
     let draining = Arc::new(AtomicBool::new(false));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -911,6 +919,7 @@ async fn serve_admin(
         let token = admin_cfg.token.clone();
         let api = admin_cfg.api.clone();
         let tls = admin_cfg.tls.clone();
+        let tls_on = tls.is_some();
         let limits = admin_cfg.limits.clone();
         let draining = admin_cfg.draining.clone();
         let readiness = admin_cfg.readiness.clone();
@@ -930,17 +939,24 @@ async fn serve_admin(
                     let draining = draining.load(Ordering::Relaxed);
                     let readiness = readiness.clone();
                     async move {
-                        if req.uri().path().starts_with("/v1/") {
-                            return Ok::<_, Infallible>(match &api {
+                        let (mut parts, body) = req.into_parts();
+                        let pending = admin_access(&live, &mut parts, &peer, tls_on);
+                        let req = Request::from_parts(parts, body);
+                        let mut resp = if req.uri().path().starts_with("/v1/") {
+                            match &api {
                                 Some(api) => admin_api::serve(api, req, peer).await,
                                 None => admin_api_off(),
-                            });
-                        }
-                        // Without a token configured, the listener is on loopback (config checks).
-                        let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
-                        Ok::<_, Infallible>(
-                            admin(&live, req, authorized, draining, &readiness).await,
-                        )
+                            }
+                        } else {
+                            // Without a token configured, the listener is on loopback (config checks).
+                            let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
+                            admin(&live, req, authorized, draining, &readiness).await
+                        };
+                        resp.extensions_mut().insert(pipeline::access::AccessNote {
+                            route: "admin".into(),
+                            principal: None,
+                        });
+                        Ok::<_, Infallible>(pipeline::access::Logged::wrap(resp, pending))
                     }
                 });
                 limits.http1_builder().serve_connection(io, service)
@@ -968,6 +984,36 @@ async fn serve_admin(
                 }
             }
         });
+    }
+}
+
+/// The access line of an admin request (see `pipeline::access`): its ids settled on `parts`.
+fn admin_access(
+    live: &reload::Live,
+    parts: &mut http::request::Parts,
+    peer: &crate::auth::Peer,
+    tls: bool,
+) -> pipeline::access::Pending {
+    let ids = pipeline::access::ids(&mut parts.headers);
+    let bytes = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    pipeline::access::Pending {
+        state: live.load(),
+        ids,
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        client: ClientInfo {
+            addr: peer.addr,
+            tls,
+            peer_certs: peer.certs.clone(),
+            unix: false,
+        },
+        started: std::time::Instant::now(),
+        request_bytes: Arc::new(std::sync::atomic::AtomicU64::new(bytes)),
+        admin: true,
     }
 }
 
@@ -1057,11 +1103,22 @@ async fn admin(
             "application/json",
             r#"{"error":"unauthorized: send Authorization: Bearer <admin token>"}"#.to_string(),
         ),
-        "/metrics" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.encode(),
-        ),
+        "/metrics" => {
+            // Circuit states change with time alone (open → half-open): read them now.
+            for (name, health) in state.keys.backend_health() {
+                let code = match health {
+                    crate::keys::resilience::Health::Up => 0,
+                    crate::keys::resilience::Health::Down => 1,
+                    crate::keys::resilience::Health::Recovering => 2,
+                };
+                state.metrics.circuit_state(&name, code);
+            }
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "application/json",

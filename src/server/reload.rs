@@ -261,7 +261,7 @@ fn keep_restart_only(new: &mut Config, old: &Config) -> Vec<&'static str> {
         new.server.unix_socket_mode = old.server.unix_socket_mode;
     }
     if keep(
-        "server (header_read_timeout_ms, max_header_bytes, max_connections, max_requests)",
+        "server (header_read_timeout_ms, max_header_bytes, max_connections, max_requests, h2_keepalive_*)",
         new.server.limits != old.server.limits,
     ) {
         new.server.limits = old.server.limits;
