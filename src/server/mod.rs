@@ -1,6 +1,7 @@
 //! Listeners: the proxy (HTTP/1.1 and HTTP/2, optionally TLS), the admin endpoints
 //! (`/healthz`, `/readyz`, `/metrics`, and the admin API under `/v1/`: [`admin_api`]), the
-//! optional demo store, and graceful shutdown.
+//! optional demo store, graceful shutdown, and hot reload of the config ([`reload`]: SIGHUP
+//! and a polled config file; each request runs on one snapshot of the state).
 
 pub mod admin_api;
 mod limits;
