@@ -563,3 +563,41 @@ async fn served_cert(port: u16, config: Arc<rustls::ClientConfig>) -> Vec<u8> {
         .unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
+
+/// A reload that changes a restart-only setting (the listen address) keeps the running value,
+/// says so naming the key, and applies the rest.
+#[tokio::test]
+async fn restart_only_settings_keep_their_value_and_the_rest_applies() {
+    let js = JsonServer::start();
+    let mut p = Served::new();
+    let v1 = users_route(&js.url(), r#"["$.ssn"]"#);
+    p.write(&p.render("config_poll_ms = 100", &v1));
+    p.start().await;
+    let other = common::free_port();
+    let text = p
+        .render(
+            "config_poll_ms = 100",
+            &format!("{v1}{}", page_route(&js.url())),
+        )
+        .replace(
+            &format!("listen = \"127.0.0.1:{}\"", p.port),
+            &format!("listen = \"127.0.0.1:{other}\""),
+        );
+    p.write(&text);
+    p.reloads_reach(1, 0).await;
+    let http = Http::default();
+    assert_eq!(
+        http.get(&p.url("/tenants/acme/page"), &[]).await.status,
+        200,
+        "the new route is served on the running listener"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", other)).is_err(),
+        "no listener on the new address"
+    );
+    let log = p.log();
+    assert!(
+        log.contains("needs a restart") && log.contains("server.listen"),
+        "{log}"
+    );
+}
