@@ -83,6 +83,10 @@ enum Command {
         /// For a bare token: the configured field path it was sealed under.
         #[arg(long)]
         field: Option<String>,
+        /// Read v2 tokens' data-key records from this export (`keys vault-export`) instead of
+        /// the route's vault.
+        #[arg(long)]
+        vault_export: Option<PathBuf>,
     },
     /// Decrypt an S3 object fetched straight from storage (body on stdin, plaintext on stdout).
     ///
@@ -226,6 +230,42 @@ enum KeysAction {
     /// Knowingly go back to an older keyring (a restored backup): record its generation N as
     /// the high-water mark. Running proxies keep refusing it until they are restarted.
     AcceptGeneration { generation: u64 },
+    /// Re-wrap the data-key records of a v2 route's vault under the route's keys at their
+    /// current versions (or new backends): the data is not touched. Records already current
+    /// are skipped unless --force. Exit status 1 when a record failed or changed meanwhile.
+    Rewrap {
+        #[arg(long)]
+        route: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Crypto-shredding: schedule the deletion of every data-key record of one key context
+    /// (values under them stop opening at once, 409 key_record_pending_shred); after the
+    /// window `--apply-due` deletes them and those values are unrecoverable. `--cancel` keeps
+    /// them.
+    Shred {
+        #[arg(long)]
+        route: String,
+        /// The key context, NAME=VALUE (repeat for each of the route's context keys).
+        #[arg(long = "context", value_parser = parse_pair)]
+        context: Vec<(String, String)>,
+        /// Waiting period (7-30 days).
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long, conflicts_with = "apply_due")]
+        cancel: bool,
+        /// Delete the records whose window has passed (every key context; run it daily).
+        #[arg(long)]
+        apply_due: bool,
+    },
+    /// Write every data-key record of a route's vault to FILE (JSON), for `decrypt
+    /// --vault-export` on a machine without the store.
+    VaultExport {
+        #[arg(long)]
+        route: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -470,6 +510,14 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Keys { action } => {
             let cfg = load(&cli.config)?;
+            if matches!(
+                action,
+                KeysAction::Rewrap { .. }
+                    | KeysAction::Shred { .. }
+                    | KeysAction::VaultExport { .. }
+            ) {
+                return vault_command(&cfg, action, unix_now()).await;
+            }
             if let KeysAction::AcceptGeneration { generation } = action {
                 // The keyring cannot be opened normally: that is why this command exists.
                 let settings = keyring_settings(&cfg)?;
@@ -501,6 +549,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             route,
             context,
             field,
+            vault_export,
         } => {
             let cfg = load(&cli.config)?;
             let mut input = String::new();
@@ -512,6 +561,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 route.as_deref(),
                 context.into_iter().collect(),
                 field.as_deref(),
+                vault_export.as_deref(),
                 &input,
             )
             .await?;
@@ -652,12 +702,119 @@ fn grants_command(grants: &crate::policy::Grants, action: GrantsAction) -> Resul
     Ok(())
 }
 
+/// `keys rewrap | shred | vault-export`: the records of a v2 route's vault.
+async fn vault_command(cfg: &Config, action: KeysAction, now: u64) -> Result<(), String> {
+    use crate::keys::vault::manage;
+    let route_name = match &action {
+        KeysAction::Rewrap { route, .. }
+        | KeysAction::Shred { route, .. }
+        | KeysAction::VaultExport { route, .. } => route.clone(),
+        _ => return Err("not a vault command".into()),
+    };
+    let route = cfg
+        .routes
+        .iter()
+        .find(|r| r.name == route_name)
+        .ok_or_else(|| format!("no route named {route_name:?}"))?;
+    let (jr, kv) = match &route.kind {
+        RouteKind::JsonFields(jr) => match &jr.key_vault {
+            Some(kv) => (jr, kv),
+            None => return Err(format!("route {route_name:?} has no key_vault")),
+        },
+        _ => return Err(format!("route {route_name:?} is not a JSON-fields route")),
+    };
+    let vault = crate::keys::vault::open(kv, &route.upstream, &cfg.server)?;
+    match action {
+        KeysAction::Rewrap { force, .. } => {
+            let (_, backends) = crate::keys::connect_backends(cfg).await?;
+            let keys = KeyService::new(backends, cfg.cache.clone(), Arc::new(Metrics::new()));
+            let r = manage::rewrap(&keys, &vault, &jr.keys, force)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "{}: {} records rewrapped, {} already current, {} changed meanwhile, {} failed",
+                vault.label(),
+                r.rewrapped,
+                r.current,
+                r.conflicts,
+                r.failed.len()
+            );
+            for f in &r.failed {
+                eprintln!("failed: {f}");
+            }
+            if r.failed.is_empty() && r.conflicts == 0 {
+                Ok(())
+            } else {
+                Err("some records were not rewrapped; run again".into())
+            }
+        }
+        KeysAction::Shred {
+            context,
+            days,
+            cancel,
+            apply_due,
+            ..
+        } => {
+            if apply_due {
+                let deleted = manage::apply_due_shreds(&vault, now).await?;
+                println!("{}: {} records shredded", vault.label(), deleted.len());
+                for id in deleted {
+                    println!("shredded {id}");
+                }
+                return Ok(());
+            }
+            let mut ctx = crate::envelope::Context::new();
+            for (k, v) in context {
+                ctx.insert(k, v);
+            }
+            let mut names: Vec<&str> = jr.key_context.iter().map(|(n, _)| n.as_str()).collect();
+            names.sort();
+            let given: Vec<&str> = ctx.iter().map(|(k, _)| k).collect();
+            if names != given {
+                return Err(format!(
+                    "--context must name exactly the route's key context: {}",
+                    names.join(", ")
+                ));
+            }
+            let r = if cancel {
+                manage::cancel_shred(&vault, &ctx).await
+            } else {
+                manage::schedule_shred(&vault, &ctx, days, now).await
+            }
+            .map_err(|e| e.to_string())?;
+            match r.shred_after {
+                Some(t) => println!(
+                    "{} records scheduled for shredding after {} (cancel with --cancel)",
+                    r.records.len(),
+                    crate::keys::keyring::date(t)
+                ),
+                None => println!("{} records back in use", r.records.len()),
+            }
+            Ok(())
+        }
+        KeysAction::VaultExport { out, .. } => {
+            let export = manage::export(&vault).await.map_err(|e| e.to_string())?;
+            let text = serde_json::to_string_pretty(&export).map_err(|e| e.to_string())?;
+            std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "{}: {} records written to {}",
+                vault.label(),
+                export.records.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        _ => Err("not a vault command".into()),
+    }
+}
+
 /// Decrypt `input` (a token or a stored document) as `route` would on a read.
 pub async fn decrypt_offline(
     cfg: &Config,
     route: Option<&str>,
     given: HashMap<String, String>,
     field: Option<&str>,
+    vault_export: Option<&std::path::Path>,
     input: &str,
 ) -> Result<String, String> {
     let encrypting: Vec<_> = cfg
@@ -668,7 +825,7 @@ pub async fn decrypt_offline(
             RouteKind::Passthrough | RouteKind::S3(_) => None,
         })
         .collect();
-    let (_, jr) = match route {
+    let (r, jr) = match route {
         Some(name) => encrypting
             .iter()
             .find(|(r, _)| r.name == name)
@@ -678,6 +835,41 @@ pub async fn decrypt_offline(
     };
     let (_, backends) = crate::keys::connect_backends(cfg).await?;
     let keys = KeyService::new(backends, cfg.cache.clone(), Arc::new(Metrics::new()));
+    // v2 tokens: their records come from the export given, else from the route's vault.
+    match (vault_export, &jr.key_vault, &jr.vault_label) {
+        (Some(path), _, label) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let export: crate::keys::vault::manage::Export =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let label = label.clone().unwrap_or_else(|| export.vault.clone());
+            let mut jr_export = None;
+            if jr.vault_label.is_none() {
+                // A route without a vault (format v1 now): read with the export's label.
+                let mut j = (*jr).clone();
+                j.vault_label = Some(label.clone());
+                jr_export = Some(j);
+            }
+            keys.register_vault(crate::keys::vault::manage::ExportVault::new(label, export)?);
+            if let Some(j) = jr_export {
+                return decrypt_with(&j, &keys, given, field, input).await;
+            }
+        }
+        (None, Some(kv), _) => {
+            keys.register_vault(crate::keys::vault::open(kv, &r.upstream, &cfg.server)?);
+        }
+        (None, None, _) => {}
+    }
+    decrypt_with(jr, &keys, given, field, input).await
+}
+
+async fn decrypt_with(
+    jr: &crate::config::JsonRoute,
+    keys: &KeyService,
+    given: HashMap<String, String>,
+    field: Option<&str>,
+    input: &str,
+) -> Result<String, String> {
     let captures = HashMap::new();
     let headers = http::HeaderMap::new();
     let meta = RequestMeta {
@@ -689,7 +881,9 @@ pub async fn decrypt_offline(
     let key_ctx = json_fields::key_context(jr, &meta).map_err(|e| e.to_string())?;
     let trimmed = input.trim();
     let bare = trimmed.trim_matches('"');
-    let (mut doc, single) = if bare.starts_with(crate::envelope::token::PREFIX) {
+    let (mut doc, single) = if bare.starts_with(crate::envelope::token::PREFIX)
+        || bare.starts_with(crate::envelope::compact::PREFIX)
+    {
         // A bare token: wrap it as the one field it was sealed under.
         let path = match field {
             Some(f) => f.to_string(),
@@ -720,7 +914,7 @@ pub async fn decrypt_offline(
     if let Some(path) = &single {
         jr_one.fields.retain(|f| f.source() == path);
     }
-    json_fields::open_body(&jr_one, &meta, &key_ctx, &keys, &mut doc)
+    json_fields::open_body(&jr_one, &meta, &key_ctx, keys, &mut doc)
         .await
         .map_err(|e| match e {
             crate::error::ProxyError::DecryptFailed(f, place) => {
@@ -969,7 +1163,10 @@ fn keys_command(keyring: &Keyring, action: KeysAction, now: u64) -> Result<(), S
             audit,
             json,
         } => crate::reencrypt::usage::command(keyring, &name, version, audit.as_deref(), json)?,
-        KeysAction::AcceptGeneration { .. } => {}
+        KeysAction::AcceptGeneration { .. }
+        | KeysAction::Rewrap { .. }
+        | KeysAction::Shred { .. }
+        | KeysAction::VaultExport { .. } => {}
     }
     Ok(())
 }

@@ -191,10 +191,19 @@ impl ProxyError {
                     "pending_deletion" => "key_pending_deletion",
                     "pending_import" => "key_pending_import",
                     "destroyed" => "key_destroyed",
+                    "pending_shred" => "key_record_pending_shred",
                     _ => "key_state",
                 },
                 false,
             ),
+            // A v2 token's record is not in the vault: storage is incomplete (a restore
+            // without the vault, a record not replicated yet, a shredded key context).
+            KeyBackend(BackendError::RecordMissing(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "key_record_missing", false)
+            }
+            KeyBackend(BackendError::RecordInvalid(_)) => {
+                (StatusCode::BAD_GATEWAY, "key_record_invalid", false)
+            }
             KeyBackend(BackendError::KeyNotFound(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "key_not_found", false)
             }
@@ -230,11 +239,22 @@ impl ProxyError {
             ProxyError::KeyBackend(BackendError::KeyDisabled(_)) => {
                 "the root key is disabled".into()
             }
+            ProxyError::KeyBackend(BackendError::KeyState { state, detail, .. })
+                if *state == "pending_shred" =>
+            {
+                format!("a data-key record is pending shred: {detail}")
+            }
             ProxyError::KeyBackend(BackendError::KeyState { state, detail, .. }) => {
                 format!("the root key is {}: {detail}", state.replace('_', " "))
             }
             ProxyError::KeyBackend(BackendError::AccessDenied(_)) => {
                 "the proxy is not allowed to use the root key".into()
+            }
+            ProxyError::KeyBackend(BackendError::RecordMissing(_)) => {
+                "the data-key record of a stored value is not in the key vault".into()
+            }
+            ProxyError::KeyBackend(BackendError::RecordInvalid(_)) => {
+                "the data-key record of a stored value is invalid".into()
             }
             ProxyError::KeyBackend(_) => "the configured root key cannot be used".into(),
             ProxyError::UpstreamUnavailable(_) => "upstream unavailable".into(),

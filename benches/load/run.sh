@@ -7,6 +7,8 @@
 #   encrypting   wrk → envelope-proxy (3 fields sealed / opened)  → demo store
 #   authorized   the same, with a key policy on the route's key (a statement with a
 #                context condition, decided per request with a warm decision cache)
+#   encrypting-v2  the encrypting route with token_format = "v2" (compact tokens; data-key
+#                records in a directory vault, read once, then cached)
 #   nginx        wrk → nginx proxy_pass (1 worker, upstream keep-alive) → demo store
 #
 # Loopback only, bounded in time (MAX_SECONDS), and every process it starts is stopped on exit.
@@ -16,7 +18,7 @@
 #   WARMUP=2          seconds of unrecorded warm-up before each throughput run
 #   THREADS=2         wrk threads;  CONNS=64  wrk connections for the throughput runs
 #   LAT_DURATION=5    seconds per single-connection latency run (0 = skip those runs)
-#   CASES="direct passthrough encrypting authorized nginx"   METHODS="GET POST"
+#   CASES="direct passthrough encrypting encrypting-v2 authorized nginx"   METHODS="GET POST"
 #   BASE_PORT=18080   ports BASE_PORT..BASE_PORT+3 on 127.0.0.1 are used
 #   PROXY_CPU=0 LOAD_CPU=1   cores for the proxy/nginx and for wrk + demo store (taskset)
 #   PIN=1             0 = do not pin anything
@@ -39,7 +41,7 @@ WARMUP=${WARMUP:-2}
 THREADS=${THREADS:-2}
 CONNS=${CONNS:-64}
 LAT_DURATION=${LAT_DURATION:-5}
-CASES=${CASES:-"direct passthrough encrypting authorized nginx"}
+CASES=${CASES:-"direct passthrough encrypting encrypting-v2 authorized nginx"}
 METHODS=${METHODS:-"GET POST"}
 BASE_PORT=${BASE_PORT:-18080}
 PROXY_CPU=${PROXY_CPU:-0}
@@ -146,6 +148,11 @@ actions = ["seal", "open"]
 conditions = { "context.tenant" = { like = "acme*" }, "context.table" = "users" }
 EOF
 
+# The same proxy writing compact v2 tokens (records in a directory vault).
+sed -e 's|^message_context = { id = "{path.id\|json.id}" }$|&\ntoken_format = "v2"\n[route.key_vault]\nkind = "dir"\ndir = "'"$WORK"'/proxy/vault"|' \
+	"$WORK/proxy.toml" >"$WORK/proxy-v2.toml"
+grep -q 'token_format = "v2"' "$WORK/proxy-v2.toml" || die "proxy-v2.toml: the v2 settings were not added"
+
 sed -e "s|@PREFIX@|$WORK|g" -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@NGINX_PORT@|$NGINX_PORT|g" \
 	"$HERE/nginx.conf.template" >"$WORK/nginx.conf"
 
@@ -211,12 +218,29 @@ grep -q 'enc:v1:' "$WORK/sealed.json" || die "the stored document holds no token
 if grep -q "$SSN" "$WORK/sealed.json"; then die "plaintext reached the store"; fi
 http 200 GET "http://127.0.0.1:$PROXY_PORT/tenants/acme/users/$SEED_ID" | grep -q "$SSN" ||
 	die "the encrypting route did not decrypt the seed document"
+stop_proxy_only() {
+	stop_pid "$SUT_PID"
+	forget_pid "$SUT_PID"
+	SUT_PID=""
+}
+if [[ " $CASES " == *" encrypting-v2 "* ]]; then
+	log "sealing the seed document through the v2 route"
+	stop_proxy_only
+	start_proxy "$WORK/proxy-v2.toml"
+	http 200 PUT "http://127.0.0.1:$PROXY_PORT/tenants/acme/users/$SEED_ID" "$WORK/seed.json" >/dev/null
+	http 200 GET "http://127.0.0.1:$UPSTREAM_PORT/tenants/acme/users/$SEED_ID" >"$WORK/sealed-v2.json"
+	grep -q 'enc:v2:' "$WORK/sealed-v2.json" || die "the v2 route stored no v2 token"
+	if grep -q "$SSN" "$WORK/sealed-v2.json"; then die "plaintext reached the store"; fi
+	log "document as stored in v2: $(wc -c <"$WORK/sealed-v2.json") bytes"
+fi
 stop_all
 : >"$WORK/proxy.log" # the keyring and key creation warnings of the first start
 log "document: $(printf "%s" "$(cat "$DOC")" | wc -c) bytes plaintext, $(wc -c <"$WORK/sealed.json") bytes as stored"
 
 seed_store() {
-	http 201 POST "http://127.0.0.1:$UPSTREAM_PORT/tenants/acme/users" "$WORK/sealed.json" >/dev/null
+	local sealed=$WORK/sealed.json
+	[[ ${1:-} == encrypting-v2 ]] && sealed=$WORK/sealed-v2.json
+	http 201 POST "http://127.0.0.1:$UPSTREAM_PORT/tenants/acme/users" "$sealed" >/dev/null
 	http 201 POST "http://127.0.0.1:$UPSTREAM_PORT/raw/tenants/acme/users" "$WORK/sealed.json" >/dev/null
 }
 
@@ -299,7 +323,7 @@ run_wrk() {
 case_port() {
 	case $1 in
 	direct) echo "$UPSTREAM_PORT" ;;
-	passthrough | encrypting | authorized) echo "$PROXY_PORT" ;;
+	passthrough | encrypting | encrypting-v2 | authorized) echo "$PROXY_PORT" ;;
 	nginx) echo "$NGINX_PORT" ;;
 	*) die "unknown case $1" ;;
 	esac
@@ -323,15 +347,16 @@ for case in $CASES; do
 	port=$(case_port "$case")
 	log "case $case (port $port)"
 	start_upstream
-	seed_store
+	seed_store "$case"
 	case $case in
 	passthrough | encrypting) start_proxy ;;
+	encrypting-v2) start_proxy "$WORK/proxy-v2.toml" ;;
 	authorized) start_proxy "$WORK/proxy-authorized.toml" ;;
 	nginx) start_nginx ;;
 	esac
 	# Functional check before measuring.
 	reply=$(http 200 GET "http://127.0.0.1:$port$(get_path "$case")")
-	if [[ $case == encrypting || $case == authorized ]]; then
+	if [[ $case == encrypting || $case == encrypting-v2 || $case == authorized ]]; then
 		grep -q "$SSN" <<<"$reply" || die "$case route: GET did not decrypt"
 	else
 		grep -q 'enc:v1:' <<<"$reply" || die "$case: GET did not return the stored document"
@@ -347,7 +372,7 @@ for case in $CASES; do
 			run_wrk "$case" "$method" "$port" "$path" lat "$LAT_DURATION" 1 1
 		fi
 	done
-	if [[ $case == passthrough || $case == encrypting || $case == authorized ]] && grep -q 'WARN\|ERROR' "$WORK/proxy.log"; then
+	if [[ $case == passthrough || $case == encrypting || $case == encrypting-v2 || $case == authorized ]] && grep -q 'WARN\|ERROR' "$WORK/proxy.log"; then
 		log "  the proxy logged warnings or errors:"
 		grep -m5 'WARN\|ERROR' "$WORK/proxy.log" >&2 || true
 	fi
@@ -386,7 +411,7 @@ report() {
 	echo "### Goals"
 	echo
 	awk -F'\t' '
-		{ key = $1 "/" $2 "/" $3; rps[key] = $5; p50[key] = $6 }
+		{ key = $1 "/" $2 "/" $3; rps[key] = $5; p50[key] = $6; cpu[key] = $10 }
 		END {
 			split("GET POST", ms, " ")
 			for (i = 1; i <= 2; i++) {
@@ -394,13 +419,16 @@ report() {
 				e = rps["encrypting/" m "/tput"]; p = rps["passthrough/" m "/tput"]; n = rps["nginx/" m "/tput"]
 				if (e > 0 && p > 0)
 					printf "- %s: encrypting route at %.0f%% of pass-through throughput (goal ≥ 80%%): %s\n", m, 100 * e / p, (e >= 0.8 * p ? "met" : "NOT met")
+				e = rps["encrypting-v2/" m "/tput"]; goal = (m == "GET" ? 80 : 85)
+				if (e > 0 && p > 0)
+					printf "- %s: encrypting route with v2 tokens at %.0f%% of pass-through throughput (goal ≥ %d%%): %s; proxy CPU per request %.1f µs (pass-through %.1f µs)\n", m, 100 * e / p, goal, (e >= goal / 100 * p ? "met" : "NOT met"), cpu["encrypting-v2/" m "/tput"] * 1e4 / e, cpu["passthrough/" m "/tput"] * 1e4 / p
 				if (p > 0 && n > 0)
 					printf "- %s: pass-through at %.0f%% of nginx throughput (goal ≥ 100%%): %s\n", m, 100 * p / n, (p >= n ? "met" : "NOT met")
 				d = p50["direct/" m "/lat"]
 				if (d > 0) {
-					split("passthrough encrypting authorized nginx", cs, " ")
+					split("passthrough encrypting encrypting-v2 authorized nginx", cs, " ")
 					line = ""
-					for (j = 1; j <= 4; j++) {
+					for (j = 1; j <= 5; j++) {
 						c = cs[j]; v = p50[c "/" m "/lat"]
 						if (v > 0) line = line sprintf("%s%s +%.0f µs", (line == "" ? "" : ", "), c, v - d)
 					}

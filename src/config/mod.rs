@@ -215,6 +215,18 @@ struct FileRoute {
     #[serde(default)]
     mask: BTreeMap<String, auth::FileMask>,
     quota: Option<auth::FileQuota>,
+    token_format: Option<String>,
+    key_vault: Option<FileVault>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVault {
+    /// "rest" (records on the route's upstream) or "dir" (a local directory).
+    kind: String,
+    path: Option<String>,
+    create: Option<String>,
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -500,8 +512,55 @@ pub enum OnDecryptError {
     Redact,
 }
 
+/// How a JSON route writes sealed values (every route reads both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenFormat {
+    /// `enc:v1:`: self-contained (the wrapped keys in every token).
+    #[default]
+    V1,
+    /// `enc:v2:`: compact, naming a data-key record kept in the route's key vault.
+    V2,
+}
+
+/// Where a route keeps its data-key records (format v2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyVault {
+    /// A REST resource on the route's upstream: `path` has `{id}` as its last segment.
+    Rest { path: String, create: VaultCreate },
+    /// One file per record in a local directory (single-node setups, tests).
+    Dir { dir: PathBuf },
+}
+
+/// How a REST vault creates a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaultCreate {
+    /// `PUT path/{id}` (stores that create on PUT).
+    Put,
+    /// `POST` to the collection (the path without `/{id}`) with the id in the document
+    /// (json-server and other stores that create on POST only).
+    Post,
+}
+
+impl KeyVault {
+    /// The vault's name: where its records go. Partitions the data-key caches, names the
+    /// vault in errors, and is how the key service finds the store.
+    pub fn label(&self, upstream: &Upstream) -> String {
+        match self {
+            KeyVault::Rest { path, .. } => format!(
+                "rest:{}://{}{}{path}",
+                upstream.scheme, upstream.authority, upstream.base_path
+            ),
+            KeyVault::Dir { dir } => format!("dir:{}", dir.display()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct JsonRoute {
+    pub token_format: TokenFormat,
+    pub key_vault: Option<KeyVault>,
+    /// [`KeyVault::label`] of `key_vault`.
+    pub vault_label: Option<String>,
     pub keys: Vec<KeyRef>,
     pub fields: Vec<FieldPath>,
     pub documents: Vec<FieldPath>,
@@ -675,6 +734,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
         }
     }
     check_shadowing(&routes, &mut errors);
+    check_vault_exposure(&routes, &mut errors);
     if keyring_missing {
         check_stateless(
             &routes,
@@ -793,6 +853,59 @@ fn check_shadowing(routes: &[Route], errors: &mut Vec<String>) {
                     a.pattern.source(),
                     b.name,
                     b.pattern.source()
+                ));
+            }
+        }
+    }
+}
+
+/// A REST key vault lives on a store the proxy forwards to: a route that would forward a
+/// client's request to the vault's paths (a catch-all pass-through, say) lets clients delete
+/// or replace data-key records, and with them every value under those keys. Refused.
+fn check_vault_exposure(routes: &[Route], errors: &mut Vec<String>) {
+    const SAMPLE_ID: &str = "0123456789abcdef0123456789abcdef";
+    for v in routes {
+        let RouteKind::JsonFields(JsonRoute {
+            key_vault: Some(KeyVault::Rest { path, .. }),
+            ..
+        }) = &v.kind
+        else {
+            continue;
+        };
+        let record = format!(
+            "{}{}",
+            v.upstream.base_path,
+            path.replace("{id}", SAMPLE_ID)
+        );
+        let collection = format!(
+            "{}{}",
+            v.upstream.base_path,
+            path.strip_suffix("/{id}").unwrap_or(path)
+        );
+        for r in routes {
+            let same_store = r.upstream.scheme == v.upstream.scheme
+                && r.upstream
+                    .authority
+                    .as_str()
+                    .eq_ignore_ascii_case(v.upstream.authority.as_str());
+            if !same_store {
+                continue;
+            }
+            let reaches = [&record, &collection].into_iter().any(|upstream_path| {
+                upstream_path
+                    .strip_prefix(&r.upstream.base_path)
+                    .filter(|p| p.starts_with('/'))
+                    .is_some_and(|p| {
+                        r.pattern.matches(p).is_some()
+                            || r.pattern.matches(&p.to_ascii_uppercase()).is_some()
+                    })
+            });
+            if reaches {
+                errors.push(format!(
+                    "route {:?}.path: {:?} forwards requests to the key vault of route {:?} ({path:?} on the same store): clients could delete or replace data-key records; narrow the route or move the vault",
+                    r.name,
+                    r.pattern.source(),
+                    v.name
                 ));
             }
         }
@@ -1704,6 +1817,8 @@ fn resolve_route(
                 ("dangerous_opaque_responses", r.dangerous_opaque_responses),
                 ("passthrough", r.passthrough),
                 ("allow_query_params", !r.allow_query_params.is_empty()),
+                ("token_format", r.token_format.is_some()),
+                ("key_vault", r.key_vault.is_some()),
             ] {
                 if set {
                     errors.push(format!("{place}.{what}: not used on kind = \"s3\" routes (whole object bodies are encrypted)"));
@@ -1763,6 +1878,8 @@ fn resolve_route(
             (r.dangerous_opaque_responses, "dangerous_opaque_responses"),
             (!r.allow_query_params.is_empty(), "allow_query_params"),
             (!r.mask.is_empty(), "mask"),
+            (r.token_format.is_some(), "token_format"),
+            (r.key_vault.is_some(), "key_vault"),
         ] {
             if set {
                 errors.push(format!(
@@ -1870,6 +1987,30 @@ fn resolve_route(
             OnDecryptError::Error
         }
     };
+    let key_vault = r
+        .key_vault
+        .and_then(|v| resolve_vault(&format!("{place}.key_vault"), v, errors));
+    let token_format = match r.token_format.as_deref() {
+        None | Some("v1") => TokenFormat::V1,
+        Some("v2") => {
+            if key_vault.is_none() {
+                errors.push(format!(
+                    "{place}.token_format: \"v2\" needs a key_vault (where the data-key records live), e.g. [route.key_vault] kind = \"rest\", path = \"/envelope-keys/{{id}}\""
+                ));
+            }
+            TokenFormat::V2
+        }
+        Some(other) => {
+            errors.push(format!(
+                "{place}.token_format: {other:?} is not one of \"v1\", \"v2\""
+            ));
+            TokenFormat::V1
+        }
+    };
+    let vault_label = key_vault
+        .as_ref()
+        .zip(upstream.as_ref())
+        .map(|(v, u)| v.label(u));
     let mut query_names = Vec::new();
     for f in &fields {
         let names = f.last_names();
@@ -1898,6 +2039,9 @@ fn resolve_route(
         require,
         quota,
         kind: RouteKind::JsonFields(JsonRoute {
+            token_format,
+            vault_label,
+            key_vault,
             keys,
             fields,
             documents,
@@ -1911,6 +2055,74 @@ fn resolve_route(
             masks,
         }),
     })
+}
+
+fn resolve_vault(place: &str, v: FileVault, errors: &mut Vec<String>) -> Option<KeyVault> {
+    let before = errors.len();
+    let unused = |errors: &mut Vec<String>, what: &str, set: bool| {
+        if set {
+            errors.push(format!("{place}.{what}: not used with kind = {:?}", v.kind));
+        }
+    };
+    let out = match v.kind.as_str() {
+        "rest" => {
+            unused(errors, "dir", v.dir.is_some());
+            let create = match v.create.as_deref() {
+                None | Some("put") => VaultCreate::Put,
+                Some("post") => VaultCreate::Post,
+                Some(other) => {
+                    errors.push(format!(
+                        "{place}.create: {other:?} is not one of \"put\", \"post\""
+                    ));
+                    VaultCreate::Put
+                }
+            };
+            match v.path {
+                Some(path)
+                    if path.starts_with('/')
+                        && path.ends_with("/{id}")
+                        && path.matches('{').count() == 1
+                        && path.len() > "/{id}".len()
+                        && path.matches('}').count() == 1
+                        && !path.contains(['?', '#']) =>
+                {
+                    Some(KeyVault::Rest { path, create })
+                }
+                Some(path) => {
+                    errors.push(format!(
+                        "{place}.path: {path:?} must be an absolute path ending in \"/{{id}}\" with no other placeholder or query, e.g. \"/envelope-keys/{{id}}\""
+                    ));
+                    None
+                }
+                None => {
+                    errors.push(format!(
+                        "{place}.path: a REST vault needs a path, e.g. \"/envelope-keys/{{id}}\""
+                    ));
+                    None
+                }
+            }
+        }
+        "dir" => {
+            unused(errors, "path", v.path.is_some());
+            unused(errors, "create", v.create.is_some());
+            match v.dir {
+                Some(dir) if !dir.as_os_str().is_empty() => Some(KeyVault::Dir { dir }),
+                _ => {
+                    errors.push(format!(
+                        "{place}.dir: a directory vault needs dir = \"...\""
+                    ));
+                    None
+                }
+            }
+        }
+        other => {
+            errors.push(format!(
+                "{place}.kind: {other:?} is not one of \"rest\", \"dir\""
+            ));
+            None
+        }
+    };
+    if errors.len() == before { out } else { None }
 }
 
 fn parse_paths(place: &str, paths: &[String], errors: &mut Vec<String>) -> Vec<FieldPath> {

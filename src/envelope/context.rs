@@ -77,6 +77,68 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Parse a [`canonical`](Self::canonical) encoding; `None` unless `bytes` are exactly the
+    /// encoding of some context (keys strictly ascending, every length in bounds, UTF-8).
+    pub fn from_canonical(bytes: &[u8]) -> Option<Context> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = b.split_at_checked(n)?;
+            *b = rest;
+            Some(head)
+        }
+        fn item(b: &mut &[u8]) -> Option<String> {
+            let len = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+            String::from_utf8(take(b, len)?.to_vec()).ok()
+        }
+        let mut b = bytes;
+        let count = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+        let mut map = BTreeMap::new();
+        let mut last: Option<String> = None;
+        for _ in 0..count {
+            let k = item(&mut b)?;
+            let v = item(&mut b)?;
+            if last.as_ref().is_some_and(|l| *l >= k) {
+                return None;
+            }
+            last = Some(k.clone());
+            map.insert(k, v);
+        }
+        b.is_empty().then_some(Context(map))
+    }
+
+    /// The canonical encoding of this context with `extra` added (it wins on a shared key),
+    /// written into `out` (cleared first): what [`merged`](Self::merged) then
+    /// [`canonical`](Self::canonical) give, without copying the context.
+    pub fn canonical_with_into(&self, extra: (&str, &str), out: &mut Vec<u8>) {
+        out.clear();
+        let shared = self.0.contains_key(extra.0);
+        let count = self.0.len() + usize::from(!shared);
+        out.extend_from_slice(&len32(count));
+        let put = |out: &mut Vec<u8>, k: &str, v: &str| {
+            out.extend_from_slice(&len32(k.len()));
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(&len32(v.len()));
+            out.extend_from_slice(v.as_bytes());
+        };
+        let mut pending = Some(extra);
+        for (k, v) in &self.0 {
+            if let Some((ek, ev)) = pending
+                && ek <= k.as_str()
+            {
+                put(out, ek, ev);
+                pending = None;
+                if ek == k.as_str() {
+                    continue;
+                }
+            }
+            put(out, k, v);
+        }
+        if let Some((ek, ev)) = pending {
+            put(out, ek, ev);
+        }
+    }
+}
+
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Context {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         Context(
@@ -112,6 +174,27 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn canonical_parses_back_and_extra_merges(
+            a in proptest::collection::btree_map(".{0,6}", ".{0,6}", 0..5),
+            k in ".{0,6}", v in ".{0,6}",
+        ) {
+            let c = Context(a);
+            prop_assert_eq!(Context::from_canonical(&c.canonical()), Some(c.clone()));
+            let mut m = c.clone();
+            m.insert(k.clone(), v.clone());
+            let mut out = vec![1, 2, 3];
+            c.canonical_with_into((&k, &v), &mut out);
+            prop_assert_eq!(out, m.canonical());
+        }
+
+        #[test]
+        fn from_canonical_never_panics(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Some(c) = Context::from_canonical(&b) {
+                prop_assert_eq!(c.canonical(), b);
+            }
+        }
+
         #[test]
         fn canonical_encoding_is_injective(
             a in proptest::collection::btree_map(".{0,6}", ".{0,6}", 0..4),

@@ -7,8 +7,10 @@
 //! - [`context`]: encryption contexts and their injective canonical encoding.
 
 pub mod chunked;
+pub mod compact;
 pub mod context;
 pub mod header;
+pub mod record;
 pub mod stream;
 pub mod token;
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use moka::future::Cache;
 
-use super::{BackendError, DataKey, KeyRef, SealingKey};
+use super::{BackendError, DataKey, KeyRef, OpenRecord, SealingKey};
 use crate::envelope::{Context, WrappedKey};
 
 pub use crate::config::keys::CacheLimits;
@@ -30,6 +30,8 @@ pub struct DataKeyCache {
     limits: CacheLimits,
     seal: Cache<Vec<u8>, Arc<SealEntry>>,
     open: Cache<Vec<u8>, Arc<DataKey>>,
+    /// (vault, record id, key context) → the record's key, for v2 tokens.
+    records: Cache<Vec<u8>, Arc<OpenRecord>>,
 }
 
 impl DataKeyCache {
@@ -42,13 +44,24 @@ impl DataKeyCache {
             .max_capacity(limits.max_entries)
             .time_to_live(limits.open_ttl)
             .build();
-        DataKeyCache { limits, seal, open }
+        let records = Cache::builder()
+            .max_capacity(limits.max_entries)
+            .time_to_live(limits.open_ttl)
+            .build();
+        DataKeyCache {
+            limits,
+            seal,
+            open,
+            records,
+        }
     }
 
     /// A sealing key for `messages` messages totalling `bytes` bytes; `make` is called on a
-    /// miss. Returns the key and whether it was a cache hit.
+    /// miss. Returns the key and whether it was a cache hit. `scope` partitions the cache by
+    /// token format and vault (a v2 key's EDKs are bound to its record id).
     pub async fn sealing_key<F, Fut>(
         &self,
+        scope: &[u8],
         keys: &[KeyRef],
         key_context: &Context,
         messages: u64,
@@ -59,7 +72,15 @@ impl DataKeyCache {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<SealingKey, BackendError>>,
     {
-        let cache_key = seal_cache_key(keys, key_context);
+        let cache_key = seal_cache_key(scope, keys, key_context);
+        // v2 tokens take random-looking 96-bit nonces: never more than 2^32 per data key.
+        let max_messages = if scope.starts_with(b"v2:") {
+            self.limits
+                .max_messages
+                .min(crate::envelope::record::MAX_MESSAGES)
+        } else {
+            self.limits.max_messages
+        };
         // A few rounds: an entry used up by this message (or by racing ones) is replaced.
         for _ in 0..3 {
             let mut missed = false;
@@ -92,7 +113,7 @@ impl DataKeyCache {
                 .bytes
                 .fetch_add(bytes, Ordering::Relaxed)
                 .saturating_add(bytes);
-            if used_messages <= self.limits.max_messages && used_bytes <= self.limits.max_bytes {
+            if used_messages <= max_messages && used_bytes <= self.limits.max_bytes {
                 return Ok((entry.key.clone(), !missed));
             }
             // Used up: drop it (only if it is still this entry) and go round again.
@@ -130,16 +151,46 @@ impl DataKeyCache {
         Ok((key, !missed))
     }
 
+    /// The key of a data-key record; `fetch` is called on a miss (single-flight).
+    pub async fn record<F, Fut>(
+        &self,
+        cache_key: Vec<u8>,
+        fetch: F,
+    ) -> Result<(Arc<OpenRecord>, bool), BackendError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<OpenRecord, BackendError>>,
+    {
+        let mut missed = false;
+        let entry = self
+            .records
+            .try_get_with(cache_key, async {
+                missed = true;
+                fetch().await.map(Arc::new)
+            })
+            .await
+            .map_err(|e: Arc<BackendError>| (*e).clone())?;
+        Ok((entry, !missed))
+    }
+
+    /// Remember a record's key (the sealing side primes the opening side).
+    pub async fn insert_record(&self, cache_key: Vec<u8>, entry: Arc<OpenRecord>) {
+        self.records.insert(cache_key, entry).await;
+    }
+
     /// Drop every cached key (a root key was rotated, disabled or scheduled for deletion).
     /// Whether any data key is cached (sealing or opening): requests on those keys can be
     /// served without the backend (for readiness).
     pub fn holds_keys(&self) -> bool {
-        self.seal.iter().next().is_some() || self.open.iter().next().is_some()
+        self.seal.iter().next().is_some()
+            || self.open.iter().next().is_some()
+            || self.records.iter().next().is_some()
     }
 
     pub fn invalidate_all(&self) {
         self.seal.invalidate_all();
         self.open.invalidate_all();
+        self.records.invalidate_all();
     }
 }
 
@@ -148,8 +199,9 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-fn seal_cache_key(keys: &[KeyRef], key_context: &Context) -> Vec<u8> {
+fn seal_cache_key(scope: &[u8], keys: &[KeyRef], key_context: &Context) -> Vec<u8> {
     let mut out = Vec::new();
+    put(&mut out, scope);
     out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
     for k in keys {
         put(&mut out, k.backend.as_bytes());
@@ -180,6 +232,7 @@ mod tests {
         SealingKey {
             data_key: DataKey::generate(),
             header: Header { edks: vec![] },
+            record: None,
         }
     }
 
@@ -200,7 +253,10 @@ mod tests {
         };
         let ctx = Context::new();
         for _ in 0..5 {
-            cache.sealing_key(&keys(), &ctx, 1, 1, make).await.unwrap();
+            cache
+                .sealing_key(b"v1", &keys(), &ctx, 1, 1, make)
+                .await
+                .unwrap();
         }
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
@@ -218,17 +274,29 @@ mod tests {
         };
         let a: Context = [("tenant", "a")].into_iter().collect();
         let b: Context = [("tenant", "b")].into_iter().collect();
-        cache.sealing_key(&keys(), &a, 1, 60, make).await.unwrap();
-        cache.sealing_key(&keys(), &b, 1, 60, make).await.unwrap();
+        cache
+            .sealing_key(b"v1", &keys(), &a, 1, 60, make)
+            .await
+            .unwrap();
+        cache
+            .sealing_key(b"v1", &keys(), &b, 1, 60, make)
+            .await
+            .unwrap();
         assert_eq!(
             calls.load(Ordering::SeqCst),
             2,
             "contexts do not share keys"
         );
-        cache.sealing_key(&keys(), &a, 1, 60, make).await.unwrap();
+        cache
+            .sealing_key(b"v1", &keys(), &a, 1, 60, make)
+            .await
+            .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 3, "byte limit reached");
         // A message larger than the limit gets a key of its own.
-        cache.sealing_key(&keys(), &a, 1, 1000, make).await.unwrap();
+        cache
+            .sealing_key(b"v1", &keys(), &a, 1, 1000, make)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -249,7 +317,7 @@ mod tests {
                     }
                 };
                 cache
-                    .sealing_key(&keys(), &Context::new(), 1, 1, make)
+                    .sealing_key(b"v1", &keys(), &Context::new(), 1, 1, make)
                     .await
                     .unwrap();
             }));

@@ -16,6 +16,7 @@ pub mod keyring;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod resilience;
+pub mod vault;
 
 pub use crate::config::keys::KeyRef;
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
+use crate::envelope::record::{self, Record, RecordId, RecordKey};
 use crate::envelope::{Context, Header, WrappedKey};
 use crate::metrics::Metrics;
 pub use cache::{CacheLimits, DataKeyCache};
@@ -129,6 +131,14 @@ pub enum BackendError {
     /// The backend could not be reached, throttled us, or failed; a retry may help.
     #[error("backend unavailable: {0:?}")]
     Unavailable(String),
+    /// A v2 token names a data-key record its route's vault does not hold (deleted, shredded,
+    /// not replicated yet, or no vault configured). Never redaction: the value may be fine.
+    #[error("data-key record missing: {0}")]
+    RecordMissing(String),
+    /// A data-key record that is not what its id promises: tampered, moved from another id or
+    /// key context, or its EDKs unwrap to another key than it committed to.
+    #[error("data-key record invalid: {0}")]
+    RecordInvalid(String),
 }
 
 impl BackendError {
@@ -157,6 +167,8 @@ impl BackendError {
             BackendError::Credentials(_) => "credentials",
             BackendError::Refused(_) => "refused",
             BackendError::Unavailable(_) => "unavailable",
+            BackendError::RecordMissing(_) => "record_missing",
+            BackendError::RecordInvalid(_) => "record_invalid",
         }
     }
 
@@ -249,6 +261,26 @@ pub trait RootKeyProvider: Send + Sync + 'static {
     fn health(&self) -> resilience::Health {
         resilience::Health::Up
     }
+}
+
+/// A vault's failure as the key service reports it: an outage is an outage, a document that is
+/// not a record is an invalid record.
+fn vault_error(e: vault::VaultError) -> BackendError {
+    match e {
+        vault::VaultError::Unavailable(m) | vault::VaultError::Conflict(m) => {
+            BackendError::Unavailable(m)
+        }
+        vault::VaultError::Malformed(m) => BackendError::RecordInvalid(m),
+    }
+}
+
+fn record_cache_key(vault: &str, id: &RecordId, key_context: &Context) -> Vec<u8> {
+    let mut out = Vec::with_capacity(vault.len() + 64);
+    out.extend_from_slice(&(vault.len() as u32).to_be_bytes());
+    out.extend_from_slice(vault.as_bytes());
+    out.extend_from_slice(&id.0);
+    out.extend_from_slice(&key_context.canonical());
+    out
 }
 
 /// Open the local keyring (when `[keyring]` is configured) and connect every configured
@@ -374,15 +406,26 @@ async fn connect_one(b: &crate::config::BackendConfig) -> Result<Arc<dyn RootKey
     }
 }
 
-/// A data key ready to seal messages: the key and the header carrying its wrapped forms.
+/// A data key ready to seal messages: the key and the header carrying its wrapped forms, and
+/// for v2 tokens the key derived for its record (already written to the vault).
 pub struct SealingKey {
     pub data_key: DataKey,
+    pub header: Header,
+    pub record: Option<Arc<RecordKey>>,
+}
+
+/// A record's key for opening v2 tokens, with the record's header (its EDKs, for the audit
+/// log's key versions).
+pub struct OpenRecord {
+    pub key: Arc<RecordKey>,
     pub header: Header,
 }
 
 /// The pipeline's view of keys: backends by name, behind the data-key cache.
 pub struct KeyService {
     backends: HashMap<String, Arc<dyn RootKeyProvider>>,
+    /// Key vaults by label ([`crate::config::KeyVault::label`]).
+    vaults: std::sync::RwLock<HashMap<String, vault::Vault>>,
     cache: DataKeyCache,
     metrics: Arc<Metrics>,
 }
@@ -399,6 +442,7 @@ impl KeyService {
                 .map(|b| (b.name().to_string(), b))
                 .collect(),
             cache: DataKeyCache::new(limits),
+            vaults: Default::default(),
             metrics,
         });
         // Drop cached data keys as soon as a backend's keys change (rotation, disable).
@@ -416,6 +460,19 @@ impl KeyService {
             }
         }
         service
+    }
+
+    /// Make `vault` the store of the routes whose vault label is its label (a later one
+    /// replaces an earlier one of the same label).
+    pub fn register_vault(&self, vault: vault::Vault) {
+        let mut vaults = self.vaults.write().unwrap_or_else(|p| p.into_inner());
+        vaults.insert(vault.label().to_string(), vault);
+    }
+
+    /// The vault named `label`, if one was registered.
+    pub fn vault(&self, label: &str) -> Option<vault::Vault> {
+        let vaults = self.vaults.read().unwrap_or_else(|p| p.into_inner());
+        vaults.get(label).cloned()
     }
 
     /// The backend called `name`.
@@ -437,12 +494,158 @@ impl KeyService {
     ) -> Result<Arc<SealingKey>, BackendError> {
         let (key, hit) = self
             .cache
-            .sealing_key(keys, key_context, messages, bytes, || {
+            .sealing_key(b"v1", keys, key_context, messages, bytes, || {
                 self.new_sealing_key(keys, key_context)
             })
             .await?;
         self.metrics.record_cache(hit);
         Ok(key)
+    }
+
+    /// [`sealing_key`](Self::sealing_key) for v2 tokens: a data key with a record in `vault`.
+    /// A new key's record is written to the vault before the key is returned, so no token
+    /// names a record that is not stored. The cache is partitioned by vault.
+    pub async fn sealing_record_key(
+        &self,
+        vault: &vault::Vault,
+        keys: &[KeyRef],
+        key_context: &Context,
+        messages: u64,
+        bytes: u64,
+    ) -> Result<Arc<SealingKey>, BackendError> {
+        let scope = [b"v2:".as_slice(), vault.label().as_bytes()].concat();
+        let (key, hit) = self
+            .cache
+            .sealing_key(&scope, keys, key_context, messages, bytes, || {
+                self.new_record_key(vault, keys, key_context)
+            })
+            .await?;
+        self.metrics.record_cache(hit);
+        Ok(key)
+    }
+
+    async fn new_record_key(
+        &self,
+        vault: &vault::Vault,
+        keys: &[KeyRef],
+        key_context: &Context,
+    ) -> Result<SealingKey, BackendError> {
+        let id = RecordId::generate();
+        let bound = record::backend_context(key_context, &id);
+        let mut key = self.new_sealing_key(keys, &bound).await?;
+        let rec = Record {
+            id,
+            commitment: record::commitment(key.data_key.expose(), &id),
+            key_context: key_context.clone(),
+            header: key.header.clone(),
+        };
+        let doc = vault::VaultDoc::new(&rec)
+            .map_err(|e| BackendError::Refused(format!("record: {e}")))?;
+        let started = std::time::Instant::now();
+        let written = vault.create(&doc).await;
+        self.metrics
+            .backend_seconds("vault", "create", started.elapsed().as_secs_f64());
+        written.map_err(|e| {
+            self.metrics.backend_error("vault", "create", "unavailable");
+            vault_error(e)
+        })?;
+        let record_key = Arc::new(RecordKey::new(key.data_key.expose(), id));
+        // What is written is often read back at once: the opening side has it already.
+        self.cache
+            .insert_record(
+                record_cache_key(vault.label(), &id, key_context),
+                Arc::new(OpenRecord {
+                    key: record_key.clone(),
+                    header: key.header.clone(),
+                }),
+            )
+            .await;
+        key.record = Some(record_key);
+        Ok(key)
+    }
+
+    /// The key of record `id` in `vault` under `key_context`, using only EDKs under `allowed`:
+    /// from the cache, else read from the vault, unwrapped and checked against the record's
+    /// commitment.
+    pub async fn opening_record_key(
+        &self,
+        vault: &vault::Vault,
+        id: &RecordId,
+        key_context: &Context,
+        allowed: &[KeyRef],
+    ) -> Result<Arc<OpenRecord>, BackendError> {
+        let (entry, hit) = self
+            .cache
+            .record(record_cache_key(vault.label(), id, key_context), || {
+                self.fetch_record(vault, id, key_context, allowed)
+            })
+            .await?;
+        self.metrics.record_cache(hit);
+        Ok(entry)
+    }
+
+    async fn fetch_record(
+        &self,
+        vault: &vault::Vault,
+        id: &RecordId,
+        key_context: &Context,
+        allowed: &[KeyRef],
+    ) -> Result<OpenRecord, BackendError> {
+        let started = std::time::Instant::now();
+        let got = vault.get(id).await;
+        self.metrics
+            .backend_seconds("vault", "get", started.elapsed().as_secs_f64());
+        let stored = got
+            .map_err(vault_error)?
+            .ok_or_else(|| BackendError::RecordMissing(format!("{id} in {}", vault.label())))?;
+        if stored.doc.state == vault::STATE_PENDING_SHRED {
+            // The alarm: data under a key context about to be shredded is still read.
+            self.metrics
+                .key_state_refused(&format!("vault:{}", vault.label()), "pending_shred");
+            return Err(BackendError::KeyState {
+                key: format!("data-key record {id}"),
+                state: "pending_shred",
+                detail: format!(
+                    "scheduled to be shredded{}; `keys shred --cancel` keeps it",
+                    stored
+                        .doc
+                        .shred_after
+                        .map(|t| format!(" after {}", keyring::date(t)))
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        let rec = stored.doc.record().map_err(vault_error)?;
+        if rec.id != *id {
+            return Err(BackendError::RecordInvalid(format!(
+                "the vault answered record {} for {id}",
+                rec.id
+            )));
+        }
+        if rec.key_context != *key_context {
+            return Err(BackendError::RecordInvalid(format!(
+                "record {id} belongs to another key context"
+            )));
+        }
+        let bound = record::backend_context(key_context, id);
+        let data_key = self
+            .opening_key_for(&rec.header, &bound, allowed)
+            .await
+            .map_err(|e| match e {
+                BackendError::InvalidCiphertext => BackendError::RecordInvalid(format!(
+                    "no wrapped key of record {id} unwraps under this route's keys and context"
+                )),
+                other => other,
+            })?;
+        let key = RecordKey::open(data_key.expose(), &rec).ok_or_else(|| {
+            BackendError::RecordInvalid(format!(
+                "record {id}: the data key does not match its commitment"
+            ))
+        })?;
+        Ok(OpenRecord {
+            key: Arc::new(key),
+            header: rec.header,
+        })
     }
 
     async fn new_sealing_key(
@@ -483,7 +686,36 @@ impl KeyService {
         Ok(SealingKey {
             data_key: generated.plaintext,
             header: Header { edks },
+            record: None,
         })
+    }
+
+    /// Wrap an existing data key under every one of `keys` (their current versions) and
+    /// `key_context`: the header a rewrapped record gets.
+    pub async fn wrap_all(
+        &self,
+        keys: &[KeyRef],
+        data_key: &DataKey,
+        key_context: &Context,
+    ) -> Result<Header, BackendError> {
+        if keys.is_empty() {
+            return Err(BackendError::KeyNotFound("(no keys configured)".into()));
+        }
+        let mut edks = Vec::with_capacity(keys.len());
+        for k in keys {
+            self.metrics.backend_call(&k.backend, "wrap");
+            let backend = self.backend(&k.backend)?;
+            let wrapped = self
+                .timed(
+                    &k.backend,
+                    "wrap",
+                    backend.wrap_data_key(&k.key_id, data_key, key_context),
+                )
+                .await
+                .inspect_err(|e| self.metrics.backend_error(&k.backend, "wrap", e.kind()))?;
+            edks.push(wrapped);
+        }
+        Ok(Header { edks })
     }
 
     /// Run one backend call, recording how long it took (`backend_call_seconds`).

@@ -14,7 +14,7 @@ use super::authorize::{self, ReadView};
 use super::upstream::{self, ClientInfo};
 use super::{AppState, BoxError, ProxyBody, full_body, identity};
 use crate::auth::Principal;
-use crate::config::{Action, JsonRoute, Route};
+use crate::config::{Action, JsonRoute, Route, TokenFormat};
 use crate::error::ProxyError;
 use crate::transform::json_fields::{self, RequestMeta, View};
 
@@ -116,10 +116,24 @@ where
         )?;
         outcome.basis.extend(allowed.iter().map(|b| b.to_string()));
         let messages = json_fields::estimate_messages_scanned(jr, &doc);
-        let key = state
-            .keys
-            .sealing_key(&jr.keys, &key_ctx, messages, bytes.len() as u64)
-            .await?;
+        let size = bytes.len() as u64;
+        let key = match (jr.token_format, &jr.vault_label) {
+            (TokenFormat::V2, Some(label)) => {
+                let vault = state.keys.vault(label).ok_or_else(|| {
+                    ProxyError::Internal(format!("key vault {label} is not registered"))
+                })?;
+                state
+                    .keys
+                    .sealing_record_key(&vault, &jr.keys, &key_ctx, messages, size)
+                    .await?
+            }
+            _ => {
+                state
+                    .keys
+                    .sealing_key(&jr.keys, &key_ctx, messages, size)
+                    .await?
+            }
+        };
         let (sealed, n) = json_fields::seal_scanned(jr, &meta, &key_ctx, &key, &doc, depth)?;
         outcome.sealed = n;
         if n > 0 {

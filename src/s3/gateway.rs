@@ -1468,6 +1468,15 @@ pub(super) fn backend_error(e: crate::keys::BackendError) -> S3Error {
                 &format!("the root key is {}: {detail}", state.replace('_', " ")),
             )
         }
+        // S3 objects carry their wrapped keys (no records): only a bug lands here.
+        B::RecordMissing(_) | B::RecordInvalid(_) => {
+            tracing::error!(error = %e, "data-key record error on an S3 route");
+            custom(
+                "InternalError",
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+            )
+        }
         B::KeyNotFound(_) => {
             tracing::error!(error = %e, "root key not found");
             custom(

@@ -10,6 +10,9 @@
 //! GET    /v1/grants?key=K[&grantee=P]     list-grants (without key: the caller's own grants)
 //! POST   /v1/grants/{id}/retire           the grantee or the retiring principal
 //! DELETE /v1/grants/{id}                  revoke-grant
+//! POST   /v1/routes/{route}/shred  {"context", "days"}  schedule shredding of a key context's
+//!                                  data-key records (format v2), as `keys shred`
+//! POST   /v1/routes/{route}/shred/cancel  {"context"}   cancel it
 //! ```
 //!
 //! Every call needs an authenticated principal (`[admin] auth`), is authorized by the key
@@ -378,6 +381,35 @@ async fn dispatch(
             _ => Err(not_an_operation()),
         };
     }
+    if let Some(route) = rest.strip_prefix("routes/") {
+        return match (method, route) {
+            (&Method::POST, r) if r.ends_with("/shred/cancel") => {
+                audit.op = "admin:cancel-shred";
+                shred(
+                    api,
+                    principal,
+                    r.trim_end_matches("/shred/cancel"),
+                    req.body(),
+                    true,
+                    audit,
+                )
+                .await
+            }
+            (&Method::POST, r) if r.ends_with("/shred") => {
+                audit.op = "admin:shred";
+                shred(
+                    api,
+                    principal,
+                    r.trim_end_matches("/shred"),
+                    req.body(),
+                    false,
+                    audit,
+                )
+                .await
+            }
+            _ => Err(not_an_operation()),
+        };
+    }
     if let Some(grants) = rest.strip_prefix("grants") {
         let grants = grants.strip_prefix('/').unwrap_or(grants);
         return match (method, grants) {
@@ -636,6 +668,88 @@ async fn schedule_deletion(
     })
     .await?;
     Ok((StatusCode::OK, key_info_json(&info)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Shred {
+    context: std::collections::BTreeMap<String, String>,
+    days: Option<u32>,
+}
+
+/// `POST /v1/routes/{route}/shred` `{"context": {"tenant": "acme"}, "days": 7}` (or
+/// `.../shred/cancel`): crypto-shredding of one key context's data-key records, as
+/// `keys shred`. Allowed by `schedule-deletion` (`cancel-deletion`) on every key of the route.
+async fn shred(
+    api: &AdminApi,
+    principal: &Arc<Principal>,
+    route_name: &str,
+    body: &Bytes,
+    cancel: bool,
+    audit: &mut Audit,
+) -> Answer {
+    use crate::config::RouteKind;
+    use crate::keys::vault::manage;
+    let req: Shred = parse_body(body)?;
+    let state = api.state();
+    let route = state
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == route_name)
+        .ok_or_else(|| ApiError::not_found(format!("no route named {route_name:?}")))?;
+    let (jr, label) = match &route.kind {
+        RouteKind::JsonFields(jr) => match &jr.vault_label {
+            Some(l) => (jr, l),
+            None => return Err(ApiError::bad_request("the route has no key_vault")),
+        },
+        _ => return Err(ApiError::bad_request("not a JSON-fields route")),
+    };
+    audit.key = jr.keys.first().cloned();
+    let action = if cancel {
+        Action::CancelDeletion
+    } else {
+        Action::ScheduleDeletion
+    };
+    for k in &jr.keys {
+        authorize(api, principal, k, action)?;
+    }
+    let mut names: Vec<&str> = jr.key_context.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    if names != req.context.keys().map(String::as_str).collect::<Vec<_>>() {
+        return Err(ApiError::bad_request(format!(
+            "context must name exactly the route's key context: {}",
+            names.join(", ")
+        )));
+    }
+    let ctx: Context = req.context.into_iter().collect();
+    let vault = state.keys.vault(label).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the route's key vault is not open",
+        )
+    })?;
+    let report = if cancel {
+        manage::cancel_shred(&vault, &ctx).await
+    } else {
+        manage::schedule_shred(&vault, &ctx, req.days.unwrap_or(30), now()).await
+    }
+    .map_err(|e| match e {
+        manage::ShredError::Invalid(m) => ApiError::bad_request(m),
+        manage::ShredError::Vault(v) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "key_vault_unavailable",
+            v.to_string(),
+        ),
+    })?;
+    Ok((
+        StatusCode::OK,
+        json!({
+            "records": report.records,
+            "shred_after": report.shred_after.map(crate::keys::keyring::date),
+        }),
+    ))
 }
 
 fn key_info_json(info: &crate::keys::keyring::KeyInfo) -> Value {

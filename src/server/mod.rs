@@ -373,6 +373,8 @@ async fn build_state(
             KeyService::new(backends, config.cache.clone(), base.metrics.clone())
         }
     };
+    // Key vaults (format v2) by label: new routes' vaults are added, existing ones replaced.
+    crate::keys::vault::register_all(&keys, &config)?;
     check_route_keys(&config, keyring.map(|k| &**k), &keys).await?;
     let grants = match prior {
         Some(p) if same(&p.config.access.grants, &config.access.grants) => {

@@ -19,10 +19,12 @@ use serde_json::Value;
 use crate::config::template::{Lookup, Source};
 use crate::config::{JsonRoute, OnDecryptError};
 use crate::envelope::Context;
+use crate::envelope::compact;
 use crate::envelope::context::FIELD_KEY;
+use crate::envelope::record::RecordId;
 use crate::envelope::token::{self, ParsedToken};
 use crate::error::{DecryptFailure, ProxyError, ValuePlace};
-use crate::keys::{BackendError, DataKey, KeyService, SealingKey};
+use crate::keys::{BackendError, DataKey, KeyService, OpenRecord, SealingKey};
 use crate::transform::json_scan::{self, Kind, NodeId, Scanned};
 use crate::transform::strict_json::{self, JsonError};
 
@@ -246,18 +248,13 @@ pub fn seal_body(
     body: &mut Value,
 ) -> Result<usize, ProxyError> {
     let mut sealed = 0;
-    let header_bytes = key
-        .header
-        .encode()
-        .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
+    let mut sealer = ValueSealer::new(key)?;
     for doc_loc in documents(route, body)? {
         let Some(doc) = get_mut(body, &doc_loc) else {
             continue;
         };
         let msg_ctx = message_context(route, meta, doc, key_ctx)?;
         for field in &route.fields {
-            let mut ctx = msg_ctx.clone();
-            ctx.insert(FIELD_KEY, field.source());
             for loc in locate(field, doc)? {
                 let Some(value) = get_mut(doc, &loc) else {
                     continue;
@@ -266,14 +263,72 @@ pub fn seal_body(
                     serde_json::to_vec(value)
                         .map_err(|_| ProxyError::Internal("serialize".into()))?,
                 );
-                let t = token::seal_with(&header_bytes, key.data_key.prf(), &ctx, &plaintext)
-                    .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
-                *value = Value::String(t);
+                let mut t = Vec::new();
+                sealer.seal_into(&msg_ctx, field.source(), &plaintext, &mut t)?;
+                *value = Value::String(
+                    String::from_utf8(t).map_err(|_| ProxyError::Internal("token".into()))?,
+                );
                 sealed += 1;
             }
         }
     }
     Ok(sealed)
+}
+
+/// Seals the values of one body under one data key, in the format the key is for (`enc:v2:`
+/// when it has a record, else `enc:v1:`), reusing its buffers from value to value.
+struct ValueSealer<'a> {
+    key: &'a SealingKey,
+    /// v1: the encoded envelope header, once per body.
+    header_bytes: Vec<u8>,
+    /// v2: the AAD and the sealing buffer.
+    aad: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl<'a> ValueSealer<'a> {
+    fn new(key: &'a SealingKey) -> Result<Self, ProxyError> {
+        let header_bytes = match key.record {
+            Some(_) => Vec::new(),
+            None => key
+                .header
+                .encode()
+                .map_err(|e| ProxyError::Internal(format!("header: {e}")))?,
+        };
+        Ok(ValueSealer {
+            key,
+            header_bytes,
+            aad: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The token of `plaintext`, the value of `field` in a document with `msg_ctx`, appended
+    /// to `out`.
+    fn seal_into(
+        &mut self,
+        msg_ctx: &Context,
+        field: &str,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ProxyError> {
+        match &self.key.record {
+            Some(record) => {
+                msg_ctx.canonical_with_into((FIELD_KEY, field), &mut self.aad);
+                compact::seal_into(record, &self.aad, plaintext, &mut self.scratch, out)
+                    .map_err(|e| ProxyError::Internal(format!("seal: {e}")))
+            }
+            None => {
+                let mut ctx = msg_ctx.clone();
+                ctx.insert(FIELD_KEY, field);
+                let t =
+                    token::seal_with(&self.header_bytes, self.key.data_key.prf(), &ctx, plaintext)
+                        .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
+                out.extend_from_slice(t.as_bytes());
+                Ok(())
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,21 +496,17 @@ pub fn seal_scanned(
         .iter()
         .map(|&d| scanned_context(route, meta, doc, d, key_ctx))
         .collect::<Result<Vec<_>, _>>()?;
-    let header_bytes = key
-        .header
-        .encode()
-        .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
+    let mut sealer = ValueSealer::new(key)?;
     let mut edits = Vec::with_capacity(matches.len());
     for m in &matches {
         let field = &route.fields[m.field];
-        let mut ctx = contexts[m.doc].clone();
-        ctx.insert(FIELD_KEY, field.source());
         // The value's own bytes are its JSON serialization (validated by the scan).
-        let t = token::seal_with(&header_bytes, key.data_key.prf(), &ctx, doc.raw(m.node))
-            .map_err(|e| ProxyError::Internal(format!("header: {e}")))?;
-        let mut quoted = Vec::with_capacity(t.len() + 2);
+        let raw = doc.raw(m.node);
+        let mut quoted = Vec::with_capacity(
+            compact::PREFIX.len() + (raw.len() + compact::OVERHEAD).div_ceil(3) * 4 + 2,
+        );
         quoted.push(b'"');
-        quoted.extend_from_slice(t.as_bytes());
+        sealer.seal_into(&contexts[m.doc], field.source(), raw, &mut quoted)?;
         quoted.push(b'"');
         edits.push((doc.span(m.node), quoted));
     }
@@ -719,6 +770,12 @@ struct TokenOpener<'a> {
     opened: Vec<(Vec<u8>, Arc<DataKey>)>,
     /// `BACKEND:KEY:VERSION` of the EDKs (of the route's keys) of the headers opened.
     versions: Vec<String>,
+    /// v2: the route's key vault, the records met in this body, and reused buffers (`buf`
+    /// holds plaintext between values: zeroized when the opener goes).
+    vault_label: Option<&'a str>,
+    records: Vec<(RecordId, Arc<OpenRecord>)>,
+    aad: Vec<u8>,
+    buf: zeroize::Zeroizing<Vec<u8>>,
 }
 
 impl<'a> TokenOpener<'a> {
@@ -729,6 +786,10 @@ impl<'a> TokenOpener<'a> {
             allowed: &route.keys,
             opened: Vec::new(),
             versions: Vec::new(),
+            vault_label: route.vault_label.as_deref(),
+            records: Vec::new(),
+            aad: Vec::new(),
+            buf: zeroize::Zeroizing::new(Vec::new()),
         }
     }
 
@@ -739,6 +800,9 @@ impl<'a> TokenOpener<'a> {
         field: &FieldPath,
         msg_ctx: &Context,
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, DecryptFailure> {
+        if token.starts_with(compact::PREFIX) {
+            return self.open_compact(token, field, msg_ctx).await;
+        }
         let parsed = ParsedToken::parse(token).map_err(|_| DecryptFailure::NotAToken)?;
         let data_key = self.data_key(&parsed).await?;
         let mut ctx = msg_ctx.clone();
@@ -748,6 +812,61 @@ impl<'a> TokenOpener<'a> {
                 .open_with(data_key.prf(), &ctx)
                 .map_err(|_| DecryptFailure::Message)?,
         ))
+    }
+
+    /// A v2 token: its record's key (once per record per body), then one AES-GCM open.
+    async fn open_compact(
+        &mut self,
+        token: &str,
+        field: &FieldPath,
+        msg_ctx: &Context,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, DecryptFailure> {
+        let id = compact::record_id(token).map_err(|_| DecryptFailure::NotAToken)?;
+        let record = match self.records.iter().find(|(i, _)| *i == id) {
+            Some((_, r)) => r.clone(),
+            None => {
+                let r = self.fetch_record(&id).await?;
+                self.records.push((id, r.clone()));
+                r
+            }
+        };
+        msg_ctx.canonical_with_into((FIELD_KEY, field.source()), &mut self.aad);
+        let range = compact::open_into(&record.key, &self.aad, token, &mut self.buf)
+            .map_err(|_| DecryptFailure::Message)?;
+        Ok(zeroize::Zeroizing::new(self.buf[range].to_vec()))
+    }
+
+    async fn fetch_record(&mut self, id: &RecordId) -> Result<Arc<OpenRecord>, DecryptFailure> {
+        let vault = self
+            .vault_label
+            .and_then(|l| self.keys.vault(l))
+            .ok_or_else(|| {
+                DecryptFailure::Backend(BackendError::RecordMissing(format!(
+                    "{id}: this route has no key_vault to read data-key records from"
+                )))
+            })?;
+        let record = self
+            .keys
+            .opening_record_key(&vault, id, self.key_ctx, self.allowed)
+            .await
+            .map_err(DecryptFailure::Backend)?;
+        self.note_versions(&record.header);
+        Ok(record)
+    }
+
+    /// Remember the root-key versions of a header's EDKs under the route's keys.
+    fn note_versions(&mut self, header: &crate::envelope::Header) {
+        for edk in &header.edks {
+            let v = crate::keys::key_version_label(edk);
+            if self
+                .allowed
+                .iter()
+                .any(|a| a.backend == edk.backend && self.keys.same_key(a, &edk.key_id))
+                && !self.versions.contains(&v)
+            {
+                self.versions.push(v);
+            }
+        }
     }
 
     async fn data_key(&mut self, parsed: &ParsedToken) -> Result<Arc<DataKey>, DecryptFailure> {
@@ -764,17 +883,7 @@ impl<'a> TokenOpener<'a> {
             })?;
         self.opened
             .push((parsed.header_bytes().to_vec(), k.clone()));
-        for edk in &parsed.header.edks {
-            let v = crate::keys::key_version_label(edk);
-            if self
-                .allowed
-                .iter()
-                .any(|a| a.backend == edk.backend && self.keys.same_key(a, &edk.key_id))
-                && !self.versions.contains(&v)
-            {
-                self.versions.push(v);
-            }
-        }
+        self.note_versions(&parsed.header);
         Ok(k)
     }
 }

@@ -47,7 +47,11 @@ impl JsonServer {
 
     pub fn start() -> JsonServer {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("db.json"), r#"{"users": [], "page": {}}"#).unwrap();
+        std::fs::write(
+            dir.path().join("db.json"),
+            r#"{"users": [], "page": {}, "envelope-keys": []}"#,
+        )
+        .unwrap();
         std::fs::write(
             dir.path().join("routes.json"),
             r#"{"/tenants/:tenant/users": "/users", "/tenants/:tenant/users/:id": "/users/:id", "/tenants/:tenant/page": "/page"}"#,

@@ -1,0 +1,305 @@
+//! Managing a vault's records: rewrap (new root-key versions or backends, without touching
+//! data), crypto-shredding of a key context (scheduled, cancellable, then deleted), and export
+//! for offline decryption. What `envelope-proxy keys rewrap|shred|vault-export` run; time is a
+//! parameter so the window can be tested.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{STATE_ACTIVE, STATE_PENDING_SHRED, Stored, Vault, VaultDoc, VaultError, VaultStore};
+use crate::envelope::record::{self, Record, RecordKey};
+use crate::envelope::{Context, Header};
+use crate::keys::{BackendError, KeyRef, KeyService};
+
+/// Shortest and longest shredding windows (days), as for scheduled key deletion.
+pub const MIN_SHRED_DAYS: u32 = 7;
+pub const MAX_SHRED_DAYS: u32 = 30;
+const DAY: u64 = 86_400;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct RewrapReport {
+    pub rewrapped: usize,
+    pub current: usize,
+    pub conflicts: usize,
+    pub failed: Vec<String>,
+}
+
+/// Whether `header` holds exactly one EDK per key of `keys`, each at its backend's current
+/// version (backends without versions count as current).
+async fn is_current(keys: &KeyService, header: &Header, route_keys: &[KeyRef]) -> bool {
+    if header.edks.len() != route_keys.len() {
+        return false;
+    }
+    for k in route_keys {
+        let Some(edk) = header
+            .edks
+            .iter()
+            .find(|e| e.backend == k.backend && keys.same_key(k, &e.key_id))
+        else {
+            return false;
+        };
+        match keys.describe(k).await {
+            Ok(d) if d.current_version == 0 || d.current_version == edk.key_version => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Re-wrap every record of `vault` under `route_keys` (their current versions): the data key
+/// is unwrapped with whichever configured backend its EDKs name, checked against the record's
+/// commitment, and wrapped again; id, commitment and key context stay. Each replacement is
+/// conditional on the record being unchanged since it was read.
+pub async fn rewrap(
+    keys: &KeyService,
+    vault: &Vault,
+    route_keys: &[KeyRef],
+    force: bool,
+) -> Result<RewrapReport, VaultError> {
+    let mut report = RewrapReport::default();
+    for listed in vault.list().await? {
+        let Some(id) = listed.doc.id() else {
+            report
+                .failed
+                .push(format!("{:?}: not a record id", listed.doc.id));
+            continue;
+        };
+        // Read it again for its version (listings may not carry one).
+        let Some(stored) = vault.get(&id).await? else {
+            continue;
+        };
+        let rec = match stored.doc.record() {
+            Ok(r) => r,
+            Err(e) => {
+                report.failed.push(format!("{id}: {e}"));
+                continue;
+            }
+        };
+        if !force && is_current(keys, &rec.header, route_keys).await {
+            report.current += 1;
+            continue;
+        }
+        match rewrap_one(keys, &rec, route_keys).await {
+            Ok(new) => {
+                let mut doc =
+                    VaultDoc::new(&new).map_err(|e| VaultError::Malformed(format!("{id}: {e}")))?;
+                doc.state = stored.doc.state.clone();
+                doc.shred_after = stored.doc.shred_after;
+                match vault.replace(&stored, &doc).await {
+                    Ok(()) => report.rewrapped += 1,
+                    Err(VaultError::Conflict(_)) => report.conflicts += 1,
+                    Err(e) => report.failed.push(format!("{id}: {e}")),
+                }
+            }
+            Err(e) => report.failed.push(format!("{id}: {e}")),
+        }
+    }
+    Ok(report)
+}
+
+async fn rewrap_one(
+    keys: &KeyService,
+    rec: &Record,
+    route_keys: &[KeyRef],
+) -> Result<Record, BackendError> {
+    let bound = record::backend_context(&rec.key_context, &rec.id);
+    let data_key = keys.opening_key(&rec.header, &bound).await?;
+    if RecordKey::open(data_key.expose(), rec).is_none() {
+        return Err(BackendError::RecordInvalid(format!(
+            "record {}: the data key does not match its commitment",
+            rec.id
+        )));
+    }
+    let header = keys.wrap_all(route_keys, &data_key, &bound).await?;
+    Ok(Record {
+        header,
+        ..rec.clone()
+    })
+}
+
+/// The records of key context `ctx` (exactly that context).
+async fn of_context(vault: &Vault, ctx: &Context) -> Result<Vec<Stored>, VaultError> {
+    let mut out = Vec::new();
+    for listed in vault.list().await? {
+        let Some(id) = listed.doc.id() else { continue };
+        let Some(stored) = vault.get(&id).await? else {
+            continue;
+        };
+        if stored.doc.record().is_ok_and(|r| r.key_context == *ctx) {
+            out.push(stored);
+        }
+    }
+    Ok(out)
+}
+
+/// Why a shredding step was not done: the request (a window out of range, no such records)
+/// or the vault.
+#[derive(Debug, thiserror::Error)]
+pub enum ShredError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+/// What a shredding step did, record by record.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShredReport {
+    pub records: Vec<String>,
+    /// When the scheduled records may be deleted (Unix seconds).
+    pub shred_after: Option<u64>,
+}
+
+/// Schedule every record of key context `ctx` for shredding after `days` days: meanwhile no
+/// proxy opens values under them (409 `key_record_pending_shred`, counted), and
+/// [`cancel_shred`] puts them back.
+pub async fn schedule_shred(
+    vault: &Vault,
+    ctx: &Context,
+    days: u32,
+    now: u64,
+) -> Result<ShredReport, ShredError> {
+    if !(MIN_SHRED_DAYS..=MAX_SHRED_DAYS).contains(&days) {
+        return Err(ShredError::Invalid(format!(
+            "days = {days}: the waiting period is {MIN_SHRED_DAYS} to {MAX_SHRED_DAYS} days"
+        )));
+    }
+    let after = now + u64::from(days) * DAY;
+    let mut report = ShredReport {
+        records: Vec::new(),
+        shred_after: Some(after),
+    };
+    for stored in of_context(vault, ctx).await? {
+        let mut doc = stored.doc.clone();
+        if doc.state == STATE_PENDING_SHRED {
+            report.records.push(doc.id.clone());
+            continue;
+        }
+        doc.state = STATE_PENDING_SHRED.into();
+        doc.shred_after = Some(after);
+        vault.replace(&stored, &doc).await?;
+        report.records.push(doc.id);
+    }
+    if report.records.is_empty() {
+        return Err(ShredError::Invalid(
+            "no record has that key context (nothing to shred)".into(),
+        ));
+    }
+    Ok(report)
+}
+
+/// Put the records of `ctx` scheduled for shredding back in use.
+pub async fn cancel_shred(vault: &Vault, ctx: &Context) -> Result<ShredReport, ShredError> {
+    let mut report = ShredReport::default();
+    for stored in of_context(vault, ctx).await? {
+        if stored.doc.state != STATE_PENDING_SHRED {
+            continue;
+        }
+        let mut doc = stored.doc.clone();
+        doc.state = STATE_ACTIVE.into();
+        doc.shred_after = None;
+        vault.replace(&stored, &doc).await?;
+        report.records.push(doc.id);
+    }
+    Ok(report)
+}
+
+/// Delete every record whose shredding window has passed at `now`: values under them are
+/// unrecoverable from then on. Returns the ids deleted.
+pub async fn apply_due_shreds(vault: &Vault, now: u64) -> Result<Vec<String>, String> {
+    let mut deleted = Vec::new();
+    for listed in vault.list().await.map_err(|e| e.to_string())? {
+        let due = listed.doc.state == STATE_PENDING_SHRED
+            && listed.doc.shred_after.is_some_and(|t| t <= now);
+        if let (true, Some(id)) = (due, listed.doc.id()) {
+            vault.delete(&id).await.map_err(|e| e.to_string())?;
+            deleted.push(listed.doc.id.clone());
+        }
+    }
+    Ok(deleted)
+}
+
+/// A vault's records as one JSON document, for `decrypt --vault-export` (offline, no store).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Export {
+    pub format: String,
+    pub vault: String,
+    pub records: Vec<VaultDoc>,
+}
+
+pub const EXPORT_FORMAT: &str = "envelope-proxy/vault-export/v1";
+
+pub async fn export(vault: &Vault) -> Result<Export, VaultError> {
+    Ok(Export {
+        format: EXPORT_FORMAT.into(),
+        vault: vault.label().into(),
+        records: vault.list().await?.into_iter().map(|s| s.doc).collect(),
+    })
+}
+
+/// A read-only vault serving an export under the label of the vault it came from.
+pub struct ExportVault {
+    label: String,
+    records: Vec<VaultDoc>,
+}
+
+impl ExportVault {
+    pub fn new(label: String, export: Export) -> Result<Arc<ExportVault>, String> {
+        if export.format != EXPORT_FORMAT {
+            return Err(format!(
+                "not a vault export ({:?}, expected {EXPORT_FORMAT:?})",
+                export.format
+            ));
+        }
+        Ok(Arc::new(ExportVault {
+            label,
+            records: export.records,
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl VaultStore for ExportVault {
+    fn label(&self) -> &str {
+        &self.label
+    }
+    async fn get(
+        &self,
+        id: &crate::envelope::record::RecordId,
+    ) -> Result<Option<Stored>, VaultError> {
+        Ok(self
+            .records
+            .iter()
+            .find(|d| d.id() == Some(*id))
+            .map(|d| Stored {
+                doc: d.clone(),
+                version: None,
+            }))
+    }
+    async fn create(&self, _: &VaultDoc) -> Result<(), VaultError> {
+        Err(VaultError::Unavailable(
+            "a vault export is read-only".into(),
+        ))
+    }
+    async fn replace(&self, _: &Stored, _: &VaultDoc) -> Result<(), VaultError> {
+        Err(VaultError::Unavailable(
+            "a vault export is read-only".into(),
+        ))
+    }
+    async fn list(&self) -> Result<Vec<Stored>, VaultError> {
+        Ok(self
+            .records
+            .iter()
+            .map(|d| Stored {
+                doc: d.clone(),
+                version: None,
+            })
+            .collect())
+    }
+    async fn delete(&self, _: &crate::envelope::record::RecordId) -> Result<(), VaultError> {
+        Err(VaultError::Unavailable(
+            "a vault export is read-only".into(),
+        ))
+    }
+}
