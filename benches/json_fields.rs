@@ -101,8 +101,8 @@ fn json_fields(c: &mut Criterion) {
 
     let keyring = Keyring::open(
         KeyRef::DEFAULT_BACKEND,
-        &cfg.keyring.path,
-        &cfg.keyring.master_key,
+        &cfg.keyring.as_ref().unwrap().path,
+        &cfg.keyring.as_ref().unwrap().master_key,
     )
     .expect("keyring");
     keyring.create_key("users").expect("create root key");

@@ -176,6 +176,15 @@ pub fn key_for(
     config: &crate::config::Config,
     keyring: &crate::keys::keyring::Keyring,
 ) -> Result<AuditKey, String> {
+    key_of(config, Some(keyring))
+}
+
+/// [`key_for`] where there may be no keyring (a stateless pod): then `[audit] key_file` is
+/// the only source.
+pub fn key_of(
+    config: &crate::config::Config,
+    keyring: Option<&crate::keys::keyring::Keyring>,
+) -> Result<AuditKey, String> {
     match &config.audit_key {
         Some(source) => {
             let secret =
@@ -187,13 +196,25 @@ pub fn key_for(
             }
             Ok(AuditKey::derive(secret.as_bytes()))
         }
-        None => Ok(AuditKey(keyring.derive_key(AuditKey::LABEL))),
+        None => match keyring {
+            Some(keyring) => Ok(AuditKey(keyring.derive_key(AuditKey::LABEL))),
+            None => Err("audit.key_file: required without [keyring]".into()),
+        },
     }
 }
 
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: Option<mpsc::Sender<AuditEvent>>,
+    tx: Option<mpsc::Sender<Msg>>,
+}
+
+/// What the writer thread is told. Events are nearly every message: boxing them would cost an
+/// allocation each to save the size of a rare `Reopen`.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Event(AuditEvent),
+    /// Open the path again (SIGHUP after logrotate renamed the file).
+    Reopen,
 }
 
 fn now_ms() -> u128 {
@@ -234,14 +255,18 @@ impl AuditLog {
         let cp_path = checkpoint_path(path);
         let mut cp_file =
             open_append(&cp_path).map_err(|e| format!("{}: {e}", cp_path.display()))?;
-        let (tx, mut rx) = mpsc::channel::<AuditEvent>(65_536);
+        let (tx, mut rx) = mpsc::channel::<Msg>(65_536);
         let every = checkpoint_every.max(1);
+        let log_path = path.to_path_buf();
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
                 let mut out = std::io::BufWriter::new(file);
                 let mut since_checkpoint = 0u64;
-                let mut checkpoint = |out: &mut std::io::BufWriter<std::fs::File>, seq: u64, head: &str| {
+                let checkpoint = |out: &mut std::io::BufWriter<std::fs::File>,
+                                  cp_file: &mut std::fs::File,
+                                  seq: u64,
+                                  head: &str| {
                     if let Err(e) = out.flush() {
                         tracing::error!(path = %shown, error = %e, "audit log flush failed");
                     }
@@ -265,7 +290,30 @@ impl AuditLog {
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
-                    for event in &batch {
+                    for msg in &batch {
+                        let event = match msg {
+                            Msg::Event(event) => event,
+                            Msg::Reopen => {
+                                // logrotate moved the file away: a checkpoint closes the old
+                                // file, and the chain goes on in a new one at the path.
+                                if since_checkpoint > 0 {
+                                    checkpoint(&mut out, &mut cp_file, seq, &prev);
+                                    since_checkpoint = 0;
+                                }
+                                match (open_append(&log_path), open_append(&cp_path)) {
+                                    (Ok(f), Ok(c)) => {
+                                        out = std::io::BufWriter::new(f);
+                                        cp_file = c;
+                                        tracing::info!(path = %shown, seq, "audit log reopened");
+                                    }
+                                    (Err(e), _) | (_, Err(e)) => tracing::error!(
+                                        path = %shown, error = %e,
+                                        "audit log reopen failed; still writing to the open file"
+                                    ),
+                                }
+                                continue;
+                            }
+                        };
                         seq += 1;
                         let body = serde_json::to_vec(&Line {
                             ts_ms: now_ms(),
@@ -282,7 +330,7 @@ impl AuditLog {
                         }
                         since_checkpoint += 1;
                         if since_checkpoint >= every {
-                            checkpoint(&mut out, seq, &prev);
+                            checkpoint(&mut out, &mut cp_file, seq, &prev);
                             since_checkpoint = 0;
                         }
                     }
@@ -291,7 +339,7 @@ impl AuditLog {
                     }
                 }
                 if since_checkpoint > 0 {
-                    checkpoint(&mut out, seq, &prev);
+                    checkpoint(&mut out, &mut cp_file, seq, &prev);
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -308,9 +356,20 @@ impl AuditLog {
                 status = event.status, values = event.values, reason = event.reason.as_deref().unwrap_or(""));
         }
         if let Some(tx) = &self.tx
-            && tx.send(event).await.is_err()
+            && tx.send(Msg::Event(event)).await.is_err()
         {
             tracing::error!("audit writer stopped; event lost");
+        }
+    }
+
+    /// Write to a new file at the log's path from the next line on (SIGHUP: logrotate renamed
+    /// the file). The chain continues across files: `audit verify` checks the rotated files
+    /// concatenated in order. Lines queued before this go to the old file.
+    pub async fn reopen(&self) {
+        if let Some(tx) = &self.tx
+            && tx.send(Msg::Reopen).await.is_err()
+        {
+            tracing::error!("audit writer stopped; cannot reopen");
         }
     }
 }

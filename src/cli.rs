@@ -389,17 +389,25 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
 }
 
 fn open_keyring(cfg: &Config) -> Result<Arc<Keyring>, String> {
+    let settings = keyring_settings(cfg)?;
     Keyring::open(
         KeyRef::DEFAULT_BACKEND,
-        &cfg.keyring.path,
-        &cfg.keyring.master_key,
+        &settings.path,
+        &settings.master_key,
     )
     .map_err(|e| e.to_string())
 }
 
+/// `[keyring]`, which the key and grant commands need.
+fn keyring_settings(cfg: &Config) -> Result<&config::KeyringSettings, String> {
+    cfg.keyring
+        .as_ref()
+        .ok_or_else(|| "the config has no [keyring] section (keys live on remote backends)".into())
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve => crate::server::run(load(&cli.config)?).await,
+        Command::Serve => crate::server::run_file(&cli.config).await,
         // Its own exit statuses: run by `main` before this.
         Command::Reencrypt(args) => {
             crate::reencrypt::main(&cli.config, *args).await;
@@ -466,16 +474,21 @@ async fn run(cli: Cli) -> Result<(), String> {
             // Grants count too: the grants file, read as the running proxy reads it (its keys
             // come from the keyring; without a keyring there are no grants, and nothing is
             // created to find that out).
-            let grants = if cfg.keyring.path.exists() {
-                let keyring = open_keyring(&cfg)?;
-                crate::policy::Grants::open(&cfg.access.grants, &keyring)
-                    .map_err(|e| format!("grants: {e}"))?
-            } else {
-                eprintln!(
-                    "note: no keyring at {}: grants are not considered",
-                    cfg.keyring.path.display()
-                );
-                crate::policy::Grants::disabled()
+            let grants = match &cfg.keyring {
+                Some(k) if k.path.exists() => {
+                    let keyring = open_keyring(&cfg)?;
+                    crate::policy::Grants::open(&cfg.access.grants, &keyring)
+                        .map_err(|e| format!("grants: {e}"))?
+                }
+                Some(k) => {
+                    eprintln!(
+                        "note: no keyring at {}: grants are not considered",
+                        k.path.display()
+                    );
+                    crate::policy::Grants::disabled()
+                }
+                None => crate::policy::Grants::for_proxy(&cfg.access.grants, None)
+                    .map_err(|e| format!("grants: {e}"))?,
             };
             let policies = crate::policy::Policies::new(&cfg.access.key_policies, Arc::new(grants));
             match policies.evaluate(&p, &key, action, &ctx, &[]) {
@@ -507,11 +520,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             if let KeysAction::AcceptGeneration { generation } = action {
                 // The keyring cannot be opened normally: that is why this command exists.
-                Keyring::accept_generation(&cfg.keyring.path, &cfg.keyring.master_key, generation)
+                let settings = keyring_settings(&cfg)?;
+                Keyring::accept_generation(&settings.path, &settings.master_key, generation)
                     .map_err(|e| e.to_string())?;
                 println!(
                     "{}: generation {generation} accepted; restart running proxies to load it",
-                    cfg.keyring.path.display()
+                    settings.path.display()
                 );
                 return Ok(());
             }
@@ -527,8 +541,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Grants { action } => {
             let cfg = load(&cli.config)?;
-            let keyring = open_keyring(&cfg)?;
-            let grants = crate::policy::Grants::open(&cfg.access.grants, &keyring)?;
+            let keyring = crate::keys::open_keyring(&cfg)?;
+            let grants = crate::policy::Grants::for_proxy(&cfg.access.grants, keyring.as_deref())?;
             grants_command(&grants, action)
         }
         Command::Decrypt {
@@ -581,7 +595,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::AuditVerify { file, checkpoints } => {
             // The key comes from the configuration; an unkeyed (old) log verifies without it.
             let key = match load(&cli.config) {
-                Ok(cfg) => Some(crate::audit::key_for(&cfg, &*open_keyring(&cfg)?)?),
+                Ok(cfg) => Some(crate::audit::key_of(
+                    &cfg,
+                    crate::keys::open_keyring(&cfg)?.as_deref(),
+                )?),
                 Err(e) => {
                     eprintln!("no audit key ({e}); only unkeyed lines can be checked");
                     None

@@ -63,6 +63,17 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// A listener: `data` (TCP and unix socket) or `admin`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendNameLabels {
+    pub backend: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -83,6 +94,12 @@ pub struct Metrics {
     in_flight: Gauge,
     bytes: Family<BytesLabels, Counter>,
     aborted_bodies: Family<RouteLabels, Counter>,
+    config_reloads: Counter,
+    config_reload_failures: Counter,
+    config_last_reload_success: Gauge,
+    connections_refused: Family<ListenerLabels, Counter>,
+    requests_shed: Family<ListenerLabels, Counter>,
+    circuit_state: Family<BackendNameLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -140,6 +157,43 @@ impl Metrics {
             "Response bodies that ended before their end: a stored object that failed \
              authentication mid-stream, storage that stopped sending, or a client that went away",
             aborted_bodies.clone(),
+        );
+        let config_reloads = Counter::default();
+        let config_reload_failures = Counter::default();
+        let config_last_reload_success = Gauge::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads applied (SIGHUP or a changed config file)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_failures",
+            "Config reloads refused (the config did not load or validate); the previous config serves on",
+            config_reload_failures.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the config in use was loaded (start or the last reload applied), Unix time",
+            config_last_reload_success.clone(),
+        );
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
+        let requests_shed = Family::<ListenerLabels, Counter>::default();
+        let circuit_state = Family::<BackendNameLabels, Gauge>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the listener had max_connections open, by listener",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Requests answered 503 because max_requests were in flight, by listener",
+            requests_shed.clone(),
+        );
+        registry.register(
+            "backend_circuit_state",
+            "Circuit breaker of a remote key backend: 0 closed, 1 open (calls fail fast), \
+             2 half-open (the next call is a trial)",
+            circuit_state.clone(),
         );
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
@@ -244,7 +298,59 @@ impl Metrics {
             in_flight,
             bytes,
             aborted_bodies,
+            config_reloads,
+            config_reload_failures,
+            config_last_reload_success,
+            connections_refused,
+            requests_shed,
+            circuit_state,
         }
+    }
+
+    /// A connection closed at once: `listener` had `max_connections` open.
+    pub fn connection_refused(&self, listener: &str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    /// A request shed (503): `listener` had `max_requests` in flight.
+    pub fn request_shed(&self, listener: &str) {
+        self.requests_shed
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    /// A backend's circuit state now: 0 closed, 1 open, 2 half-open (set when scraped: the
+    /// state changes with time alone, open → half-open).
+    pub fn circuit_state(&self, backend: &str, state: i64) {
+        self.circuit_state
+            .get_or_create(&BackendNameLabels {
+                backend: backend.to_string(),
+            })
+            .set(state);
+    }
+
+    /// The config in use was loaded now (at start, or a reload was applied: `reloaded`).
+    pub fn config_loaded(&self, reloaded: bool) {
+        if reloaded {
+            self.config_reloads.inc();
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.config_last_reload_success
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    /// A reload was refused: the previous config serves on.
+    pub fn config_reload_failed(&self) {
+        self.config_reload_failures.inc();
     }
 
     /// How long one backend call took.

@@ -204,8 +204,8 @@ async fn the_cli_verifies_with_the_key_from_the_configuration() {
     let config = envelope_proxy::config::load(&config_path).unwrap();
     let keyring = envelope_proxy::keys::keyring::Keyring::open(
         "local",
-        &config.keyring.path,
-        &config.keyring.master_key,
+        &config.keyring.as_ref().unwrap().path,
+        &config.keyring.as_ref().unwrap().master_key,
     )
     .unwrap();
     let path = dir.path().join("audit.log");

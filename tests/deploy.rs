@@ -211,6 +211,8 @@ fn alert_rules_read_metrics_the_proxy_exports() {
     metrics.unbound_read("r");
     metrics.decrypt_failure("r");
     metrics.key_state_refused("k", "pending_deletion");
+    metrics.circuit_state("b", 1);
+    metrics.request_shed("data");
     let exported: std::collections::HashSet<String> = metrics
         .encode()
         .lines()

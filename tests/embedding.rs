@@ -58,7 +58,7 @@ async fn a_custom_provider_seals_and_opens_through_the_proxy() {
     let key_context: envelope_proxy::envelope::Context = [("tenant", "acme")].into_iter().collect();
     assert!(
         other
-            .state
+            .state()
             .keys
             .opening_key(&parsed.header, &key_context)
             .await

@@ -106,12 +106,12 @@ reload_secs = {reload_secs}
         }
     }
 
-    fn policies(&self) -> &Arc<Policies> {
-        &self.running.as_ref().unwrap().state.policies
+    fn policies(&self) -> Arc<Policies> {
+        self.running.as_ref().unwrap().state().policies.clone()
     }
 
-    fn grants(&self) -> &Arc<Grants> {
-        self.policies().grants()
+    fn grants(&self) -> Arc<Grants> {
+        self.policies().grants().clone()
     }
 
     fn api(&self, path: &str) -> String {
@@ -137,8 +137,8 @@ reload_secs = {reload_secs}
         let config = envelope_proxy::config::load(&self.config_path).unwrap();
         let keyring = envelope_proxy::keys::keyring::Keyring::open(
             "local",
-            &config.keyring.path,
-            &config.keyring.master_key,
+            &config.keyring.as_ref().unwrap().path,
+            &config.keyring.as_ref().unwrap().master_key,
         )
         .unwrap();
         let key = envelope_proxy::audit::key_for(&config, &keyring).unwrap();

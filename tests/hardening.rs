@@ -156,6 +156,20 @@ async fn requests_beyond_the_limit_are_shed_with_503() {
     // The slots are back.
     let resp = request(addr, "/p/x", "").await;
     assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(
+        metric(&p, "envelope_proxy_requests_shed_total{listener=\"data\"}"),
+        1.0
+    );
+}
+
+/// A sample of the proxy's metrics (the text `/metrics` serves), 0 when absent.
+fn metric(p: &Proxy, series: &str) -> f64 {
+    p.state()
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -173,6 +187,8 @@ async fn connection_flood_is_refused_and_clients_are_served_after_it() {
         closed_within(&mut extra, Duration::from_secs(2)).await,
         "a connection beyond max_connections stayed open"
     );
+    let refused = "envelope_proxy_connections_refused_total{listener=\"data\"}";
+    assert!(metric(&p, refused) >= 1.0, "the refusal is counted");
     // The flood goes; a normal client is served.
     drop(flood);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -189,6 +205,50 @@ async fn connection_flood_is_refused_and_clients_are_served_after_it() {
     }
 }
 
+/// HTTP/2 (prior knowledge, raw frames): after `h2_keepalive_interval_ms` of silence the proxy
+/// sends a PING; a peer that never answers is disconnected after `h2_keepalive_timeout_ms`.
+#[tokio::test]
+async fn silent_http2_peer_is_pinged_then_disconnected() {
+    let p = proxy("h2_keepalive_interval_ms = 200\nh2_keepalive_timeout_ms = 300").await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let mut pinged = None;
+    let closed = loop {
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => break false,
+        }
+        // Frames: 3 bytes length, type, flags, 4 bytes stream id, then the payload.
+        let mut at = 0;
+        while buf.len() >= at + 9 {
+            let len = usize::from(buf[at]) << 16
+                | usize::from(buf[at + 1]) << 8
+                | usize::from(buf[at + 2]);
+            let (kind, flags) = (buf[at + 3], buf[at + 4]);
+            if kind == 6 && flags & 1 == 0 && pinged.is_none() {
+                pinged = Some(started.elapsed());
+            }
+            at += 9 + len;
+        }
+    };
+    let pinged = pinged.expect("the proxy sent a PING");
+    assert!(pinged >= Duration::from_millis(150), "{pinged:?}");
+    assert!(closed, "a peer that does not answer PINGs is disconnected");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn bad_limits_are_config_errors() {
     let base = "[server]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n{}\n\
@@ -202,6 +262,14 @@ fn bad_limits_are_config_errors() {
         ),
         ("max_connections = 0", "server.max_connections"),
         ("max_requests = 0", "server.max_requests"),
+        (
+            "h2_keepalive_timeout_ms = 0",
+            "server.h2_keepalive_timeout_ms",
+        ),
+        (
+            "h2_keepalive_interval_ms = 3600001",
+            "server.h2_keepalive_interval_ms",
+        ),
         ("drain_timeout_ms = 99999999", "server.drain_timeout_ms"),
     ] {
         let err = envelope_proxy::config::parse(&base.replace("{}", line))

@@ -65,7 +65,7 @@ message_context = {{ id = "{{json.id}}" }}
     let keys = rt.block_on(async {
         let kr = Keyring::open(
             "local",
-            &cfg.keyring.path,
+            &cfg.keyring.as_ref().unwrap().path,
             &MasterKeySource::File(dir.path().join("m.key")),
         )
         .unwrap();

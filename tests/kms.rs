@@ -478,3 +478,126 @@ async fn an_alias_not_yet_resolved_matches_only_its_own_key() {
     assert_eq!(k.expose(), own.plaintext.expose());
     assert_eq!(own.wrapped.key_id, users_arn);
 }
+
+/// `/metrics` as a scraper sees it: backend call latency counts grow with real calls (the
+/// local keyring and moto's KMS), the KMS circuit's state follows an outage (closed → open →
+/// half-open → closed).
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_show_backend_calls_and_the_circuit_state() {
+    let moto = Moto::start();
+    moto.create_key("alias/users").await;
+    let js = JsonServer::start();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let creds = credentials_file(creds_dir.path());
+    let routes = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+{backend}
+{users}
+[[route]]
+name = "page"
+path = "/tenants/{{tenant}}/page"
+upstream = "{upstream}"
+key = "users"
+fields = ["$.ssn"]
+context = {{ tenant = "{{path.tenant}}" }}
+message_context = {{ id = "{{json.id}}" }}
+"#,
+        backend = backend_toml(&moto, &creds).replace("retries = 1", "retries = 0"),
+        users = route(&js.url(), r#"["kms:alias/users"]"#),
+        upstream = js.url(),
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let admin = format!(
+        "http://{}",
+        proxy.running.as_ref().unwrap().admin_addr.unwrap()
+    );
+    let http = Http::default();
+    let scrape = || async {
+        http.get(&format!("{admin}/metrics"), &[("x-request-id", "scrape-1")])
+            .await
+            .text()
+    };
+    // The sum of a histogram's `_count` over every series of `backend`.
+    let calls = |text: &str, backend: &str| -> f64 {
+        let prefix = format!("envelope_proxy_backend_call_seconds_count{{backend=\"{backend}\"");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let gauge = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    let before = scrape().await;
+    let circuit = "envelope_proxy_backend_circuit_state{backend=\"kms\"}";
+    assert_eq!(gauge(&before, circuit), Some(0.0), "closed: {before}");
+
+    // Each tenant is its own key context: a fresh data key, so a backend call each.
+    for t in ["t1", "t2", "t3"] {
+        let r = http
+            .post_json(
+                &proxy.url(&format!("/tenants/{t}/users")),
+                &[],
+                &json!({ "id": format!("u-{t}"), "ssn": "1" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+        let r = http
+            .put_json(
+                &proxy.url(&format!("/tenants/{t}/page")),
+                &json!({ "id": format!("p-{t}"), "ssn": "2" }),
+            )
+            .await;
+        assert!(r.status.is_success(), "{}", r.text());
+    }
+    let after = scrape().await;
+    assert!(
+        calls(&after, "kms") >= calls(&before, "kms") + 3.0,
+        "KMS calls counted:\n{after}"
+    );
+    assert!(
+        calls(&after, "local") >= calls(&before, "local") + 3.0,
+        "local keyring calls counted:\n{after}"
+    );
+
+    // KMS hangs: new data keys fail, the circuit opens (threshold 2), then half-opens.
+    moto.signal("-STOP");
+    for t in ["o1", "o2", "o3"] {
+        let r = http
+            .post_json(
+                &proxy.url(&format!("/tenants/{t}/users")),
+                &[],
+                &json!({ "id": "x", "ssn": "1" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    }
+    assert_eq!(gauge(&scrape().await, circuit), Some(1.0), "open");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(gauge(&scrape().await, circuit), Some(2.0), "half-open");
+    moto.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http
+            .post_json(
+                &proxy.url("/tenants/back/users"),
+                &[],
+                &json!({ "id": "y", "ssn": "1" }),
+            )
+            .await;
+        if r.status == StatusCode::CREATED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "KMS did not come back: {}",
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(gauge(&scrape().await, circuit), Some(0.0), "closed again");
+}

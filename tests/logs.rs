@@ -66,12 +66,19 @@ async fn json_logs_carry_access_lines_and_no_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
     let port = common::free_port();
+    let admin = common::free_port();
+    const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+    common::s3::secret_file(dir.path(), "admin.token", ADMIN_TOKEN);
     let config = format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
 auth = "none"
 log_format = "json"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+token_file = "{d}/admin.token"
 
 [keyring]
 path = "{d}/keyring.json"
@@ -161,6 +168,19 @@ passthrough = true
         "{head}"
     );
 
+    // An admin request: an access line too (route `admin`), its token never logged.
+    let r = http
+        .get(
+            &format!("http://127.0.0.1:{admin}/metrics"),
+            &[
+                ("authorization", &format!("Bearer {ADMIN_TOKEN}")),
+                ("x-request-id", "scrape-9"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("x-request-id").unwrap(), "scrape-9");
+
     // Stop the proxy and read everything it logged.
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -183,7 +203,15 @@ passthrough = true
         .iter()
         .filter(|l| l["target"] == "envelope_proxy::access")
         .collect();
-    assert_eq!(access.len(), 3, "one access line per request: {access:?}");
+    assert_eq!(access.len(), 4, "one access line per request: {access:?}");
+    let scrape = access
+        .iter()
+        .find(|l| l["request_id"] == "scrape-9")
+        .unwrap();
+    assert_eq!(scrape["route"], "admin", "{scrape}");
+    assert_eq!(scrape["path"], "/metrics");
+    assert_eq!(scrape["status"], 200);
+    assert!(scrape["bytes_out"].as_u64().unwrap() > 100, "{scrape}");
     let post = access
         .iter()
         .find(|l| l["request_id"] == "client-id-42")
@@ -215,6 +243,7 @@ passthrough = true
         "c2VjcmV0LXBheWxvYWQ",
         "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7",
         "AKIAEXAMPLE",
+        ADMIN_TOKEN,
     ] {
         assert!(!stderr.contains(secret), "{secret} was logged:\n{stderr}");
     }

@@ -591,7 +591,7 @@ fields = ["$.ssn"]
         let (keyring, backends) = envelope_proxy::keys::connect_backends(&config)
             .await
             .unwrap();
-        keyring.create_key("users").unwrap();
+        keyring.unwrap().create_key("users").unwrap();
         let sealer = KeyService::new(
             backends.clone(),
             CacheLimits::default(),

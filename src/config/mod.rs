@@ -55,10 +55,13 @@ struct FileServer {
     max_header_bytes: Option<u64>,
     max_connections: Option<u64>,
     max_requests: Option<u64>,
+    h2_keepalive_interval_ms: Option<u64>,
+    h2_keepalive_timeout_ms: Option<u64>,
     shutdown_delay_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     readiness_interval_ms: Option<u64>,
     readiness_failures: Option<u64>,
+    config_poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,8 +267,11 @@ struct FileS3Client {
 pub struct Config {
     pub server: ServerSettings,
     pub admin: Option<AdminSettings>,
-    pub keyring: KeyringSettings,
-    /// Remote root-key backends by name (the keyring is always there as `local`).
+    /// The local keyring (backend `local`). `None`: a stateless pod whose keys are all on
+    /// remote backends (KMS, HSM); then no route may use a local key, and the audit chain and
+    /// grants need their own keys (`audit.key_file`, `grants.token_key_file` + `grants.path`).
+    pub keyring: Option<KeyringSettings>,
+    /// Remote root-key backends by name (the keyring, when configured, is there as `local`).
     pub backends: Vec<BackendConfig>,
     pub cache: CacheLimits,
     pub audit_path: Option<PathBuf>,
@@ -314,6 +320,9 @@ pub struct ServerSettings {
     pub readiness_interval: Duration,
     /// A key counts as unusable after this many probes in a row failed (default 3).
     pub readiness_failures: u32,
+    /// The config file is read this often and reloaded when its content changed (default
+    /// 2 s; zero: off, SIGHUP still reloads). See `crate::server` (reload).
+    pub config_poll: Duration,
 }
 
 /// Limits of the listeners: each bounds what one client can hold (slowloris, floods).
@@ -329,6 +338,10 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Requests handled at once at most (default 1024): one beyond gets 503 + Retry-After.
     pub max_requests: usize,
+    /// HTTP/2: a PING after this long without frames (default 30 s; zero: no pings).
+    pub h2_keepalive_interval: Duration,
+    /// HTTP/2: a peer that does not answer a PING within this (default 20 s) is disconnected.
+    pub h2_keepalive_timeout: Duration,
 }
 
 impl Default for ListenerLimits {
@@ -338,6 +351,8 @@ impl Default for ListenerLimits {
             max_header_bytes: 64 << 10,
             max_connections: 4096,
             max_requests: 1024,
+            h2_keepalive_interval: Duration::from_secs(30),
+            h2_keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -666,7 +681,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
 
     let server: Option<FileServer> = section(&table, "server", &mut errors, true);
     let admin: Option<FileAdmin> = section(&table, "admin", &mut errors, false);
-    let keyring: Option<FileKeyring> = section(&table, "keyring", &mut errors, true);
+    let keyring: Option<FileKeyring> = section(&table, "keyring", &mut errors, false);
     let cache: Option<FileCache> = section(&table, "cache", &mut errors, false);
     let audit: Option<FileAudit> = section(&table, "audit", &mut errors, false);
     if audit.as_ref().and_then(|a| a.checkpoint_every) == Some(0) {
@@ -676,6 +691,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
 
     let server = server.map(|s| resolve_server(s, &mut errors));
     let demo_store = demo.and_then(|d| socket_addr("demo_store.listen", &d.listen, &mut errors));
+    let keyring_missing = keyring.is_none();
     let keyring = keyring.and_then(|k| resolve_keyring(k, &mut errors));
     let cache = resolve_cache(cache.unwrap_or_default(), &mut errors);
 
@@ -719,12 +735,21 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
     }
     check_shadowing(&routes, &mut errors);
     check_vault_exposure(&routes, &mut errors);
+    if keyring_missing {
+        check_stateless(
+            &routes,
+            &access,
+            admin.as_ref(),
+            audit.as_ref(),
+            &mut errors,
+        );
+    }
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    match (server, keyring) {
-        (Some((server, _)), Some(keyring)) => Ok(Config {
+    match (server, keyring.is_some() || keyring_missing) {
+        (Some((server, _)), true) => Ok(Config {
             server,
             access,
             admin,
@@ -744,6 +769,60 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             routes,
         }),
         _ => Err(ConfigErrors(vec!["incomplete configuration".into()])),
+    }
+}
+
+/// Without `[keyring]` (a stateless pod, keys on remote backends), whatever needs the keyring
+/// is refused, each with its fix: routes on local keys, the admin API (it manages the local
+/// keyring), an audit chain without its own key, grants without their own file and key.
+fn check_stateless(
+    routes: &[Route],
+    access: &Access,
+    admin: Option<&AdminSettings>,
+    audit: Option<&FileAudit>,
+    errors: &mut Vec<String>,
+) {
+    for r in routes {
+        for k in r.kind.keys() {
+            if k.backend == KeyRef::DEFAULT_BACKEND {
+                errors.push(format!(
+                    "route {:?}: key {:?} is in the local keyring, and there is no [keyring] \
+                     section: add [keyring] (path, master_key_file) or use a key on a configured \
+                     backend (e.g. \"kms:alias/NAME\")",
+                    r.name, k.key_id
+                ));
+            }
+        }
+    }
+    if admin.is_some_and(|a| a.api_auth.is_some()) {
+        errors.push(
+            "admin.auth: the admin API manages the local keyring, and there is no [keyring] \
+             section: add [keyring] or remove admin.auth"
+                .into(),
+        );
+    }
+    if let Some(a) = audit
+        && a.key_file.is_none()
+    {
+        errors.push(
+            "audit.key_file: without [keyring] the audit chain's key cannot come from the master \
+             key: set audit.key_file (a secret of 32+ characters, mode 0600)"
+                .into(),
+        );
+    }
+    let g = &access.grants;
+    match (&g.path, &g.token_key) {
+        (None, None) | (Some(_), Some(_)) => {}
+        (None, Some(_)) => errors.push(
+            "grants.path: without [keyring] the grants file has no default place: set \
+             grants.path (or remove [grants]: no grants)"
+                .into(),
+        ),
+        (Some(_), None) => errors.push(
+            "grants.token_key_file: without [keyring] the grants' key cannot come from the \
+             master key: set grants.token_key_file (or remove [grants]: no grants)"
+                .into(),
+        ),
     }
 }
 
@@ -1044,6 +1123,20 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
             1..=1_000_000,
             errors,
         ) as usize,
+        h2_keepalive_interval: Duration::from_millis(bounded(
+            "h2_keepalive_interval_ms",
+            s.h2_keepalive_interval_ms,
+            defaults.h2_keepalive_interval.as_millis() as u64,
+            0..=3_600_000,
+            errors,
+        )),
+        h2_keepalive_timeout: Duration::from_millis(bounded(
+            "h2_keepalive_timeout_ms",
+            s.h2_keepalive_timeout_ms,
+            defaults.h2_keepalive_timeout.as_millis() as u64,
+            100..=600_000,
+            errors,
+        )),
     };
     let shutdown_delay = Duration::from_millis(bounded(
         "shutdown_delay_ms",
@@ -1073,7 +1166,15 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
         1..=100,
         errors,
     ) as u32;
+    let config_poll = Duration::from_millis(bounded(
+        "config_poll_ms",
+        s.config_poll_ms,
+        2_000,
+        0..=3_600_000,
+        errors,
+    ));
     let settings = ServerSettings {
+        config_poll,
         readiness_interval,
         readiness_failures,
         limits,

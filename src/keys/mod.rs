@@ -283,11 +283,12 @@ fn record_cache_key(vault: &str, id: &RecordId, key_context: &Context) -> Vec<u8
     out
 }
 
-/// Open the local keyring and connect every configured backend, each remote one behind
-/// [`resilience::Resilient`]. Returns the keyring too (the server watches and fills it).
+/// Open the local keyring (when `[keyring]` is configured) and connect every configured
+/// backend, each remote one behind [`resilience::Resilient`]. Returns the keyring too (the
+/// server watches and fills it).
 pub async fn connect_backends(
     config: &crate::config::Config,
-) -> Result<(Arc<keyring::Keyring>, Vec<Arc<dyn RootKeyProvider>>), String> {
+) -> Result<(Option<Arc<keyring::Keyring>>, Vec<Arc<dyn RootKeyProvider>>), String> {
     connect_backends_with(config, &[]).await
 }
 
@@ -297,7 +298,35 @@ pub async fn connect_backends(
 pub async fn connect_backends_with(
     config: &crate::config::Config,
     embedded: &[Arc<dyn RootKeyProvider>],
-) -> Result<(Arc<keyring::Keyring>, Vec<Arc<dyn RootKeyProvider>>), String> {
+) -> Result<(Option<Arc<keyring::Keyring>>, Vec<Arc<dyn RootKeyProvider>>), String> {
+    let keyring = open_keyring(config)?;
+    let backends = connect_backends_beside(config, embedded, keyring.as_ref()).await?;
+    Ok((keyring, backends))
+}
+
+/// The local keyring of `config`, `None` without `[keyring]` (a stateless pod).
+pub fn open_keyring(
+    config: &crate::config::Config,
+) -> Result<Option<Arc<keyring::Keyring>>, String> {
+    let Some(settings) = &config.keyring else {
+        return Ok(None);
+    };
+    keyring::Keyring::open(
+        KeyRef::DEFAULT_BACKEND,
+        &settings.path,
+        &settings.master_key,
+    )
+    .map(Some)
+    .map_err(|e| e.to_string())
+}
+
+/// The backends of `config` beside an open `keyring` (first in the list, when there is one):
+/// a config reload connects them again with the keyring it started with.
+pub async fn connect_backends_beside(
+    config: &crate::config::Config,
+    embedded: &[Arc<dyn RootKeyProvider>],
+    keyring: Option<&Arc<keyring::Keyring>>,
+) -> Result<Vec<Arc<dyn RootKeyProvider>>, String> {
     use crate::config::BackendKind;
     for (i, p) in embedded.iter().enumerate() {
         if embedded[..i].iter().any(|q| q.name() == p.name()) {
@@ -315,13 +344,10 @@ pub async fn connect_backends_with(
             ));
         }
     }
-    let keyring = keyring::Keyring::open(
-        KeyRef::DEFAULT_BACKEND,
-        &config.keyring.path,
-        &config.keyring.master_key,
-    )
-    .map_err(|e| e.to_string())?;
-    let mut backends: Vec<Arc<dyn RootKeyProvider>> = vec![keyring.clone()];
+    let mut backends: Vec<Arc<dyn RootKeyProvider>> = Vec::new();
+    if let Some(keyring) = keyring {
+        backends.push(keyring.clone());
+    }
     for b in &config.backends {
         match b.kind {
             BackendKind::Embedded => match embedded.iter().find(|p| p.name() == b.name) {
@@ -336,7 +362,7 @@ pub async fn connect_backends_with(
             _ => backends.push(connect_one(b).await?),
         }
     }
-    Ok((keyring, backends))
+    Ok(backends)
 }
 
 async fn connect_one(b: &crate::config::BackendConfig) -> Result<Arc<dyn RootKeyProvider>, String> {
@@ -449,7 +475,8 @@ impl KeyService {
         vaults.get(label).cloned()
     }
 
-    fn backend(&self, name: &str) -> Result<&Arc<dyn RootKeyProvider>, BackendError> {
+    /// The backend called `name`.
+    pub fn backend(&self, name: &str) -> Result<&Arc<dyn RootKeyProvider>, BackendError> {
         self.backends
             .get(name)
             .ok_or_else(|| BackendError::UnknownBackend(name.to_string()))

@@ -10,6 +10,9 @@
 //!   URLs carry signatures and credentials there), status, request and response body bytes,
 //!   duration, principal, client, outcome (`ok`, `aborted`: the body failed mid-stream,
 //!   `client_gone`: the client left before the end). Never values, tokens, signatures or keys.
+//! - The admin listener's requests get lines too (route `admin`; `bytes_in` from
+//!   `Content-Length`); they are not counted in `requests_in_flight` nor audited here (the
+//!   admin API audits its own calls).
 //! - A response body that ends early is also counted (`response_bodies_aborted_total`) and
 //!   audited as an error: its audit line said `ok` when the headers went out.
 
@@ -141,6 +144,8 @@ pub struct Pending {
     pub client: super::ClientInfo,
     pub started: Instant,
     pub request_bytes: Arc<AtomicU64>,
+    /// A request of the admin listener (see the module notes).
+    pub admin: bool,
 }
 
 /// The response body, counted; the access line goes out when it ends or is dropped.
@@ -178,7 +183,9 @@ impl Logged {
         let Some(p) = self.pending.take() else {
             return;
         };
-        p.state.metrics.in_flight(-1);
+        if !p.admin {
+            p.state.metrics.in_flight(-1);
+        }
         let route = if self.note.route.is_empty() {
             "-"
         } else {
@@ -200,7 +207,7 @@ impl Logged {
             outcome,
             "request"
         );
-        if outcome != "ok" {
+        if outcome != "ok" && !p.admin {
             p.state.metrics.body_aborted(route);
             // The request's audit line said how it began; this one says it did not finish.
             let event = AuditEvent {

@@ -101,6 +101,7 @@ where
         client: client.clone(),
         started: Instant::now(),
         request_bytes: Arc::new(AtomicU64::new(0)),
+        admin: false,
     };
     let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
     let body = Tracked {

@@ -314,7 +314,7 @@ impl GrantKeys {
     /// set, else from the keyring's master key.
     pub fn for_settings(
         settings: &GrantSettings,
-        keyring: &crate::keys::keyring::Keyring,
+        keyring: Option<&crate::keys::keyring::Keyring>,
     ) -> Result<GrantKeys, String> {
         match &settings.token_key {
             Some(source) => {
@@ -329,7 +329,10 @@ impl GrantKeys {
                 }
                 Ok(GrantKeys::derive(secret.as_bytes()))
             }
-            None => Ok(GrantKeys::from_keyring(keyring)),
+            None => match keyring {
+                Some(keyring) => Ok(GrantKeys::from_keyring(keyring)),
+                None => Err("grants.token_key_file: required without [keyring]".into()),
+            },
         }
     }
 
@@ -663,8 +666,31 @@ impl Grants {
             Some(p) => p.clone(),
             None => default_path(keyring.path()),
         };
-        let keys = GrantKeys::for_settings(settings, keyring)?;
+        let keys = GrantKeys::for_settings(settings, Some(keyring))?;
         Grants::open_with(path, keys, settings.token_lifetime)
+    }
+
+    /// The grants of a proxy that may have no keyring (a stateless pod): with one, as
+    /// [`open`](Self::open); without, `settings.path` and `settings.token_key` are the file and
+    /// key (config validation requires both or neither; neither: no grants).
+    pub fn for_proxy(
+        settings: &GrantSettings,
+        keyring: Option<&crate::keys::keyring::Keyring>,
+    ) -> Result<Grants, String> {
+        if let Some(keyring) = keyring {
+            return Grants::open(settings, keyring);
+        }
+        match (&settings.path, &settings.token_key) {
+            (None, None) => Ok(Grants::disabled()),
+            (Some(path), Some(_)) => Grants::open_with(
+                path.clone(),
+                GrantKeys::for_settings(settings, None)?,
+                settings.token_lifetime,
+            ),
+            _ => Err(
+                "grants: without [keyring], set both grants.path and grants.token_key_file".into(),
+            ),
+        }
     }
 
     /// [`open`](Self::open) with the file and keys given.

@@ -50,7 +50,8 @@ const MAX_EXPIRES_IN: u64 = 10 * 365 * 86_400;
 
 /// What the admin API needs beside the proxy's state.
 pub struct AdminApi {
-    pub state: Arc<AppState>,
+    /// The proxy's state, swapped on reload.
+    pub live: Arc<super::reload::Live>,
     /// The local keyring (keys are created, rotated, enabled and disabled there).
     pub keyring: Arc<Keyring>,
     /// `[admin] auth`.
@@ -58,8 +59,13 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
-    fn policies(&self) -> &Arc<Policies> {
-        &self.state.policies
+    /// The state now (each call: the current one).
+    fn state(&self) -> Arc<AppState> {
+        self.live.load()
+    }
+
+    fn policies(&self) -> Arc<Policies> {
+        self.state().policies.clone()
     }
 }
 
@@ -245,7 +251,7 @@ async fn authenticate(
         }
         _ => {}
     }
-    api.state
+    api.state()
         .authenticators
         .authenticate(api.auth, headers, peer)
         .await
@@ -294,7 +300,7 @@ async fn audit(
     status: StatusCode,
     reason: Option<String>,
 ) {
-    api.state
+    api.state()
         .audit
         .record(AuditEvent {
             action: info.op,
@@ -562,7 +568,7 @@ async fn describe_key(
             .ok_or_else(|| ApiError::not_found(format!("root key {key} not found")))?;
         return Ok((StatusCode::OK, key_json(&summary)));
     }
-    let enabled = match api.state.keys.describe(&key).await {
+    let enabled = match api.state().keys.describe(&key).await {
         Ok(_) => true,
         Err(BackendError::KeyDisabled(_)) => false,
         Err(e) => return Err(backend_error(e)),
@@ -685,8 +691,8 @@ async fn shred(
     use crate::config::RouteKind;
     use crate::keys::vault::manage;
     let req: Shred = parse_body(body)?;
-    let route = api
-        .state
+    let state = api.state();
+    let route = state
         .config
         .routes
         .iter()
@@ -717,7 +723,7 @@ async fn shred(
         )));
     }
     let ctx: Context = req.context.into_iter().collect();
-    let vault = api.state.keys.vault(label).ok_or_else(|| {
+    let vault = state.keys.vault(label).ok_or_else(|| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -823,7 +829,7 @@ async fn create_grant(
             return Err(ApiError::not_found(format!("root key {key} not found")));
         }
     } else {
-        match api.state.keys.describe(&key).await {
+        match api.state().keys.describe(&key).await {
             Ok(_) | Err(BackendError::KeyDisabled(_)) => {}
             Err(e) => return Err(backend_error(e)),
         }

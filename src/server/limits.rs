@@ -13,6 +13,11 @@
 //! - **Requests**: at most `max_requests` handled at once (TCP and unix socket together); one
 //!   beyond is shed with 503 and `Retry-After: 1` (JSON, or S3 XML `SlowDown` on an S3 route)
 //!   before any work is done. A request counts until its response head is sent.
+//! - Refusals and sheds are counted: `connections_refused_total{listener}`,
+//!   `requests_shed_total{listener}` (`data`: TCP and unix socket; `admin`).
+//! - **HTTP/2 keep-alive**: a PING every `h2_keepalive_interval` of silence; a peer that does
+//!   not answer within `h2_keepalive_timeout` is disconnected (dead peers, half-open
+//!   connections). HTTP/1.1 idle connections close after `header_read_timeout` (above).
 
 use std::sync::Arc;
 
@@ -24,33 +29,46 @@ use hyper_util::server::conn::auto;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{ListenerLimits, Route, RouteKind};
+use crate::metrics::Metrics;
 use crate::pipeline::{ProxyBody, full_body};
 
 /// The shared counters of one server's listeners.
-#[derive(Debug)]
 pub struct Limits {
     pub settings: ListenerLimits,
     connections: Arc<Semaphore>,
     requests: Arc<Semaphore>,
+    /// `data` or `admin`: the label of the refusals counted in `metrics`.
+    listener: &'static str,
+    metrics: Arc<Metrics>,
 }
 
 impl Limits {
-    pub fn new(settings: ListenerLimits) -> Limits {
+    pub fn new(settings: ListenerLimits, listener: &'static str, metrics: Arc<Metrics>) -> Limits {
         Limits {
             settings,
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             requests: Arc::new(Semaphore::new(settings.max_requests)),
+            listener,
+            metrics,
         }
     }
 
-    /// A slot for a new connection, held while it is open; `None`: at the limit.
+    /// A slot for a new connection, held while it is open; `None`: at the limit (counted).
     pub fn connection(&self) -> Option<OwnedSemaphorePermit> {
-        self.connections.clone().try_acquire_owned().ok()
+        let slot = self.connections.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            self.metrics.connection_refused(self.listener);
+        }
+        slot
     }
 
-    /// A slot for a request, held until its response head; `None`: shed it.
+    /// A slot for a request, held until its response head; `None`: shed it (counted).
     pub fn request(&self) -> Option<OwnedSemaphorePermit> {
-        self.requests.clone().try_acquire_owned().ok()
+        let slot = self.requests.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            self.metrics.request_shed(self.listener);
+        }
+        slot
     }
 
     /// A connection builder (HTTP/1.1 and h2) with the timer, timeouts and sizes set.
@@ -60,9 +78,11 @@ impl Limits {
             .timer(TokioTimer::new())
             .header_read_timeout(self.settings.header_read_timeout)
             .max_buf_size(self.settings.max_header_bytes);
-        b.http2().timer(TokioTimer::new()).max_header_list_size(
-            u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX),
-        );
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(self.settings.h2_keepalive_interval).filter(|d| !d.is_zero()))
+            .keep_alive_timeout(self.settings.h2_keepalive_timeout);
         b
     }
 

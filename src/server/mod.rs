@@ -1,15 +1,18 @@
 //! Listeners: the proxy (HTTP/1.1 and HTTP/2, optionally TLS), the admin endpoints
 //! (`/healthz`, `/readyz`, `/metrics`, and the admin API under `/v1/`: [`admin_api`]), the
-//! optional demo store, and graceful shutdown.
+//! optional demo store, graceful shutdown, and hot reload of the config ([`reload`]: SIGHUP
+//! and a polled config file; each request runs on one snapshot of the state).
 
 pub mod admin_api;
 mod limits;
 mod linger;
 mod readiness;
+pub mod reload;
 pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -40,7 +43,8 @@ pub struct Running {
     pub demo_store_addr: Option<SocketAddr>,
     /// The unix socket served beside `addr` (`[server] unix_socket`).
     pub unix_socket: Option<std::path::PathBuf>,
-    pub state: Arc<AppState>,
+    /// The state requests are served with, swapped on reload.
+    live: Arc<reload::Live>,
     /// Set when shutting down: `/readyz` answers 503 from then on.
     draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
@@ -48,13 +52,23 @@ pub struct Running {
 }
 
 impl Running {
+    /// The state new requests are served with now.
+    pub fn state(&self) -> Arc<AppState> {
+        self.live.load()
+    }
+
+    /// Reload the config file now, as SIGHUP does (see [`reload`]).
+    pub async fn reload(&self) -> Result<bool, String> {
+        self.live.reload(reload::Trigger::Signal).await
+    }
+
     /// Stop accepting, let in-flight requests finish (up to `[server] drain_timeout`; those
     /// still running then are cut), and return.
     pub async fn stop(self) {
         self.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
         // Each listener drains for at most `drain_timeout`, then cuts what is left.
-        let bound = self.state.config.server.drain_timeout + Duration::from_secs(5);
+        let bound = self.live.load().config.server.drain_timeout + Duration::from_secs(5);
         for t in self.tasks {
             let _ = tokio::time::timeout(bound, t).await;
         }
@@ -65,8 +79,10 @@ impl Running {
     /// requests are still served, then [`Running::stop`].
     pub async fn shutdown(self) {
         self.draining.store(true, Ordering::Relaxed);
-        let delay = self.state.config.server.shutdown_delay;
-        let drain = self.state.config.server.drain_timeout;
+        let state = self.live.load();
+        let delay = state.config.server.shutdown_delay;
+        let drain = state.config.server.drain_timeout;
+        drop(state);
         tracing::info!(
             delay_ms = delay.as_millis() as u64,
             drain_timeout_ms = drain.as_millis() as u64,
@@ -96,6 +112,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
 pub struct Builder {
     config: Config,
     providers: Vec<Arc<dyn RootKeyProvider>>,
+    file: Option<(PathBuf, [u8; 32])>,
 }
 
 impl Builder {
@@ -103,7 +120,23 @@ impl Builder {
         Builder {
             config,
             providers: Vec::new(),
+            file: None,
         }
+    }
+
+    /// A server whose config comes from `path`: it reloads on SIGHUP and when the file's
+    /// content changes (see [`reload`]).
+    pub fn from_file(path: &Path) -> Result<Builder, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let hash = reload::hash_of(&bytes);
+        let text =
+            String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", path.display()))?;
+        let config = crate::config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Builder {
+            config,
+            providers: Vec::new(),
+            file: Some((path.to_path_buf(), hash)),
+        })
     }
 
     /// Add a root-key provider (a provider the config names no embedded backend for is an
@@ -115,52 +148,24 @@ impl Builder {
 
     /// Open the keyring, connect the backends, build the state and bind every listener.
     pub async fn start(self) -> Result<Running, String> {
-        start_with(self.config, &self.providers).await
+        start_with(self.config, &self.providers, self.file).await
     }
 }
 
 async fn start_with(
     config: Config,
     providers: &[Arc<dyn RootKeyProvider>],
+    file: Option<(PathBuf, [u8; 32])>,
 ) -> Result<Running, String> {
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
     let metrics = Arc::new(Metrics::new());
-    let (keyring, backends) = crate::keys::connect_backends_with(&config, providers).await?;
-    check_route_keys(&config, &keyring, &backends).await?;
-    keyring.report_to(metrics.clone());
-    keyring.watch(Duration::from_secs(1));
-    let grants = Arc::new(
-        crate::policy::Grants::open(&config.access.grants, &keyring)
-            .map_err(|e| format!("grants: {e}"))?,
-    );
-    grants.watch(config.access.grants.reload);
-    let policies = Arc::new(crate::policy::Policies::new(
-        &config.access.key_policies,
-        grants,
-    ));
-    let keys = KeyService::new(backends, config.cache.clone(), metrics.clone());
-    crate::keys::vault::register_all(&keys, &config)?;
-    let audit = match &config.audit_path {
-        Some(p) => AuditLog::to_file(
-            p,
-            crate::audit::key_for(&config, &keyring)?,
-            config.audit_checkpoint_every,
-        )
-        .map_err(|e| format!("audit log: {e}"))?,
-        None => AuditLog::to_tracing(),
-    };
-    let upstream = UpstreamClient::new(&config.server)?;
-    let limits = Arc::new(limits::Limits::new(config.server.limits));
-    // The admin listener has its own connection budget: a flood of the data port must not
-    // take the probes and metrics down with it.
-    let admin_limits = Arc::new(limits::Limits::new(crate::config::ListenerLimits {
-        max_connections: 256,
-        max_requests: 256,
-        ..config.server.limits
-    }));
-    let draining = Arc::new(AtomicBool::new(false));
+    let keyring = crate::keys::open_keyring(&config)?;
+    if let Some(keyring) = &keyring {
+        keyring.report_to(metrics.clone());
+        keyring.watch(Duration::from_secs(1));
+    }
     let tls = match &config.server.tls {
         Some((cert, key)) => {
             let tls = tls::Tls::load(cert, key, config.server.client_ca_file.as_deref())?;
@@ -169,6 +174,39 @@ async fn start_with(
         }
         None => None,
     };
+    let (path, hash) = match file {
+        Some((p, h)) => (Some(p), Some(h)),
+        None => (None, None),
+    };
+    let base = reload::Base {
+        keyring: keyring.clone(),
+        metrics,
+        providers: providers.to_vec(),
+        tls: tls.clone(),
+        path,
+    };
+    let state = build_state(config, &base, None).await?;
+    let live = Arc::new(reload::Live::new(state, base, hash));
+    let state = live.load();
+    let config = &state.config;
+
+    let limits = Arc::new(limits::Limits::new(
+        config.server.limits,
+        "data",
+        state.metrics.clone(),
+    ));
+    // The admin listener has its own connection budget: a flood of the data port must not
+    // take the probes and metrics down with it.
+    let admin_limits = Arc::new(limits::Limits::new(
+        crate::config::ListenerLimits {
+            max_connections: 256,
+            max_requests: 256,
+            ..config.server.limits
+        },
+        "admin",
+        state.metrics.clone(),
+    ));
+    let draining = Arc::new(AtomicBool::new(false));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -201,13 +239,174 @@ async fn start_with(
         Some(a) => Some((a.listen, admin_token(a)?, a.api_auth)),
         None => None,
     };
-    // The admin API with client certificates: the admin listener speaks TLS.
     // The admin API with client certificates: the admin listener speaks TLS with the
     // listener's certificate and client CAs (reloaded with them).
     let admin_tls = match admin.as_ref().and_then(|a| a.2) {
         Some(crate::config::RouteAuth::Mtls) => tls.clone(),
         _ => None,
     };
+
+    // Quotas forget idle principals once a minute (memory stays bounded by active callers).
+    let weak = Arc::downgrade(&live);
+    let mut stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => break,
+            }
+            match weak.upgrade() {
+                Some(l) => l.load().quotas.shrink(),
+                None => break,
+            }
+        }
+    }));
+    // The config file is polled for changes (see `reload`).
+    if live.base.path.is_some() {
+        tokio::spawn(live.clone().poll(shutdown_rx.clone()));
+    }
+
+    // Readiness is probed in the background; `/readyz` reads the result (see `readiness`).
+    let readiness = Arc::new(readiness::Readiness::default());
+    readiness.probe(&state).await;
+    tokio::spawn(
+        readiness
+            .clone()
+            .run(Arc::downgrade(&live), shutdown_rx.clone()),
+    );
+
+    let admin_addr = match admin {
+        Some((a, token, api_auth)) => {
+            let l = bind(a).await?;
+            let bound = l.local_addr().map_err(|e| e.to_string())?;
+            // Config validation refuses the admin API without a keyring.
+            let api = match (api_auth, &keyring) {
+                (Some(auth), Some(keyring)) => Some(Arc::new(admin_api::AdminApi {
+                    live: live.clone(),
+                    keyring: keyring.clone(),
+                    auth,
+                })),
+                _ => None,
+            };
+            tasks.push(tokio::spawn(serve_admin(
+                l,
+                live.clone(),
+                Admin {
+                    token,
+                    api,
+                    tls: admin_tls,
+                    limits: admin_limits,
+                    draining: draining.clone(),
+                    readiness,
+                },
+                shutdown_rx.clone(),
+            )));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let unix_socket = match &config.server.unix_socket {
+        Some(path) => {
+            let (l, file) = bind_unix(path, config.server.unix_socket_mode).await?;
+            tasks.push(tokio::spawn(accept_unix(
+                l,
+                path.clone(),
+                file,
+                live.clone(),
+                limits.clone(),
+                shutdown_rx.clone(),
+            )));
+            tracing::info!(path = %path.display(), "envelope-proxy listening on a unix socket");
+            Some(path.clone())
+        }
+        None => None,
+    };
+    if let Some((listener, bound)) = listener {
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            live.clone(),
+            tls,
+            limits,
+            shutdown_rx,
+        )));
+        tracing::info!(addr = %bound, "envelope-proxy listening");
+    }
+    Ok(Running {
+        addr,
+        admin_addr,
+        demo_store_addr,
+        unix_socket,
+        live,
+        draining,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Build the state requests are served with from `config`: at start, and for each reload
+/// (`prior`: the state it replaces, whose data-key cache, grants and audit writer are kept
+/// when their settings did not change). Everything is checked here, so a state that builds
+/// can serve: backends connected, every route key present, gateways, authenticators and
+/// secrets loaded.
+async fn build_state(
+    config: Config,
+    base: &reload::Base,
+    prior: Option<&AppState>,
+) -> Result<AppState, String> {
+    fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+    let keyring = base.keyring.as_ref();
+    // The data-key cache and the backends' circuit state stay when nothing about them changed.
+    let keys = match prior {
+        Some(p)
+            if same(&p.config.backends, &config.backends)
+                && same(&p.config.cache, &config.cache) =>
+        {
+            p.keys.clone()
+        }
+        _ => {
+            let backends =
+                crate::keys::connect_backends_beside(&config, &base.providers, keyring).await?;
+            KeyService::new(backends, config.cache.clone(), base.metrics.clone())
+        }
+    };
+    // Key vaults (format v2) by label: new routes' vaults are added, existing ones replaced.
+    crate::keys::vault::register_all(&keys, &config)?;
+    check_route_keys(&config, keyring.map(|k| &**k), &keys).await?;
+    let grants = match prior {
+        Some(p) if same(&p.config.access.grants, &config.access.grants) => {
+            p.policies.grants().clone()
+        }
+        _ => {
+            let grants = Arc::new(
+                crate::policy::Grants::for_proxy(&config.access.grants, keyring.map(|k| &**k))
+                    .map_err(|e| format!("grants: {e}"))?,
+            );
+            grants.watch(config.access.grants.reload);
+            grants
+        }
+    };
+    let policies = Arc::new(crate::policy::Policies::new(
+        &config.access.key_policies,
+        grants,
+    ));
+    let audit = match (prior, &config.audit_path) {
+        // The same file: the running writer goes on (its chain is in memory).
+        (Some(p), Some(path)) if p.config.audit_path.as_deref() == Some(path.as_path()) => {
+            p.audit.clone()
+        }
+        (_, Some(p)) => AuditLog::to_file(
+            p,
+            crate::audit::key_of(&config, keyring.map(|k| &**k))?,
+            config.audit_checkpoint_every,
+        )
+        .map_err(|e| format!("audit log: {e}"))?,
+        (_, None) => AuditLog::to_tracing(),
+    };
+    let upstream = UpstreamClient::new(&config.server)?;
     let mut gateways = std::collections::HashMap::new();
     for route in &config.routes {
         if let RouteKind::S3(cfg) = &route.kind {
@@ -226,7 +425,7 @@ async fn start_with(
         None => None,
     };
     let quotas = crate::pipeline::quota::Quotas::new(&config.routes);
-    let state = Arc::new(AppState {
+    Ok(AppState {
         quotas,
         mask_key,
         policies,
@@ -236,101 +435,7 @@ async fn start_with(
         keys,
         upstream,
         audit,
-        metrics,
-    });
-
-    // Quotas forget idle principals once a minute (memory stays bounded by active callers).
-    let weak = Arc::downgrade(&state);
-    let mut stop = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => break,
-            }
-            match weak.upgrade() {
-                Some(s) => s.quotas.shrink(),
-                None => break,
-            }
-        }
-    }));
-
-    // Readiness is probed in the background; `/readyz` reads the result (see `readiness`).
-    let readiness = Arc::new(readiness::Readiness::default());
-    readiness.probe(&state).await;
-    tokio::spawn(
-        readiness
-            .clone()
-            .run(Arc::downgrade(&state), shutdown_rx.clone()),
-    );
-
-    let admin_addr = match admin {
-        Some((a, token, api_auth)) => {
-            let l = bind(a).await?;
-            let bound = l.local_addr().map_err(|e| e.to_string())?;
-            let st = state.clone();
-            let api = api_auth.map(|auth| {
-                Arc::new(admin_api::AdminApi {
-                    state: state.clone(),
-                    keyring: keyring.clone(),
-                    auth,
-                })
-            });
-            tasks.push(tokio::spawn(serve_admin(
-                l,
-                st,
-                Admin {
-                    token,
-                    api,
-                    tls: admin_tls,
-                    limits: admin_limits,
-                    draining: draining.clone(),
-                    readiness,
-                },
-                shutdown_rx.clone(),
-            )));
-            Some(bound)
-        }
-        None => None,
-    };
-
-    let unix_socket = match &state.config.server.unix_socket {
-        Some(path) => {
-            let (l, file) = bind_unix(path, state.config.server.unix_socket_mode).await?;
-            tasks.push(tokio::spawn(accept_unix(
-                l,
-                path.clone(),
-                file,
-                state.clone(),
-                limits.clone(),
-                shutdown_rx.clone(),
-            )));
-            tracing::info!(path = %path.display(), "envelope-proxy listening on a unix socket");
-            Some(path.clone())
-        }
-        None => None,
-    };
-    if let Some((listener, bound)) = listener {
-        let st = state.clone();
-        tasks.push(tokio::spawn(accept_loop(
-            listener,
-            st,
-            tls,
-            limits,
-            shutdown_rx,
-        )));
-        tracing::info!(addr = %bound, "envelope-proxy listening");
-    }
-    Ok(Running {
-        addr,
-        admin_addr,
-        demo_store_addr,
-        unix_socket,
-        state,
-        draining,
-        shutdown,
-        tasks,
+        metrics: base.metrics.clone(),
     })
 }
 
@@ -339,12 +444,18 @@ async fn start_with(
 /// at start is a warning, not a failure: it may come back, and `/readyz` says so meanwhile).
 async fn check_route_keys(
     config: &Config,
-    keyring: &Keyring,
-    backends: &[Arc<dyn RootKeyProvider>],
+    keyring: Option<&Keyring>,
+    keys: &KeyService,
 ) -> Result<(), String> {
     for route in &config.routes {
         for k in route.kind.keys() {
             if k.backend == crate::keys::KeyRef::DEFAULT_BACKEND {
+                let (Some(keyring), Some(settings)) = (keyring, &config.keyring) else {
+                    return Err(format!(
+                        "route {:?} uses the local key {:?}, and there is no [keyring]",
+                        route.name, k.key_id
+                    ));
+                };
                 // An alias names the key it points to (`keys alias create`).
                 let name = keyring.resolve(&k.key_id);
                 if keyring.list().iter().any(|s| s.name == name) {
@@ -356,7 +467,7 @@ async fn check_route_keys(
                         route.name, k.key_id, k.key_id
                     ));
                 }
-                if !config.keyring.create_missing_keys {
+                if !settings.create_missing_keys {
                     return Err(format!(
                         "route {:?} uses root key {:?}, which is not in the keyring: run `envelope-proxy keys create {}`",
                         route.name, k.key_id, k.key_id
@@ -366,7 +477,7 @@ async fn check_route_keys(
                 tracing::warn!(key = %k.key_id, "created missing root key (keyring.create_missing_keys = true)");
                 continue;
             }
-            let Some(backend) = backends.iter().find(|b| b.name() == k.backend) else {
+            let Ok(backend) = keys.backend(&k.backend) else {
                 return Err(format!(
                     "route {:?}: no backend {:?}",
                     route.name, k.backend
@@ -394,14 +505,22 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 /// Run until SIGINT/SIGTERM, then shut down gracefully.
 pub async fn run(config: Config) -> Result<(), String> {
     let running = start(config).await?;
-    wait_for_signal().await;
+    wait_for_signal(&running).await;
     running.shutdown().await;
     Ok(())
 }
 
-/// Wait for SIGTERM or SIGINT. SIGHUP no longer ends the process (its default action): it is
-/// logged; TLS certificates, grants and JWKS files already reload when their files change.
-async fn wait_for_signal() {
+/// [`run`] with the config from `path`, reloaded on SIGHUP and when the file changes.
+pub async fn run_file(path: &Path) -> Result<(), String> {
+    let running = Builder::from_file(path)?.start().await?;
+    wait_for_signal(&running).await;
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Wait for SIGTERM or SIGINT. SIGHUP does not end the process (its default action): it
+/// reloads the config and reopens the audit file (see [`reload`]).
+async fn wait_for_signal(running: &Running) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -414,9 +533,11 @@ async fn wait_for_signal() {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return,
             _ = term.recv() => return,
-            _ = hup.recv() => tracing::warn!(
-                "SIGHUP: TLS certificates, grants and JWKS files reload by themselves when they change; other config changes need a restart"
-            ),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config and reopening the audit file");
+                // A refusal is logged, counted and shown by /readyz; the old config serves on.
+                let _ = running.live.reload(reload::Trigger::Signal).await;
+            }
         }
     }
 }
@@ -460,7 +581,7 @@ async fn serve_connection<E: std::fmt::Display>(
 
 async fn accept_loop(
     listener: TcpListener,
-    state: Arc<AppState>,
+    live: Arc<reload::Live>,
     tls: Option<Arc<tls::Tls>>,
     limits: Arc<limits::Limits>,
     mut shutdown: watch::Receiver<bool>,
@@ -496,7 +617,7 @@ async fn accept_loop(
                     peer_certs: None,
                     unix: false,
                 };
-                let service = proxy_service(state.clone(), client, limits.clone());
+                let service = proxy_service(live.clone(), client, limits.clone());
                 let conn = builder
                     .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                     .into_owned();
@@ -507,7 +628,7 @@ async fn accept_loop(
                 // The config current now: a reload while this handshake runs applies to the next.
                 let acceptor = tls.acceptor();
                 let watcher = graceful.watcher();
-                let st = state.clone();
+                let st = live.clone();
                 let limits = limits.clone();
                 tokio::spawn(async move {
                     let stream = match tokio::time::timeout(
@@ -534,7 +655,8 @@ async fn accept_loop(
             }
         }
     }
-    drain(graceful, state.config.server.drain_timeout, cut).await;
+    let deadline = live.load().config.server.drain_timeout;
+    drain(graceful, deadline, cut).await;
 }
 
 /// The caller of a TLS connection: its address and the client certificate chain the
@@ -674,7 +796,7 @@ async fn accept_unix(
     listener: tokio::net::UnixListener,
     path: std::path::PathBuf,
     file: SocketFile,
-    state: Arc<AppState>,
+    live: Arc<reload::Live>,
     limits: Arc<limits::Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -703,7 +825,7 @@ async fn accept_unix(
             peer_certs: None,
             unix: true,
         };
-        let service = proxy_service(state.clone(), client, limits.clone());
+        let service = proxy_service(live.clone(), client, limits.clone());
         let conn = limits
             .builder()
             .serve_connection(TokioIo::new(Lingering::new(stream)), service)
@@ -713,11 +835,12 @@ async fn accept_unix(
     }
     drop(listener);
     file.remove_if_ours(&path);
-    drain(graceful, state.config.server.drain_timeout, cut).await;
+    let deadline = live.load().config.server.drain_timeout;
+    drain(graceful, deadline, cut).await;
 }
 
 fn proxy_service(
-    state: Arc<AppState>,
+    live: Arc<reload::Live>,
     client: ClientInfo,
     limits: Arc<limits::Limits>,
 ) -> impl hyper::service::Service<
@@ -727,7 +850,8 @@ fn proxy_service(
     Future = impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send,
 > + Clone {
     service_fn(move |req: Request<Incoming>| {
-        let st = state.clone();
+        // The request's one snapshot of the state: it finishes on it, whatever reloads meanwhile.
+        let st = live.load();
         let client = client.clone();
         // Shed before any work when `max_requests` are in flight (see `limits`).
         let slot = limits.request();
@@ -781,7 +905,7 @@ struct Admin {
 
 async fn serve_admin(
     listener: TcpListener,
-    state: Arc<AppState>,
+    live: Arc<reload::Live>,
     admin_cfg: Admin,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -794,10 +918,11 @@ async fn serve_admin(
             drop(stream);
             continue;
         };
-        let st = state.clone();
+        let live = live.clone();
         let token = admin_cfg.token.clone();
         let api = admin_cfg.api.clone();
         let tls = admin_cfg.tls.clone();
+        let tls_on = tls.is_some();
         let limits = admin_cfg.limits.clone();
         let draining = admin_cfg.draining.clone();
         let readiness = admin_cfg.readiness.clone();
@@ -810,22 +935,31 @@ async fn serve_admin(
                     unix: false,
                 };
                 let service = service_fn(move |req: Request<Incoming>| {
-                    let st = st.clone();
+                    let live = live.clone();
                     let token = token.clone();
                     let api = api.clone();
                     let peer = peer.clone();
                     let draining = draining.load(Ordering::Relaxed);
                     let readiness = readiness.clone();
                     async move {
-                        if req.uri().path().starts_with("/v1/") {
-                            return Ok::<_, Infallible>(match &api {
+                        let (mut parts, body) = req.into_parts();
+                        let pending = admin_access(&live, &mut parts, &peer, tls_on);
+                        let req = Request::from_parts(parts, body);
+                        let mut resp = if req.uri().path().starts_with("/v1/") {
+                            match &api {
                                 Some(api) => admin_api::serve(api, req, peer).await,
                                 None => admin_api_off(),
-                            });
-                        }
-                        // Without a token configured, the listener is on loopback (config checks).
-                        let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
-                        Ok::<_, Infallible>(admin(&st, req, authorized, draining, &readiness).await)
+                            }
+                        } else {
+                            // Without a token configured, the listener is on loopback (config checks).
+                            let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
+                            admin(&live, req, authorized, draining, &readiness).await
+                        };
+                        resp.extensions_mut().insert(pipeline::access::AccessNote {
+                            route: "admin".into(),
+                            principal: None,
+                        });
+                        Ok::<_, Infallible>(pipeline::access::Logged::wrap(resp, pending))
                     }
                 });
                 limits.http1_builder().serve_connection(io, service)
@@ -856,6 +990,36 @@ async fn serve_admin(
     }
 }
 
+/// The access line of an admin request (see `pipeline::access`): its ids settled on `parts`.
+fn admin_access(
+    live: &reload::Live,
+    parts: &mut http::request::Parts,
+    peer: &crate::auth::Peer,
+    tls: bool,
+) -> pipeline::access::Pending {
+    let ids = pipeline::access::ids(&mut parts.headers);
+    let bytes = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    pipeline::access::Pending {
+        state: live.load(),
+        ids,
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        client: ClientInfo {
+            addr: peer.addr,
+            tls,
+            peer_certs: peer.certs.clone(),
+            unix: false,
+        },
+        started: std::time::Instant::now(),
+        request_bytes: Arc::new(std::sync::atomic::AtomicU64::new(bytes)),
+        admin: true,
+    }
+}
+
 /// A connection of the admin listener, plain or TLS.
 trait AdminIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AdminIo for T {}
@@ -876,12 +1040,13 @@ fn admin_api_off() -> Response<ProxyBody> {
 /// status to anyone (probes need no token) but names backends and problems only to an
 /// authorized caller; `/metrics` needs authorization (401 without it).
 async fn admin(
-    state: &AppState,
+    live: &reload::Live,
     req: Request<Incoming>,
     authorized: bool,
     draining: bool,
     readiness: &readiness::Readiness,
 ) -> Response<ProxyBody> {
+    let state = live.load();
     let (status, ctype, body) = match req.uri().path() {
         // Shutting down: not ready at once, whatever the backends say.
         "/readyz" if draining => (
@@ -910,11 +1075,19 @@ async fn admin(
                 }
                 backends.insert(name, h.into());
             }
-            let ready = readiness.ready(state);
+            let ready = readiness.ready(&state);
+            let reload = live.status();
+            if let Some(e) = &reload.last_error {
+                problems.push(format!(
+                    "config reload refused (the previous config serves): {e}"
+                ));
+            }
             let body = if authorized {
                 serde_json::json!({ "ready": ready, "backends": backends, "problems": problems,
                     "keys": snapshot.keys, "usable_keys": snapshot.usable,
-                    "probes": readiness.rounds() })
+                    "probes": readiness.rounds(),
+                    "config_reload": { "applied": reload.applied, "refused": reload.refused,
+                        "last_failed": reload.last_error.is_some(), "error": reload.last_error } })
             } else {
                 serde_json::json!({ "ready": ready })
             };
@@ -933,11 +1106,22 @@ async fn admin(
             "application/json",
             r#"{"error":"unauthorized: send Authorization: Bearer <admin token>"}"#.to_string(),
         ),
-        "/metrics" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.encode(),
-        ),
+        "/metrics" => {
+            // Circuit states change with time alone (open → half-open): read them now.
+            for (name, health) in state.keys.backend_health() {
+                let code = match health {
+                    crate::keys::resilience::Health::Up => 0,
+                    crate::keys::resilience::Health::Down => 1,
+                    crate::keys::resilience::Health::Recovering => 2,
+                };
+                state.metrics.circuit_state(&name, code);
+            }
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "application/json",

@@ -56,22 +56,28 @@ impl Readiness {
         s.keys == 0 || (s.probed && s.usable > 0) || state.keys.cache().holds_keys()
     }
 
-    /// Probe again every `state.config.server.readiness_interval` until `stop` (the first
-    /// probe runs at start, before the listeners: [`Readiness::probe`]).
+    /// Probe again every `[server] readiness_interval_ms` until `stop`, with the state
+    /// current at each round (the first probe runs at start, before the listeners:
+    /// [`Readiness::probe`]).
     pub async fn run(
         self: Arc<Self>,
-        state: std::sync::Weak<AppState>,
+        live: std::sync::Weak<super::reload::Live>,
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
-            let Some(interval) = state.upgrade().map(|s| s.config.server.readiness_interval) else {
+            let Some(interval) = live
+                .upgrade()
+                .map(|l| l.load().config.server.readiness_interval)
+            else {
                 return;
             };
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = stop.changed() => return,
             }
-            let Some(st) = state.upgrade() else { return };
+            let Some(st) = live.upgrade().map(|l| l.load()) else {
+                return;
+            };
             self.probe(&st).await;
         }
     }

@@ -9,7 +9,8 @@
 //! Reload: [`Tls::watch`] looks at the certificate, key and client CA files every second; when
 //! one changed it builds a new `ServerConfig` for new connections (open ones keep theirs). A
 //! file that does not load (half written, a key that does not match) keeps the old config and
-//! is reported once per change, by path only: never its contents.
+//! is reported once per change, by path only: never its contents. A config reload that names
+//! other files switches to them ([`Tls::install`]); the watch then follows the new files.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -81,11 +82,31 @@ fn stamp(path: &Path) -> Stamp {
     }))
 }
 
-/// The listener's TLS settings, rebuilt when their files change.
-pub struct Tls {
+/// The files a [`Tls`] is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Files {
     cert_file: PathBuf,
     key_file: PathBuf,
     client_ca: Option<PathBuf>,
+}
+
+impl Files {
+    fn stamps(&self) -> Vec<Stamp> {
+        let mut s = vec![stamp(&self.cert_file), stamp(&self.key_file)];
+        if let Some(ca) = &self.client_ca {
+            s.push(stamp(ca));
+        }
+        s
+    }
+
+    fn build(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        server_config(&self.cert_file, &self.key_file, self.client_ca.as_deref())
+    }
+}
+
+/// The listener's TLS settings, rebuilt when their files change.
+pub struct Tls {
+    files: Mutex<Files>,
     current: RwLock<Arc<rustls::ServerConfig>>,
     /// The stamps of the files `current` was built from, and of the last set that failed
     /// (reported once, retried when a file changes again).
@@ -99,24 +120,47 @@ impl Tls {
         key_file: &Path,
         client_ca: Option<&Path>,
     ) -> Result<Arc<Tls>, String> {
-        let tls = Tls {
+        let files = Files {
             cert_file: cert_file.to_path_buf(),
             key_file: key_file.to_path_buf(),
             client_ca: client_ca.map(Path::to_path_buf),
-            current: RwLock::new(server_config(cert_file, key_file, client_ca)?),
-            stamps: Mutex::new((Vec::new(), None)),
         };
-        let stamps = tls.stamps();
-        tls.stamps.lock().unwrap_or_else(PoisonError::into_inner).0 = stamps;
+        let stamps = files.stamps();
+        let tls = Tls {
+            current: RwLock::new(files.build()?),
+            files: Mutex::new(files),
+            stamps: Mutex::new((stamps, None)),
+        };
         Ok(Arc::new(tls))
     }
 
-    fn stamps(&self) -> Vec<Stamp> {
-        let mut s = vec![stamp(&self.cert_file), stamp(&self.key_file)];
-        if let Some(ca) = &self.client_ca {
-            s.push(stamp(ca));
-        }
-        s
+    fn files(&self) -> Files {
+        self.files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Switch to other files (a config reload that names them), with `config` already built
+    /// from them ([`server_config`]: the reload validates before it installs anything). New
+    /// connections use it; open ones keep theirs.
+    pub fn install(
+        &self,
+        cert_file: &Path,
+        key_file: &Path,
+        client_ca: Option<&Path>,
+        config: Arc<rustls::ServerConfig>,
+    ) {
+        let files = Files {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            client_ca: client_ca.map(Path::to_path_buf),
+        };
+        let now = files.stamps();
+        let mut stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        *self.files.lock().unwrap_or_else(PoisonError::into_inner) = files;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
+        *stamps = (now, None);
     }
 
     /// The acceptor for the next connection.
@@ -132,15 +176,20 @@ impl Tls {
     /// Rebuild the config if a file changed since the last look: `Ok(true)` when it was
     /// replaced, `Err` (once per change) when the new files do not load: the old config stays.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
-        let now = self.stamps();
+        let files = self.files();
+        let now = files.stamps();
         {
             let stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
             if stamps.0 == now || stamps.1.as_ref() == Some(&now) {
                 return Ok(false);
             }
         }
-        let built = server_config(&self.cert_file, &self.key_file, self.client_ca.as_deref());
+        let built = files.build();
         let mut stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        if *self.files.lock().unwrap_or_else(PoisonError::into_inner) != files {
+            // A reload installed other files meanwhile: theirs stands.
+            return Ok(false);
+        }
         match built {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
@@ -166,7 +215,7 @@ impl Tls {
                 // Reading and parsing a few PEM files: small enough for the runtime thread.
                 match tls.reload_if_changed() {
                     Ok(true) => tracing::info!(
-                        cert = %tls.cert_file.display(),
+                        cert = %tls.files().cert_file.display(),
                         "TLS certificate, key or client CA reloaded; new connections use them"
                     ),
                     Ok(false) => {}

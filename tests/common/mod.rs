@@ -185,8 +185,8 @@ path = "{d}/audit.log"
         let config = envelope_proxy::config::load(&self.config_path).unwrap();
         let keyring = envelope_proxy::keys::keyring::Keyring::open(
             "local",
-            &config.keyring.path,
-            &config.keyring.master_key,
+            &config.keyring.as_ref().unwrap().path,
+            &config.keyring.as_ref().unwrap().master_key,
         )
         .unwrap();
         let key = envelope_proxy::audit::key_for(&config, &keyring).unwrap();
@@ -220,8 +220,8 @@ path = "{d}/audit.log"
         std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
     }
 
-    pub fn state(&self) -> &envelope_proxy::pipeline::AppState {
-        &self.running.as_ref().unwrap().state
+    pub fn state(&self) -> std::sync::Arc<envelope_proxy::pipeline::AppState> {
+        self.running.as_ref().unwrap().state()
     }
 }
 
