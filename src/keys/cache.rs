@@ -91,7 +91,14 @@ impl DataKeyCache {
                     let key = make().await?;
                     // What we seal now is often read back at once (a write's response, a
                     // read-after-write): prime the opening side so that costs no unwrap call.
-                    for edk in &key.header.edks {
+                    // A v2 key's EDKs are bound to its record id too: its record's key is
+                    // primed by the key service instead.
+                    let edks = if key.record.is_some() {
+                        &[][..]
+                    } else {
+                        &key.header.edks[..]
+                    };
+                    for edk in edks {
                         let copy = Arc::new(DataKey::from_bytes(*key.data_key.expose()));
                         self.open
                             .insert(open_cache_key(edk, key_context), copy)

@@ -743,6 +743,9 @@ async fn shred(
             v.to_string(),
         ),
     })?;
+    // This replica stops opening (and sealing under) those records at once; others do when
+    // their cached keys expire (`open_ttl_secs`, `max_age_secs`).
+    state.keys.cache().invalidate_all();
     Ok((
         StatusCode::OK,
         json!({

@@ -205,16 +205,49 @@ pub async fn cancel_shred(vault: &Vault, ctx: &Context) -> Result<ShredReport, S
     Ok(report)
 }
 
-/// Delete every record whose shredding window has passed at `now`: values under them are
-/// unrecoverable from then on. Returns the ids deleted.
+/// Carry out every shredding whose window has passed at `now`: delete each due record and
+/// every other record of the same key context (records created during the window by replicas
+/// whose caches held no key of that context), so that nothing written under that key context
+/// stays readable. Each record is read again just before it goes, so a cancel made meanwhile
+/// keeps it. Returns the ids deleted.
 pub async fn apply_due_shreds(vault: &Vault, now: u64) -> Result<Vec<String>, String> {
+    let due =
+        |d: &VaultDoc| d.state == STATE_PENDING_SHRED && d.shred_after.is_some_and(|t| t <= now);
+    let listed = vault.list().await.map_err(|e| e.to_string())?;
+    // The key contexts being shredded now.
+    let mut contexts: Vec<Context> = Vec::new();
+    for s in &listed {
+        if due(&s.doc)
+            && let Ok(r) = s.doc.record()
+            && !contexts.contains(&r.key_context)
+        {
+            contexts.push(r.key_context);
+        }
+    }
     let mut deleted = Vec::new();
-    for listed in vault.list().await.map_err(|e| e.to_string())? {
-        let due = listed.doc.state == STATE_PENDING_SHRED
-            && listed.doc.shred_after.is_some_and(|t| t <= now);
-        if let (true, Some(id)) = (due, listed.doc.id()) {
-            vault.delete(&id).await.map_err(|e| e.to_string())?;
-            deleted.push(listed.doc.id.clone());
+    for ctx in contexts {
+        let of_ctx: Vec<&Stored> = listed
+            .iter()
+            .filter(|s| s.doc.record().is_ok_and(|r| r.key_context == ctx))
+            .collect();
+        // Read again: a cancel since the listing keeps the whole key context.
+        let mut still_due = false;
+        for s in of_ctx.iter().filter(|s| due(&s.doc)) {
+            if let Some(id) = s.doc.id()
+                && let Some(now_doc) = vault.get(&id).await.map_err(|e| e.to_string())?
+                && due(&now_doc.doc)
+            {
+                still_due = true;
+            }
+        }
+        if !still_due {
+            continue;
+        }
+        for s in of_ctx {
+            if let Some(id) = s.doc.id() {
+                vault.delete(&id).await.map_err(|e| e.to_string())?;
+                deleted.push(s.doc.id.clone());
+            }
         }
     }
     Ok(deleted)
