@@ -38,3 +38,22 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, St
     .with_root_certificates(roots)
     .with_no_client_auth())
 }
+
+/// The HTTPS-or-HTTP connector the proxy's clients use (upstreams, REST key vaults): rustls
+/// with [`client_config`], HTTP/1.1 and HTTP/2 by ALPN, no Nagle, `connect_timeout`.
+pub fn https_connector(
+    settings: &crate::config::ServerSettings,
+) -> Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, String>
+{
+    let tls = client_config(settings.upstream_ca_file.as_deref())?;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_nodelay(true);
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http))
+}

@@ -456,6 +456,13 @@ fn cli(proxy: &Proxy, args: &[&str], stdin: &str) -> (bool, String) {
     )
 }
 
+/// `keys shred --route users ARGS...` with the proxy's config.
+fn shred(proxy: &Proxy, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["keys", "shred", "--route", "users"];
+    all.extend_from_slice(args);
+    cli(proxy, &all, "")
+}
+
 /// The root-key versions in a stored record's EDKs.
 fn record_versions(doc: &Value) -> Vec<u32> {
     use envelope_proxy::envelope::record::Record;
@@ -552,41 +559,11 @@ async fn shredding_a_key_context_makes_exactly_its_values_unreadable_after_the_w
     let read = |p: &Proxy, tenant: &str, id: &str| p.url(&format!("/tenants/{tenant}/users/{id}"));
 
     // Context keys must be the route's.
-    let (ok, out) = cli(
-        &proxy,
-        &["keys", "shred", "--route", "users", "--context", "x=acme"],
-        "",
-    );
+    let (ok, out) = shred(&proxy, &["--context", "x=acme"]);
     assert!(!ok && out.contains("key context"), "{out}");
-    let (ok, out) = cli(
-        &proxy,
-        &[
-            "keys",
-            "shred",
-            "--route",
-            "users",
-            "--context",
-            "tenant=acme",
-            "--days",
-            "3",
-        ],
-        "",
-    );
+    let (ok, out) = shred(&proxy, &["--context", "tenant=acme", "--days", "3"]);
     assert!(!ok && out.contains("7 to 30 days"), "{out}");
-    let (ok, out) = cli(
-        &proxy,
-        &[
-            "keys",
-            "shred",
-            "--route",
-            "users",
-            "--context",
-            "tenant=acme",
-            "--days",
-            "7",
-        ],
-        "",
-    );
+    let (ok, out) = shred(&proxy, &["--context", "tenant=acme", "--days", "7"]);
     assert!(ok && out.contains("1 records scheduled"), "{out}");
     // During the window: acme's values are refused (and audited), globex's open.
     let fresh = replica(&proxy, &routes).await;
@@ -607,39 +584,14 @@ async fn shredding_a_key_context_makes_exactly_its_values_unreadable_after_the_w
     let r = http.get(&read(&fresh, "globex", "g1"), &[]).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     // Cancelled: readable again.
-    let (ok, out) = cli(
-        &proxy,
-        &[
-            "keys",
-            "shred",
-            "--route",
-            "users",
-            "--context",
-            "tenant=acme",
-            "--cancel",
-        ],
-        "",
-    );
+    let (ok, out) = shred(&proxy, &["--context", "tenant=acme", "--cancel"]);
     assert!(ok && out.contains("1 records back in use"), "{out}");
     let fresh = replica(&proxy, &routes).await;
     let r = http.get(&read(&fresh, "acme", "u1"), &[]).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 
     // Scheduled again; before the window nothing is deleted, after it acme's record is gone.
-    let (ok, out) = cli(
-        &proxy,
-        &[
-            "keys",
-            "shred",
-            "--route",
-            "users",
-            "--context",
-            "tenant=acme",
-            "--days",
-            "7",
-        ],
-        "",
-    );
+    let (ok, out) = shred(&proxy, &["--context", "tenant=acme", "--days", "7"]);
     assert!(ok, "{out}");
     let cfg = envelope_proxy::config::load(&proxy.config_path).unwrap();
     let users = cfg.routes.iter().find(|r| r.name == "users").unwrap();

@@ -57,17 +57,7 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     pub fn new(settings: &ServerSettings) -> Result<Self, String> {
-        let tls = crate::pki::client_config(settings.upstream_ca_file.as_deref())?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = crate::pki::https_connector(settings)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(512)
