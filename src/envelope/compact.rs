@@ -66,6 +66,29 @@ pub fn seal_into(
     out: &mut Vec<u8>,
 ) -> Result<(), CompactError> {
     let nonce = key.next_nonce().ok_or(CompactError::UsedUp)?;
+    seal_raw(key, nonce, aad, plaintext, scratch)?;
+    out.extend_from_slice(PREFIX.as_bytes());
+    let start = out.len();
+    out.resize(
+        start + base64::encoded_len(scratch.len(), false).unwrap_or(0),
+        0,
+    );
+    let written = URL_SAFE_NO_PAD
+        .encode_slice(&scratch[..], &mut out[start..])
+        .map_err(|_| CompactError::Encoding)?;
+    out.truncate(start + written);
+    Ok(())
+}
+
+/// `id ‖ nonce ‖ ciphertext ‖ tag` into `scratch` (cleared first). The plaintext is sealed in
+/// place: nothing of it is left in `scratch`.
+fn seal_raw(
+    key: &RecordKey,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), CompactError> {
     scratch.clear();
     scratch.reserve(OVERHEAD + plaintext.len());
     scratch.extend_from_slice(&key.id.0);
@@ -80,17 +103,6 @@ pub fn seal_into(
         )
         .map_err(|_| CompactError::Open)?;
     scratch.extend_from_slice(tag.as_ref());
-    out.extend_from_slice(PREFIX.as_bytes());
-    let start = out.len();
-    out.resize(
-        start + base64::encoded_len(scratch.len(), false).unwrap_or(0),
-        0,
-    );
-    let written = URL_SAFE_NO_PAD
-        .encode_slice(&scratch[..], &mut out[start..])
-        .map_err(|_| CompactError::Encoding)?;
-    out.truncate(start + written);
-    // The plaintext was sealed in place: nothing of it is left in `scratch`.
     Ok(())
 }
 
@@ -164,18 +176,7 @@ pub fn seal_with_nonce(
     plaintext: &[u8],
 ) -> String {
     let mut raw = Vec::new();
-    raw.extend_from_slice(&key.id.0);
-    raw.extend_from_slice(&nonce);
-    raw.extend_from_slice(plaintext);
-    let tag = key
-        .cipher
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            &mut raw[ID_LEN + NONCE_LEN..],
-        )
-        .expect("far below the AES-GCM length limit");
-    raw.extend_from_slice(tag.as_ref());
+    seal_raw(key, nonce, aad, plaintext, &mut raw).expect("far below the AES-GCM length limit");
     format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw))
 }
 

@@ -25,26 +25,32 @@ pub struct RewrapReport {
     pub failed: Vec<String>,
 }
 
-/// Whether `header` holds exactly one EDK per key of `keys`, each at its backend's current
-/// version (backends without versions count as current).
-async fn is_current(keys: &KeyService, header: &Header, route_keys: &[KeyRef]) -> bool {
-    if header.edks.len() != route_keys.len() {
-        return false;
-    }
+/// Each route key's current version (0: the backend has none, or could not say), looked up
+/// once per rewrap rather than once per record.
+async fn current_versions(keys: &KeyService, route_keys: &[KeyRef]) -> Vec<Option<u32>> {
+    let mut out = Vec::with_capacity(route_keys.len());
     for k in route_keys {
-        let Some(edk) = header
-            .edks
-            .iter()
-            .find(|e| e.backend == k.backend && keys.same_key(k, &e.key_id))
-        else {
-            return false;
-        };
-        match keys.describe(k).await {
-            Ok(d) if d.current_version == 0 || d.current_version == edk.key_version => {}
-            _ => return false,
-        }
+        out.push(keys.describe(k).await.ok().map(|d| d.current_version));
     }
-    true
+    out
+}
+
+/// Whether `header` holds exactly one EDK per key of `route_keys`, each at its current version
+/// (`current`, from [`current_versions`]; backends without versions count as current).
+fn is_current(
+    keys: &KeyService,
+    header: &Header,
+    route_keys: &[KeyRef],
+    current: &[Option<u32>],
+) -> bool {
+    header.edks.len() == route_keys.len()
+        && route_keys.iter().zip(current).all(|(k, v)| {
+            header
+                .edks
+                .iter()
+                .find(|e| e.backend == k.backend && keys.same_key(k, &e.key_id))
+                .is_some_and(|edk| matches!(v, Some(v) if *v == 0 || *v == edk.key_version))
+        })
 }
 
 /// Re-wrap every record of `vault` under `route_keys` (their current versions): the data key
@@ -58,6 +64,7 @@ pub async fn rewrap(
     force: bool,
 ) -> Result<RewrapReport, VaultError> {
     let mut report = RewrapReport::default();
+    let current = current_versions(keys, route_keys).await;
     for listed in vault.list().await? {
         let Some(id) = listed.doc.id() else {
             report
@@ -76,7 +83,7 @@ pub async fn rewrap(
                 continue;
             }
         };
-        if !force && is_current(keys, &rec.header, route_keys).await {
+        if !force && is_current(keys, &rec.header, route_keys, &current) {
             report.current += 1;
             continue;
         }
