@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: String,
     pub status: u16,
@@ -52,13 +52,13 @@ pub struct BuildLabels {
 }
 
 /// Bytes through a route's transform: `direction` is `sealed` or `opened`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub route: String,
     pub direction: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
 }
@@ -72,6 +72,34 @@ pub struct ListenerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendNameLabels {
     pub backend: String,
+}
+
+/// Label sets reused by the counters every request touches: a lookup fills these instead of
+/// building new `String`s (a family clones its key only when it creates a series).
+#[derive(Default)]
+struct Scratch {
+    request: RequestLabels,
+    route: RouteLabels,
+    bytes: BytesLabels,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// `f` with this thread's [`Scratch`], or a fresh one if it is unavailable (in use further up
+/// the stack, or the thread is exiting).
+fn with_scratch<R>(mut f: impl FnMut(&mut Scratch) -> R) -> R {
+    SCRATCH
+        .try_with(|cell| cell.try_borrow_mut().ok().map(|mut s| f(&mut s)))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| f(&mut Scratch::default()))
+}
+
+fn set(buf: &mut String, value: &str) {
+    buf.clear();
+    buf.push_str(value);
 }
 
 pub struct Metrics {
@@ -374,12 +402,11 @@ impl Metrics {
 
     /// Plaintext bytes sealed or opened on `route`.
     pub fn transformed(&self, route: &str, direction: &'static str, bytes: u64) {
-        self.bytes
-            .get_or_create(&BytesLabels {
-                route: route.to_string(),
-                direction: direction.to_string(),
-            })
-            .inc_by(bytes);
+        with_scratch(|s| {
+            set(&mut s.bytes.route, route);
+            set(&mut s.bytes.direction, direction);
+            self.bytes.get_or_create(&s.bytes).inc_by(bytes);
+        });
     }
 
     pub fn transformed_of(&self, route: &str, direction: &'static str) -> u64 {
@@ -448,17 +475,13 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &str, status: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_string(),
-                status,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-            })
-            .observe(seconds);
+        with_scratch(|s| {
+            set(&mut s.request.route, route);
+            s.request.status = status;
+            self.requests.get_or_create(&s.request).inc();
+            set(&mut s.route.route, route);
+            self.latency.get_or_create(&s.route).observe(seconds);
+        });
     }
 
     pub fn record_cache(&self, hit: bool) {
@@ -524,19 +547,22 @@ impl Metrics {
     }
 
     pub fn fields(&self, route: &str, sealed: usize, opened: usize) {
-        let labels = RouteLabels {
-            route: route.to_string(),
-        };
-        if sealed > 0 {
-            self.fields_sealed
-                .get_or_create(&labels)
-                .inc_by(sealed as u64);
+        if sealed == 0 && opened == 0 {
+            return;
         }
-        if opened > 0 {
-            self.fields_opened
-                .get_or_create(&labels)
-                .inc_by(opened as u64);
-        }
+        with_scratch(|s| {
+            set(&mut s.route.route, route);
+            if sealed > 0 {
+                self.fields_sealed
+                    .get_or_create(&s.route)
+                    .inc_by(sealed as u64);
+            }
+            if opened > 0 {
+                self.fields_opened
+                    .get_or_create(&s.route)
+                    .inc_by(opened as u64);
+            }
+        });
     }
 
     pub fn plaintext_read(&self, route: &str) {

@@ -156,7 +156,7 @@ impl PathPattern {
                 Segment::Capture(name) => {
                     let raw = parts.get(i).filter(|p| !p.is_empty())?;
                     if !loose {
-                        captures.insert(name.clone(), percent_decode(raw)?);
+                        captures.insert(name.clone(), percent_decode(raw)?.into_owned());
                     }
                 }
                 Segment::OptionalCapture(name) => {
@@ -166,7 +166,7 @@ impl PathPattern {
                         Some(&"") => {}
                         Some(raw) => {
                             if !loose {
-                                captures.insert(name.clone(), percent_decode(raw)?);
+                                captures.insert(name.clone(), percent_decode(raw)?.into_owned());
                             }
                         }
                     }
@@ -284,7 +284,16 @@ fn looks_like(literal: &str, raw: &str) -> bool {
     let Some(decoded) = percent_decode(raw) else {
         return false;
     };
-    if decoded.eq_ignore_ascii_case(literal) || fold(&decoded) == fold(literal) {
+    if decoded.eq_ignore_ascii_case(literal) {
+        return true;
+    }
+    // Between ASCII strings, Unicode case folding is ASCII case folding, and the stand-in
+    // rule below needs a non-ASCII character: nothing more can match (and nothing is folded
+    // into new strings on every request).
+    if decoded.is_ascii() && literal.is_ascii() {
+        return false;
+    }
+    if fold(&decoded) == fold(literal) {
         return true;
     }
     // Same length, and every character either the literal's (ignoring ASCII case) or a
@@ -297,8 +306,12 @@ fn looks_like(literal: &str, raw: &str) -> bool {
             .all(|(d, l)| d.eq_ignore_ascii_case(&l) || !d.is_ascii())
 }
 
-/// Decode `%XX` escapes; `None` for a bad escape or a result that is not UTF-8.
-pub fn percent_decode(s: &str) -> Option<String> {
+/// Decode `%XX` escapes; `None` for a bad escape or a result that is not UTF-8. Borrows
+/// when there is nothing to decode (the common case on the request path: no allocation).
+pub fn percent_decode(s: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(std::borrow::Cow::Borrowed(s));
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -313,7 +326,7 @@ pub fn percent_decode(s: &str) -> Option<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).ok().map(std::borrow::Cow::Owned)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -30,14 +30,30 @@ use super::{AppState, BoxError, ProxyBody};
 use crate::audit::AuditEvent;
 
 pub const REQUEST_ID: &str = "x-request-id";
+
+/// `x-request-id` as a header name built at compile time: inserting a `&str` name that is not
+/// a standard header copies it into a new allocation on every call.
+fn request_id_header() -> http::HeaderName {
+    const { http::HeaderName::from_static(REQUEST_ID) }
+}
 const TRACEPARENT: &str = "traceparent";
 const MAX_ID_LEN: usize = 128;
 
-/// What the pipeline learnt of a request, for its access line (a response extension).
+/// What the pipeline learnt of a request, for its access line.
 #[derive(Debug, Clone, Default)]
 pub struct AccessNote {
-    pub route: String,
+    /// The route's index in the request's config (`None`: no route matched).
+    pub route: Option<usize>,
     pub principal: Option<String>,
+}
+
+/// How far the request body has been read: shared by the body and the access line.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes read so far.
+    pub bytes: AtomicU64,
+    /// Read to its end.
+    pub finished: AtomicBool,
 }
 
 /// The request's id and trace context, as the headers carry them (no copies).
@@ -88,23 +104,41 @@ fn trace_id(v: &str) -> Option<&str> {
 }
 
 /// A new request id: 32 hex digits, unique in this process and unpredictable enough to tell
-/// processes apart (a random per-process prefix, then a counter mixed by a randomly keyed
-/// hash). No system call per request: ids are labels, not secrets.
-fn fresh_id() -> String {
-    use std::hash::BuildHasher;
+/// processes apart: a random per-process prefix, then a counter passed through a bijective
+/// mix under a random per-process key (ids do not show the request count). No system call
+/// per request: ids are labels, not secrets.
+fn fresh_id() -> HeaderValue {
     use std::sync::OnceLock;
-    static STATE: OnceLock<(u64, std::collections::hash_map::RandomState)> = OnceLock::new();
+    static KEYS: OnceLock<(u64, u64)> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let (prefix, hasher) = STATE.get_or_init(|| {
-        let mut raw = [0u8; 8];
+    let (prefix, key) = *KEYS.get_or_init(|| {
+        let mut raw = [0u8; 16];
         crate::envelope::fill_random(&mut raw);
+        let (a, b) = raw.split_at(8);
         (
-            u64::from_be_bytes(raw),
-            std::collections::hash_map::RandomState::new(),
+            u64::from_be_bytes(a.try_into().unwrap_or_default()),
+            u64::from_be_bytes(b.try_into().unwrap_or_default()),
         )
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix:016x}{:016x}", hasher.hash_one(n))
+    // Hex digits written in place: one allocation (the header value's own), not a formatted
+    // string copied into it.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    for (i, word) in [prefix, mix(n ^ key)].into_iter().enumerate() {
+        for (j, b) in word.to_be_bytes().into_iter().enumerate() {
+            id[i * 16 + j * 2] = HEX[usize::from(b >> 4)];
+            id[i * 16 + j * 2 + 1] = HEX[usize::from(b & 0xf)];
+        }
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// SplitMix64's finalizer: a bijection on `u64` (distinct counters give distinct ids).
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Settle the request's ids on its headers: keep or make `x-request-id`, keep a valid
@@ -114,8 +148,8 @@ pub fn ids(headers: &mut HeaderMap) -> Ids {
     let request_id = match (given.next(), given.next()) {
         (Some(v), None) if valid_id(v.as_bytes()) => v.clone(),
         _ => {
-            let v = HeaderValue::from_str(&fresh_id()).unwrap_or(HeaderValue::from_static("-"));
-            headers.insert(REQUEST_ID, v.clone());
+            let v = fresh_id();
+            headers.insert(request_id_header(), v.clone());
             v
         }
     };
@@ -143,7 +177,7 @@ pub struct Pending {
     pub uri: http::Uri,
     pub client: super::ClientInfo,
     pub started: Instant,
-    pub request_bytes: Arc<AtomicU64>,
+    pub request: Arc<Progress>,
     /// A request of the admin listener (see the module notes).
     pub admin: bool,
 }
@@ -158,17 +192,16 @@ pub struct Logged {
 }
 
 impl Logged {
-    pub fn wrap(resp: http::Response<ProxyBody>, pending: Pending) -> http::Response<ProxyBody> {
-        let note = resp
-            .extensions()
-            .get::<AccessNote>()
-            .cloned()
-            .unwrap_or_default();
+    pub fn wrap(
+        resp: http::Response<ProxyBody>,
+        pending: Pending,
+        note: AccessNote,
+    ) -> http::Response<ProxyBody> {
         let status = resp.status().as_u16();
         let (mut parts, body) = resp.into_parts();
         parts
             .headers
-            .insert(REQUEST_ID, pending.ids.request_id.clone());
+            .insert(request_id_header(), pending.ids.request_id.clone());
         let logged = Logged {
             inner: body,
             pending: Some(pending),
@@ -186,10 +219,13 @@ impl Logged {
         if !p.admin {
             p.state.metrics.in_flight(-1);
         }
-        let route = if self.note.route.is_empty() {
-            "-"
+        let route = if p.admin {
+            "admin"
         } else {
-            self.note.route.as_str()
+            self.note
+                .route
+                .and_then(|i| p.state.config.routes.get(i))
+                .map_or("-", |r| r.name.as_str())
         };
         tracing::info!(
             target: "envelope_proxy::access",
@@ -199,7 +235,7 @@ impl Logged {
             method = %p.method,
             path = p.uri.path(),
             status = self.status,
-            bytes_in = p.request_bytes.load(Ordering::Relaxed),
+            bytes_in = p.request.bytes.load(Ordering::Relaxed),
             bytes_out = self.sent,
             duration_ms = p.started.elapsed().as_secs_f64() * 1000.0,
             principal = self.note.principal.as_deref().unwrap_or("-"),
@@ -299,6 +335,24 @@ mod tests {
         let id = ids(&mut h).request_id().to_string();
         assert!(id != "a" && id != "b");
         assert_eq!(h.get_all(REQUEST_ID).iter().count(), 1);
+    }
+
+    #[test]
+    fn fresh_request_ids_are_distinct_hex() {
+        let ids: std::collections::HashSet<_> = (0..10_000)
+            .map(|_| {
+                let v = fresh_id();
+                let s = v.to_str().unwrap().to_string();
+                assert!(is_hex(&s, 32), "{s}");
+                s
+            })
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+        // One process prefix, and counters that do not show through.
+        let first: Vec<_> = ids.iter().map(|s| &s[..16]).collect();
+        assert!(first.iter().all(|p| *p == first[0]));
+        let (a, b) = (mix(1), mix(2));
+        assert!(a.abs_diff(b) > 1 << 32, "{a:x} {b:x}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub mod s3;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -100,30 +100,32 @@ where
         uri: parts.uri.clone(),
         client: client.clone(),
         started: Instant::now(),
-        request_bytes: Arc::new(AtomicU64::new(0)),
+        request: Arc::new(access::Progress::default()),
         admin: false,
     };
-    let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
+    pending
+        .request
+        .finished
+        .store(body.is_end_stream(), Ordering::Relaxed);
     let body = Tracked {
         inner: body,
-        finished: finished.clone(),
-        bytes: pending.request_bytes.clone(),
+        progress: pending.request.clone(),
     };
-    let mut resp = handle_request(state, Request::from_parts(parts, body), client).await;
-    if empty_expect || !finished.load(Ordering::Relaxed) {
+    let mut note = access::AccessNote::default();
+    let mut resp = handle_request(state, Request::from_parts(parts, body), client, &mut note).await;
+    if empty_expect || !pending.request.finished.load(Ordering::Relaxed) {
         resp.headers_mut().insert(
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
         );
     }
-    access::Logged::wrap(resp, pending)
+    access::Logged::wrap(resp, pending, note)
 }
 
 /// A request body that records when it has been read to its end, and how many bytes it had.
 struct Tracked<B> {
     inner: B,
-    finished: Arc<AtomicBool>,
-    bytes: Arc<AtomicU64>,
+    progress: Arc<access::Progress>,
 }
 
 impl<B: Body + Unpin> Body for Tracked<B>
@@ -141,11 +143,12 @@ where
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(d) = frame.data_ref()
         {
-            self.bytes
+            self.progress
+                .bytes
                 .fetch_add(bytes::Buf::remaining(d) as u64, Ordering::Relaxed);
         }
         if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.finished.store(true, Ordering::Relaxed);
+            self.progress.finished.store(true, Ordering::Relaxed);
         }
         polled
     }
@@ -163,6 +166,7 @@ async fn handle_request<B>(
     state: Arc<AppState>,
     req: Request<B>,
     client: ClientInfo,
+    note: &mut access::AccessNote,
 ) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
@@ -175,7 +179,7 @@ where
         Err(e) => {
             let (method, path) = (req.method().to_string(), req.uri().path().to_string());
             let mut resp = e.to_response();
-            finish(&state, "-", &mut resp, started, None);
+            finish(&state, None, &mut resp, started, note);
             state
                 .audit
                 .record(AuditEvent {
@@ -198,8 +202,8 @@ where
         // S3: s3s verifies the client's signature, then the same stages run inside the
         // gateway (see `s3`).
         RouteKind::S3(s3) => {
-            let mut resp = s3::handle(&state, route, s3, req, client.clone()).await;
-            finish(&state, &route.name, &mut resp, started, None);
+            let mut resp = s3::handle(&state, route, s3, req, client.clone(), note).await;
+            finish(&state, Some(route), &mut resp, started, note);
             resp
         }
         // Explicit pass-through: stream both ways, nothing read or changed.
@@ -220,7 +224,7 @@ where
                 Ok(p) => p,
                 Err(e) => {
                     let mut resp = e.to_response();
-                    finish(&state, &route.name, &mut resp, started, None);
+                    finish(&state, Some(route), &mut resp, started, note);
                     state
                         .audit
                         .record(AuditEvent {
@@ -238,7 +242,7 @@ where
                     return resp;
                 }
             };
-            let who = principal.name.clone();
+            note.principal = Some(principal.name.clone());
             drop(principal);
             // Credentials for the proxy never reach storage, on pass-through routes too.
             identity::strip_credentials(&state, route, &mut parts.headers);
@@ -261,7 +265,7 @@ where
                 Err(e) => Err(e),
             };
             let mut resp = result.unwrap_or_else(|e| e.to_response());
-            finish(&state, &route.name, &mut resp, started, Some(&who));
+            finish(&state, Some(route), &mut resp, started, note);
             resp
         }
         // 2–6. Context, data key, transform, upstream, response transform.
@@ -301,7 +305,8 @@ where
             state
                 .metrics
                 .fields(&route.name, outcome.sealed, outcome.opened);
-            finish(&state, &route.name, &mut resp, started, who.as_deref());
+            note.principal.clone_from(&who);
+            finish(&state, Some(route), &mut resp, started, note);
             state
                 .audit
                 .record(AuditEvent {
@@ -367,22 +372,17 @@ pub(crate) fn audit_reason(e: &ProxyError) -> String {
     }
 }
 
+/// Count the request in the metrics, and note its route for the access line.
 fn finish(
     state: &AppState,
-    route: &str,
+    route: Option<&crate::config::Route>,
     resp: &mut Response<ProxyBody>,
     started: Instant,
-    principal: Option<&str>,
+    note: &mut access::AccessNote,
 ) {
-    let note = resp
-        .extensions_mut()
-        .get_or_insert_with(access::AccessNote::default);
-    note.route = route.to_string();
-    if note.principal.is_none() {
-        note.principal = principal.map(str::to_string);
-    }
+    note.route = route.and_then(|r| state.config.routes.iter().position(|c| std::ptr::eq(c, r)));
     state.metrics.request(
-        route,
+        route.map_or("-", |r| r.name.as_str()),
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );

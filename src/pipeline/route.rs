@@ -10,13 +10,20 @@ use crate::error::ProxyError;
 
 pub fn check_path(path: &str) -> Result<(), ProxyError> {
     let segments = split_path(path).ok_or(ProxyError::BadPath("the path must start with '/'"))?;
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+    check_split_path(path, &segments)
+}
+
+/// [`check_path`] of a path already split into its `segments`.
+fn check_split_path(path: &str, segments: &[&str]) -> Result<(), ProxyError> {
+    let encoded_slash = path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
+    });
+    if encoded_slash || path.contains('\\') {
         return Err(ProxyError::BadPath(
             "encoded slashes and backslashes are not allowed",
         ));
     }
-    check_segments(&segments, true)
+    check_segments(segments, true)
 }
 
 /// Every segment in its one accepted spelling ([`check_segment`]); an empty segment only last
@@ -53,13 +60,13 @@ pub fn select<'a>(
             .match_segments(&parts)
             .map(|(c, prefix)| (r, c, prefix))
     }) else {
-        check_path(path)?;
+        check_split_path(path, &parts)?;
         return Err(ProxyError::NoRoute);
     };
     if matches!(route.kind, RouteKind::S3(_)) {
         check_segments(&parts[..prefix], false)?;
     } else {
-        check_path(path)?;
+        check_split_path(path, &parts)?;
     }
     let shadowed = routes
         .iter()
@@ -94,7 +101,8 @@ pub fn check_query(jr: &JsonRoute, query: Option<&str>) -> Result<(), ProxyError
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let raw = pair.split_once('=').map_or(pair, |(n, _)| n);
         // A name that does not decode cannot be shown not to name a field.
-        let Some(name) = percent_decode(&raw.replace('+', " ")) else {
+        let spaced = raw.replace('+', " ");
+        let Some(name) = percent_decode(&spaced) else {
             return Err(ProxyError::BadQuery(
                 "a query parameter name is not valid percent-encoded UTF-8",
             ));

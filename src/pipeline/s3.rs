@@ -32,6 +32,7 @@ pub async fn handle<B>(
     s3: &S3RouteConfig,
     req: Request<B>,
     client: ClientInfo,
+    note: &mut super::access::AccessNote,
 ) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
@@ -43,11 +44,7 @@ where
     let resp = gateway(state, route, req, client, &outcome).await;
     let status = resp.status();
     let o = std::mem::take(&mut *outcome.lock().unwrap_or_else(|p| p.into_inner()));
-    let mut resp = resp;
-    resp.extensions_mut().insert(super::access::AccessNote {
-        route: route.name.clone(),
-        principal: o.principal.clone(),
-    });
+    note.principal.clone_from(&o.principal);
     state
         .audit
         .record(AuditEvent {

@@ -70,7 +70,8 @@ impl CopySource {
                 "x-amz-copy-source may only carry a versionId"
             ));
         }
-        let decode = |s: &str| crate::config::pattern::percent_decode(s);
+        let decode =
+            |s: &str| crate::config::pattern::percent_decode(s).map(std::borrow::Cow::into_owned);
         let (bucket, key) = path
             .trim_start_matches('/')
             .split_once('/')

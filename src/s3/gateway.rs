@@ -351,7 +351,9 @@ impl GatewayRoute {
             .unwrap_or("");
         let vh_bucket = guard::host_bucket(host, &self.suffixes, &self.path_style_hosts)?;
         let decode = |s: &str| {
-            crate::config::pattern::percent_decode(s).ok_or_else(|| s3_error!(InvalidURI))
+            crate::config::pattern::percent_decode(s)
+                .map(std::borrow::Cow::into_owned)
+                .ok_or_else(|| s3_error!(InvalidURI))
         };
         if let Some(bucket) = vh_bucket {
             let key = raw_path.strip_prefix('/').filter(|k| !k.is_empty());

@@ -543,12 +543,13 @@ async fn wait_for_signal(running: &Running) {
 }
 
 /// The drain of one listener: in-flight requests get `deadline` to finish; the connections
-/// still open then are cut (`cut`), which drops their requests: an upload being streamed
-/// upstream is aborted mid-body, so the store never completes the object.
+/// still open then are cut (their tasks in `conns` aborted), which drops their requests: an
+/// upload being streamed upstream is aborted mid-body, so the store never completes the
+/// object.
 async fn drain(
     graceful: hyper_util::server::graceful::GracefulShutdown,
     deadline: Duration,
-    cut: watch::Sender<bool>,
+    mut conns: tokio::task::JoinSet<()>,
 ) {
     if tokio::time::timeout(deadline, graceful.shutdown())
         .await
@@ -558,25 +559,31 @@ async fn drain(
             deadline_ms = deadline.as_millis() as u64,
             "drain deadline passed: cutting the requests still in flight"
         );
-        let _ = cut.send(true);
-        // Let the cut connections' tasks run their drop.
-        tokio::task::yield_now().await;
+        conns.abort_all();
+        // Wait until the cut connections' tasks have run their drop.
+        while conns.join_next().await.is_some() {}
     }
 }
 
-/// Serve one connection until it ends or the drain deadline cuts it; `_slot` (its place
-/// under `max_connections`) is given back when it ends.
+/// Serve one connection until it ends (or its task is aborted at the drain deadline);
+/// `_slot` (its place under `max_connections`) is given back when it ends. Nothing else is
+/// polled beside the connection: this runs on every wake-up of every request.
 async fn serve_connection<E: std::fmt::Display>(
     conn: impl Future<Output = Result<(), E>>,
-    mut cut: watch::Receiver<bool>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    tokio::select! {
-        r = conn => if let Err(e) = r {
-            tracing::debug!(error = %e, "connection ended with an error");
-        },
-        _ = cut.wait_for(|c| *c) => tracing::debug!("connection cut at the drain deadline"),
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
+}
+
+/// Spawn a connection's task in `conns`, first taking the tasks that have ended out of it.
+fn spawn_connection(
+    conns: &mut tokio::task::JoinSet<()>,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    while conns.try_join_next().is_some() {}
+    conns.spawn(task);
 }
 
 async fn accept_loop(
@@ -587,7 +594,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let (cut, cut_rx) = watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -608,7 +615,6 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let builder = limits.builder();
-        let cut_rx = cut_rx.clone();
         match &tls {
             None => {
                 let client = ClientInfo {
@@ -622,7 +628,7 @@ async fn accept_loop(
                     .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
-                tokio::spawn(serve_connection(conn, cut_rx, slot));
+                spawn_connection(&mut conns, serve_connection(conn, slot));
             }
             Some(tls) => {
                 // The config current now: a reload while this handshake runs applies to the next.
@@ -630,7 +636,7 @@ async fn accept_loop(
                 let watcher = graceful.watcher();
                 let st = live.clone();
                 let limits = limits.clone();
-                tokio::spawn(async move {
+                spawn_connection(&mut conns, async move {
                     let stream = match tokio::time::timeout(
                         limits.settings.header_read_timeout,
                         acceptor.accept(stream),
@@ -650,13 +656,13 @@ async fn accept_loop(
                     let conn = builder
                         .serve_connection(TokioIo::new(Lingering::new(stream)), service)
                         .into_owned();
-                    serve_connection(watcher.watch(conn), cut_rx, slot).await;
+                    serve_connection(watcher.watch(conn), slot).await;
                 });
             }
         }
     }
     let deadline = live.load().config.server.drain_timeout;
-    drain(graceful, deadline, cut).await;
+    drain(graceful, deadline, conns).await;
 }
 
 /// The caller of a TLS connection: its address and the client certificate chain the
@@ -801,7 +807,7 @@ async fn accept_unix(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let (cut, cut_rx) = watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -831,12 +837,12 @@ async fn accept_unix(
             .serve_connection(TokioIo::new(Lingering::new(stream)), service)
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(serve_connection(conn, cut_rx.clone(), slot));
+        spawn_connection(&mut conns, serve_connection(conn, slot));
     }
     drop(listener);
     file.remove_if_ours(&path);
     let deadline = live.load().config.server.drain_timeout;
-    drain(graceful, deadline, cut).await;
+    drain(graceful, deadline, conns).await;
 }
 
 fn proxy_service(
@@ -945,7 +951,7 @@ async fn serve_admin(
                         let (mut parts, body) = req.into_parts();
                         let pending = admin_access(&live, &mut parts, &peer, tls_on);
                         let req = Request::from_parts(parts, body);
-                        let mut resp = if req.uri().path().starts_with("/v1/") {
+                        let resp = if req.uri().path().starts_with("/v1/") {
                             match &api {
                                 Some(api) => admin_api::serve(api, req, peer).await,
                                 None => admin_api_off(),
@@ -955,11 +961,8 @@ async fn serve_admin(
                             let authorized = token.as_ref().is_none_or(|t| authorized(&req, t));
                             admin(&live, req, authorized, draining, &readiness).await
                         };
-                        resp.extensions_mut().insert(pipeline::access::AccessNote {
-                            route: "admin".into(),
-                            principal: None,
-                        });
-                        Ok::<_, Infallible>(pipeline::access::Logged::wrap(resp, pending))
+                        let note = pipeline::access::AccessNote::default();
+                        Ok::<_, Infallible>(pipeline::access::Logged::wrap(resp, pending, note))
                     }
                 });
                 limits.http1_builder().serve_connection(io, service)
@@ -1015,7 +1018,10 @@ fn admin_access(
             unix: false,
         },
         started: std::time::Instant::now(),
-        request_bytes: Arc::new(std::sync::atomic::AtomicU64::new(bytes)),
+        request: Arc::new(pipeline::access::Progress {
+            bytes: std::sync::atomic::AtomicU64::new(bytes),
+            finished: std::sync::atomic::AtomicBool::new(true),
+        }),
         admin: true,
     }
 }
