@@ -71,11 +71,12 @@ impl Limits {
         slot
     }
 
-    /// A connection builder (HTTP/1.1 and h2) with the timer, timeouts and sizes set.
+    /// A connection builder (HTTP/1.1 and h2) with the timer, timeouts and sizes set: one per
+    /// connection (its HTTP/1 timer is the connection's own, see `conn_timer`).
     pub fn builder(&self) -> auto::Builder<TokioExecutor> {
         let mut b = auto::Builder::new(TokioExecutor::new());
         b.http1()
-            .timer(TokioTimer::new())
+            .timer(super::conn_timer::ConnTimer::new())
             .header_read_timeout(self.settings.header_read_timeout)
             .max_buf_size(self.settings.max_header_bytes);
         b.http2()
@@ -89,7 +90,7 @@ impl Limits {
     /// An HTTP/1.1-only builder (the admin listener) with the same timeouts and sizes.
     pub fn http1_builder(&self) -> hyper::server::conn::http1::Builder {
         let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
+        b.timer(super::conn_timer::ConnTimer::new())
             .header_read_timeout(self.settings.header_read_timeout)
             .max_buf_size(self.settings.max_header_bytes);
         b

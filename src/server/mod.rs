@@ -4,6 +4,7 @@
 //! and a polled config file; each request runs on one snapshot of the state).
 
 pub mod admin_api;
+mod conn_timer;
 mod limits;
 mod linger;
 mod readiness;
