@@ -202,7 +202,9 @@ where
         // S3: s3s verifies the client's signature, then the same stages run inside the
         // gateway (see `s3`).
         RouteKind::S3(s3) => {
-            let mut resp = s3::handle(&state, route, s3, req, client.clone(), note).await;
+            // Boxed, as the JSON path below: their state machines are large, and unboxed they
+            // would make every request's future (moved into place by hyper) as large.
+            let mut resp = Box::pin(s3::handle(&state, route, s3, req, client.clone(), note)).await;
             finish(&state, Some(route), &mut resp, started, note);
             resp
         }
@@ -276,7 +278,7 @@ where
             let result = match identity::identify(&state, route, req.headers(), &client).await {
                 Ok(principal) => {
                     who = Some(principal.name.clone());
-                    json::handle(
+                    Box::pin(json::handle(
                         &state,
                         route,
                         jr,
@@ -285,7 +287,7 @@ where
                         client.clone(),
                         &principal,
                         &mut outcome,
-                    )
+                    ))
                     .await
                 }
                 Err(e) => Err(e),

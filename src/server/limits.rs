@@ -26,7 +26,7 @@ use http::{HeaderValue, Response, StatusCode};
 use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::{ListenerLimits, Route, RouteKind};
 use crate::metrics::Metrics;
@@ -35,8 +35,8 @@ use crate::pipeline::{ProxyBody, full_body};
 /// The shared counters of one server's listeners.
 pub struct Limits {
     pub settings: ListenerLimits,
-    connections: Arc<Semaphore>,
-    requests: Arc<Semaphore>,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     /// `data` or `admin`: the label of the refusals counted in `metrics`.
     listener: &'static str,
     metrics: Arc<Metrics>,
@@ -46,16 +46,16 @@ impl Limits {
     pub fn new(settings: ListenerLimits, listener: &'static str, metrics: Arc<Metrics>) -> Limits {
         Limits {
             settings,
-            connections: Arc::new(Semaphore::new(settings.max_connections)),
-            requests: Arc::new(Semaphore::new(settings.max_requests)),
+            connections: Arc::default(),
+            requests: Arc::default(),
             listener,
             metrics,
         }
     }
 
     /// A slot for a new connection, held while it is open; `None`: at the limit (counted).
-    pub fn connection(&self) -> Option<OwnedSemaphorePermit> {
-        let slot = self.connections.clone().try_acquire_owned().ok();
+    pub fn connection(&self) -> Option<Slot> {
+        let slot = Slot::take(&self.connections, self.settings.max_connections);
         if slot.is_none() {
             self.metrics.connection_refused(self.listener);
         }
@@ -63,8 +63,8 @@ impl Limits {
     }
 
     /// A slot for a request, held until its response head; `None`: shed it (counted).
-    pub fn request(&self) -> Option<OwnedSemaphorePermit> {
-        let slot = self.requests.clone().try_acquire_owned().ok();
+    pub fn request(&self) -> Option<Slot> {
+        let slot = Slot::take(&self.requests, self.settings.max_requests);
         if slot.is_none() {
             self.metrics.request_shed(self.listener);
         }
@@ -97,6 +97,32 @@ impl Limits {
     }
 }
 
+/// One of at most `limit` places counted in a shared counter, given back when dropped. A
+/// counter, not a semaphore: nothing ever waits for a place (one beyond the limit is refused
+/// at once), and taking and giving back are one atomic operation each on every request.
+pub struct Slot {
+    count: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>, limit: usize) -> Option<Slot> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot {
+                count: count.clone(),
+            })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The answer to a request shed for load: 503, `Retry-After: 1`, in the route's dialect
 /// (S3 XML `SlowDown` on an S3 route, JSON otherwise).
 pub fn overloaded(routes: &[Route], path: &str) -> Response<ProxyBody> {
@@ -123,4 +149,20 @@ pub fn overloaded(routes: &[Route], path: &str) -> Response<ProxyBody> {
     h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slots_are_counted_and_given_back() {
+        let count = std::sync::Arc::default();
+        let a = super::Slot::take(&count, 2).unwrap();
+        let b = super::Slot::take(&count, 2).unwrap();
+        assert!(super::Slot::take(&count, 2).is_none());
+        drop(a);
+        let c = super::Slot::take(&count, 2).unwrap();
+        assert!(super::Slot::take(&count, 2).is_none());
+        drop((b, c));
+        assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 }

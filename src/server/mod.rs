@@ -571,7 +571,7 @@ async fn drain(
 /// polled beside the connection: this runs on every wake-up of every request.
 async fn serve_connection<E: std::fmt::Display>(
     conn: impl Future<Output = Result<(), E>>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: limits::Slot,
 ) {
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "connection ended with an error");
