@@ -391,12 +391,10 @@ fn scanned_documents(route: &JsonRoute, doc: &Scanned) -> Vec<NodeId> {
         _ => vec![root],
     };
     for d in &route.documents {
-        for n in d.compiled.locate(doc, root) {
-            match doc.kind(n) {
-                Kind::Array => out.extend(doc.child_ids(n)),
-                _ => out.push(n),
-            }
-        }
+        d.compiled.for_each_match(doc, root, |n| match doc.kind(n) {
+            Kind::Array => out.extend(doc.child_ids(n)),
+            _ => out.push(n),
+        });
     }
     out
 }
@@ -423,11 +421,13 @@ fn splice_plan(route: &JsonRoute, doc: &Scanned, docs: &[NodeId]) -> Option<Vec<
     let mut matches = Vec::new();
     for (di, &d) in docs.iter().enumerate() {
         for (fi, f) in route.fields.iter().enumerate() {
-            matches.extend(f.compiled.locate(doc, d).into_iter().map(|node| Match {
-                node,
-                field: fi,
-                doc: di,
-            }));
+            f.compiled.for_each_match(doc, d, |node| {
+                matches.push(Match {
+                    node,
+                    field: fi,
+                    doc: di,
+                })
+            });
         }
     }
     // Node ids are in document order (pre-order), so a nesting shows between neighbours.
@@ -550,15 +550,21 @@ pub async fn open_scanned_as(
     };
     let mut report = OpenReport::default();
     let mut opener = TokenOpener::new(route, key_ctx, keys);
+    let mut validator = json_scan::Validator::default();
     let root_is_list = doc.kind(doc.root()) == Kind::Array;
     let mut contexts: Vec<Option<Result<Context, ProxyError>>> =
         docs.iter().map(|_| None).collect();
-    let mut edits: Vec<(std::ops::Range<usize>, zeroize::Zeroizing<Vec<u8>>)> =
-        Vec::with_capacity(matches.len());
+    // The plaintexts, one after another in one buffer reserved up front (a plaintext is
+    // shorter than its token, so it never grows: no copy is left behind by a reallocation),
+    // zeroized when it goes. No allocation per value.
+    let mut plain = zeroize::Zeroizing::new(Vec::with_capacity(
+        matches.iter().map(|m| doc.span(m.node).len()).sum(),
+    ));
+    let mut shown: Vec<(std::ops::Range<usize>, Shown)> = Vec::with_capacity(matches.len());
     for m in &matches {
         let field = &route.fields[m.field];
         if let View::Withheld = view {
-            edits.push((doc.span(m.node), zeroize::Zeroizing::new(b"null".to_vec())));
+            shown.push((doc.span(m.node), Shown::Null));
             report.withheld += 1;
             continue;
         }
@@ -567,11 +573,15 @@ pub async fn open_scanned_as(
         let outcome = match (ctx, doc.kind(m.node)) {
             (Ok(ctx), Kind::String) => {
                 let token = doc.string_value(m.node).unwrap_or_default();
-                match opener.open(&token, field, ctx).await {
+                let start = plain.len();
+                match opener.open_into(&token, field, ctx, &mut plain).await {
                     // Spliced as it is: it must be exactly one JSON value.
-                    Ok(plaintext) => match json_scan::scan(&plaintext, max_depth) {
-                        Ok(_) => Ok(plaintext),
-                        Err(_) => Err(DecryptFailure::Message),
+                    Ok(()) => match validator.check(&plain[start..], max_depth) {
+                        Ok(_) => Ok(start..plain.len()),
+                        Err(_) => {
+                            plain.truncate(start);
+                            Err(DecryptFailure::Message)
+                        }
                     },
                     Err(e) => Err(e),
                 }
@@ -580,29 +590,56 @@ pub async fn open_scanned_as(
             (Err(_), _) => Err(DecryptFailure::MissingContext),
         };
         match outcome {
-            Ok(plaintext) => {
-                let shown = match view {
+            Ok(range) => {
+                let value = match view {
                     View::Masked(key) => {
                         report.masked += 1;
-                        crate::transform::mask::apply(&route.masks[m.field], &plaintext, key)
+                        let masked = crate::transform::mask::apply(
+                            &route.masks[m.field],
+                            &plain[range.clone()],
+                            key,
+                        );
+                        plain.truncate(range.start);
+                        Shown::Owned(masked)
                     }
-                    _ => plaintext,
+                    _ => Shown::Plain(range),
                 };
-                edits.push((doc.span(m.node), shown));
+                shown.push((doc.span(m.node), value));
                 report.opened += 1;
             }
             Err(failure) => {
                 let document = list_position(m.doc, docs.len(), root_is_list);
                 redact_or_fail(route, field, document, failure)?;
-                edits.push((doc.span(m.node), zeroize::Zeroizing::new(b"null".to_vec())));
+                shown.push((doc.span(m.node), Shown::Null));
                 report.redacted += 1;
             }
         }
     }
+    let mut edits: Vec<(std::ops::Range<usize>, &[u8])> = shown
+        .iter()
+        .map(|(span, value)| {
+            let bytes: &[u8] = match value {
+                Shown::Plain(r) => plain.get(r.clone()).unwrap_or_default(),
+                Shown::Owned(v) => v,
+                Shown::Null => b"null",
+            };
+            (span.clone(), bytes)
+        })
+        .collect();
     let out = json_scan::splice(doc.source().as_bytes(), &mut edits)
         .map_err(|e| ProxyError::Internal(format!("splice: {e}")))?;
     report.key_versions = opener.versions;
     Ok((out, report))
+}
+
+/// What a value of a read body is replaced with.
+enum Shown {
+    /// Its plaintext: a range of the body's plaintext buffer.
+    Plain(std::ops::Range<usize>),
+    /// Its masked form.
+    Owned(zeroize::Zeroizing<Vec<u8>>),
+    /// `null` (withheld or redacted).
+    Null,
 }
 
 /// A value that did not open: `Ok` to redact it (it becomes `null`), per the route, or the
@@ -800,18 +837,33 @@ impl<'a> TokenOpener<'a> {
         field: &FieldPath,
         msg_ctx: &Context,
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, DecryptFailure> {
+        let mut out = zeroize::Zeroizing::new(Vec::new());
+        self.open_into(token, field, msg_ctx, &mut out).await?;
+        Ok(out)
+    }
+
+    /// [`TokenOpener::open`], appending the plaintext to `out` (nothing on failure).
+    async fn open_into(
+        &mut self,
+        token: &str,
+        field: &FieldPath,
+        msg_ctx: &Context,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DecryptFailure> {
         if token.starts_with(compact::PREFIX) {
-            return self.open_compact(token, field, msg_ctx).await;
+            return self.open_compact(token, field, msg_ctx, out).await;
         }
         let parsed = ParsedToken::parse(token).map_err(|_| DecryptFailure::NotAToken)?;
         let data_key = self.data_key(&parsed).await?;
         let mut ctx = msg_ctx.clone();
         ctx.insert(FIELD_KEY, field.source());
-        Ok(zeroize::Zeroizing::new(
+        let plaintext = zeroize::Zeroizing::new(
             parsed
                 .open_with(data_key.prf(), &ctx)
                 .map_err(|_| DecryptFailure::Message)?,
-        ))
+        );
+        out.extend_from_slice(&plaintext);
+        Ok(())
     }
 
     /// A v2 token: its record's key (once per record per body), then one AES-GCM open.
@@ -820,7 +872,8 @@ impl<'a> TokenOpener<'a> {
         token: &str,
         field: &FieldPath,
         msg_ctx: &Context,
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, DecryptFailure> {
+        out: &mut Vec<u8>,
+    ) -> Result<(), DecryptFailure> {
         let id = compact::record_id(token).map_err(|_| DecryptFailure::NotAToken)?;
         let record = match self.records.iter().find(|(i, _)| *i == id) {
             Some((_, r)) => r.clone(),
@@ -833,7 +886,8 @@ impl<'a> TokenOpener<'a> {
         msg_ctx.canonical_with_into((FIELD_KEY, field.source()), &mut self.aad);
         let range = compact::open_into(&record.key, &self.aad, token, &mut self.buf)
             .map_err(|_| DecryptFailure::Message)?;
-        Ok(zeroize::Zeroizing::new(self.buf[range].to_vec()))
+        out.extend_from_slice(&self.buf[range]);
+        Ok(())
     }
 
     async fn fetch_record(&mut self, id: &RecordId) -> Result<Arc<OpenRecord>, DecryptFailure> {

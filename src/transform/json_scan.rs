@@ -464,6 +464,57 @@ fn scan_with_limit(src: &[u8], max_depth: usize, limit: usize) -> Result<Scanned
     })
 }
 
+/// Checks values as [`scan`] does, keeping its buffers from one value to the next, so that
+/// checking many small values (the plaintexts of a body's fields) allocates nothing after the
+/// first. The buffers can hold pieces of what was checked (unescaped keys): they are zeroized
+/// when the validator goes.
+#[derive(Default)]
+pub struct Validator {
+    nodes: Vec<Node>,
+    frames: Vec<Frame>,
+    keys: Vec<KeyEntry>,
+    unescaped_keys: Vec<u8>,
+}
+
+impl Validator {
+    /// Whether `src` is one JSON value that [`scan`] accepts.
+    pub fn check(&mut self, src: &[u8], max_depth: usize) -> Result<(), JsonError> {
+        if src.len() > u32::MAX as usize {
+            return Err(syntax_at(src, u32::MAX as usize));
+        }
+        let mut scanner = Scanner {
+            src,
+            pos: 0,
+            max_depth,
+            nodes: std::mem::take(&mut self.nodes),
+            frames: std::mem::take(&mut self.frames),
+            keys: std::mem::take(&mut self.keys),
+            unescaped_keys: std::mem::take(&mut self.unescaped_keys),
+            pending_key: (0, 0, 0),
+        };
+        let ran = scanner.run();
+        self.nodes = scanner.nodes;
+        self.frames = scanner.frames;
+        self.keys = scanner.keys;
+        self.unescaped_keys = scanner.unescaped_keys;
+        self.nodes.clear();
+        self.frames.clear();
+        self.keys.clear();
+        if !self.unescaped_keys.is_empty() {
+            zeroize::Zeroize::zeroize(&mut self.unescaped_keys);
+        }
+        ran?;
+        std::str::from_utf8(src).map_err(|e| syntax_at(src, e.valid_up_to()))?;
+        Ok(())
+    }
+}
+
+impl Drop for Validator {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.unescaped_keys);
+    }
+}
+
 /// Each new key of an object with up to this many members is compared with the earlier ones
 /// (by fingerprint first, so mostly one `u64` comparison each): cheapest for typical bodies.
 /// Larger objects are checked once, when they close, by sorting their keys, which keeps the
@@ -1104,6 +1155,18 @@ impl CompiledPath {
     /// of each location that is not inside (or equal to) one kept before. So the result is
     /// shallowest first, free of duplicates, and no result contains another: the spans can be
     /// spliced independently.
+    /// [`CompiledPath::locate`], handing each match to `f`: no allocation for a singular path
+    /// (the common `$.a.b`).
+    pub fn for_each_match(&self, doc: &Scanned<'_>, from: NodeId, mut f: impl FnMut(NodeId)) {
+        if self.singular {
+            if let Some(n) = self.locate_singular(doc, from) {
+                f(n);
+            }
+        } else {
+            self.locate(doc, from).into_iter().for_each(f);
+        }
+    }
+
     pub fn locate(&self, doc: &Scanned<'_>, from: NodeId) -> Vec<NodeId> {
         if self.singular {
             return self.locate_singular(doc, from).into_iter().collect();
@@ -1697,16 +1760,26 @@ mod tests {
 
     #[test]
     fn accepts_what_serde_accepts() {
+        let mut validator = Validator::default();
         for src in VALID {
             assert!(serde_accepts(src.as_bytes()), "serde rejects {src}");
             assert!(scan(src.as_bytes(), 8).is_ok(), "we reject {src}");
+            assert!(validator.check(src.as_bytes(), 8).is_ok(), "{src}");
             same_as_serde(src.as_bytes());
         }
     }
 
     #[test]
     fn rejects_what_serde_rejects() {
+        let mut validator = Validator::default();
         for src in INVALID {
+            // Checked between valid values too: nothing is left over from one to the next.
+            assert!(validator.check(b"{\"a\":[1,{\"b\\u0063\":2}]}", 8).is_ok());
+            assert!(
+                validator.check(src, 8).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(src)
+            );
             assert!(
                 !serde_accepts(src),
                 "serde accepts {:?}",
