@@ -10,7 +10,8 @@
 //!   comes from the cache and the opening side finds the record's key in the record cache.
 //! - Before the groups, the bench prints the size of one SSN token (v1 local, v1 local +
 //!   escrow, v2); `JSON_FIELDS_ALLOC_PROBE` runs one operation N times for an allocation
-//!   tracer (see below).
+//!   tracer (see below). Allocations per value are counted, and held at zero for v2, by
+//!   `tests/alloc_count.rs` (a counting allocator).
 //! - `json_fields_parts/*`: the pieces of one field (path lookup, cache hits, one token), to see
 //!   where the per-document time goes.
 //! - `aead_core/*`: the C2SP chunked AES-256-GCM layer (`envelope::chunked`) on 1 MiB.

@@ -286,17 +286,15 @@ fn is_json(headers: &http::HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
-            let essence = v
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
+            let essence = v.split(';').next().unwrap_or("").trim().as_bytes();
+            let prefix = b"application/";
             // JSON Patch bodies are operations, not documents: `{"op": "replace", "path":
             // "/ssn", "value": …}` would slip past the field paths. Refused (415).
-            essence != "application/json-patch+json"
-                && (essence == "application/json"
-                    || (essence.starts_with("application/") && essence.ends_with("+json")))
+            !essence.eq_ignore_ascii_case(b"application/json-patch+json")
+                && (essence.eq_ignore_ascii_case(b"application/json")
+                    || (essence.len() >= prefix.len() + 5
+                        && essence[..prefix.len()].eq_ignore_ascii_case(prefix)
+                        && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json")))
         })
         .unwrap_or(false)
 }
@@ -307,4 +305,39 @@ fn has_content_encoding(headers: &http::HeaderMap) -> bool {
             .map(|s| !s.trim().eq_ignore_ascii_case("identity"))
             .unwrap_or(true)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json;
+
+    #[test]
+    fn json_media_types_are_recognized_and_patches_refused() {
+        let with = |ct: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            is_json(&h)
+        };
+        for yes in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " application/vnd.api+json ",
+            "application/merge-patch+json",
+            "application/+json",
+        ] {
+            assert!(with(yes), "{yes}");
+        }
+        for no in [
+            "application/json-patch+json",
+            "APPLICATION/JSON-PATCH+JSON;x=1",
+            "text/json",
+            "application/jsonx",
+            "application/xml",
+            "json",
+            "",
+        ] {
+            assert!(!with(no), "{no}");
+        }
+        assert!(!is_json(&http::HeaderMap::new()));
+    }
 }

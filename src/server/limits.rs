@@ -1,6 +1,7 @@
 //! Listener hardening: what one client may hold of the proxy.
 //!
-//! - **Header-read timeout** (hyper's own, which needs a timer: without one it is off): a
+//! - **Header-read timeout** (hyper's own, which needs a timer: without one it is off; each
+//!   connection gets its own, `conn_timer`, so that arming it costs no timer-wheel entry): a
 //!   client sending its request head byte by byte (slowloris) is disconnected after
 //!   `header_read_timeout`. On HTTP/1.1 hyper starts that timer whenever it waits for a request
 //!   head, so an idle keep-alive connection is closed after the same time.

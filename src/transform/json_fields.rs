@@ -418,7 +418,7 @@ fn splice_plan(route: &JsonRoute, doc: &Scanned, docs: &[NodeId]) -> Option<Vec<
     }) {
         return None;
     }
-    let mut matches = Vec::new();
+    let mut matches = Vec::with_capacity(docs.len() * fields.len());
     for (di, &d) in docs.iter().enumerate() {
         for (fi, f) in route.fields.iter().enumerate() {
             f.compiled.for_each_match(doc, d, |node| {
@@ -497,19 +497,37 @@ pub fn seal_scanned(
         .map(|&d| scanned_context(route, meta, doc, d, key_ctx))
         .collect::<Result<Vec<_>, _>>()?;
     let mut sealer = ValueSealer::new(key)?;
-    let mut edits = Vec::with_capacity(matches.len());
+    // The tokens, quoted, one after another in one buffer: no allocation per value. Reserved
+    // for v2 tokens (their size is known); v1 tokens may grow it (they hold no plaintext).
+    let mut tokens: Vec<u8> = Vec::with_capacity(
+        matches
+            .iter()
+            .map(|m| {
+                compact::PREFIX.len()
+                    + (doc.raw(m.node).len() + compact::OVERHEAD).div_ceil(3) * 4
+                    + 2
+            })
+            .sum(),
+    );
+    let mut ranges = Vec::with_capacity(matches.len());
     for m in &matches {
         let field = &route.fields[m.field];
         // The value's own bytes are its JSON serialization (validated by the scan).
-        let raw = doc.raw(m.node);
-        let mut quoted = Vec::with_capacity(
-            compact::PREFIX.len() + (raw.len() + compact::OVERHEAD).div_ceil(3) * 4 + 2,
-        );
-        quoted.push(b'"');
-        sealer.seal_into(&contexts[m.doc], field.source(), raw, &mut quoted)?;
-        quoted.push(b'"');
-        edits.push((doc.span(m.node), quoted));
+        let start = tokens.len();
+        tokens.push(b'"');
+        sealer.seal_into(
+            &contexts[m.doc],
+            field.source(),
+            doc.raw(m.node),
+            &mut tokens,
+        )?;
+        tokens.push(b'"');
+        ranges.push((doc.span(m.node), start..tokens.len()));
     }
+    let mut edits: Vec<(std::ops::Range<usize>, &[u8])> = ranges
+        .into_iter()
+        .map(|(span, r)| (span, tokens.get(r).unwrap_or_default()))
+        .collect();
     let out = json_scan::splice(doc.source().as_bytes(), &mut edits)
         .map_err(|e| ProxyError::Internal(format!("splice: {e}")))?;
     Ok((out, matches.len()))
