@@ -361,7 +361,6 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logging::init(crate::logging::Format::choose(Some(&cli.config)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -372,16 +371,25 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Command::Reencrypt(args) = cli.command {
-        return runtime.block_on(crate::reencrypt::main(&cli.config, *args));
-    }
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+    // Spans are exported by the server only; the offline commands have none worth sending.
+    let otlp = matches!(cli.command, Command::Serve)
+        .then(|| crate::telemetry::endpoint(Some(&cli.config)))
+        .flatten()
+        .map(|e| (e, runtime.handle().clone()));
+    crate::logging::init(crate::logging::Format::choose(Some(&cli.config)), otlp);
+    let code = if let Command::Reencrypt(args) = cli.command {
+        runtime.block_on(crate::reencrypt::main(&cli.config, *args))
+    } else {
+        match runtime.block_on(run(cli)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
         }
-    }
+    };
+    crate::telemetry::shutdown();
+    code
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {

@@ -40,4 +40,5 @@ pub mod reencrypt;
 pub mod s3;
 pub mod secret;
 pub mod server;
+pub mod telemetry;
 pub mod transform;

@@ -30,6 +30,8 @@ pub fn dependency_caps() -> Targets {
         .with_target("tokio_rustls", LevelFilter::INFO)
         .with_target("tower", LevelFilter::INFO)
         .with_target("cryptoki", LevelFilter::INFO)
+        // The trace spans are for the OTLP exporter only (`crate::telemetry`), never printed.
+        .with_target(crate::telemetry::TARGET, LevelFilter::OFF)
 }
 
 /// How log lines are written: text for people, or one JSON object per line for log pipelines.
@@ -73,27 +75,58 @@ impl Format {
 }
 
 /// Install the process's subscriber (stderr), filtered by `ENVELOPE_PROXY_LOG` and capped by
-/// [`dependency_caps`]. `log` records (rustls) are bridged and capped the same way.
-pub fn init(format: Format) {
+/// [`dependency_caps`]. `log` records (rustls) are bridged and capped the same way. With an
+/// `otlp` endpoint (and `runtime`, on which the exporter's requests run), spans are exported
+/// too (`crate::telemetry`); an exporter that cannot be built is reported and left out.
+pub fn init(format: Format, otlp: Option<(String, tokio::runtime::Handle)>) {
     let env =
         EnvFilter::try_from_env("ENVELOPE_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let filter = env.and(dependency_caps());
-    match format {
-        Format::Text => {
-            let layer = tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(filter);
-            tracing_subscriber::registry().with(layer).init();
-        }
-        Format::Json => {
-            let layer = tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .with_writer(std::io::stderr)
-                .with_filter(filter);
-            tracing_subscriber::registry().with(layer).init();
-        }
+    let fmt: BoxedLayer = match format {
+        Format::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        Format::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let (otel, failed) = match otlp {
+        None => (None, None),
+        Some((endpoint, runtime)) => otel_layer(&endpoint, runtime),
+    };
+    let layers: Vec<BoxedLayer> = std::iter::once(fmt).chain(otel).collect();
+    tracing_subscriber::registry().with(layers).init();
+    if let Some(e) = failed {
+        tracing::error!(error = %e, "OpenTelemetry tracing is off");
     }
+}
+
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+#[cfg(feature = "otel")]
+fn otel_layer(
+    endpoint: &str,
+    runtime: tokio::runtime::Handle,
+) -> (Option<BoxedLayer>, Option<String>) {
+    match crate::telemetry::layer(endpoint, runtime) {
+        Ok(l) => (Some(l.boxed()), None),
+        Err(e) => (None, Some(e)),
+    }
+}
+
+#[cfg(not(feature = "otel"))]
+fn otel_layer(
+    _endpoint: &str,
+    _runtime: tokio::runtime::Handle,
+) -> (Option<BoxedLayer>, Option<String>) {
+    (
+        None,
+        Some("this build has no OTLP exporter (cargo feature `otel`)".into()),
+    )
 }

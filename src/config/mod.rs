@@ -51,6 +51,9 @@ struct FileServer {
     /// `text` (default) or `json`; read by the logger before the config loads
     /// (`crate::logging::Format::choose`), checked here.
     log_format: Option<String>,
+    /// OTLP/HTTP traces URL; read by the logger before the config loads
+    /// (`crate::telemetry::endpoint`), checked here.
+    otlp_endpoint: Option<String>,
     header_read_timeout_ms: Option<u64>,
     max_header_bytes: Option<u64>,
     max_connections: Option<u64>,
@@ -1059,6 +1062,14 @@ fn resolve_server(s: FileServer, errors: &mut Vec<String>) -> (ServerSettings, O
     {
         errors.push(format!(
             "server.log_format: {f:?} is not \"text\" or \"json\""
+        ));
+    }
+    if let Some(e) = &s.otlp_endpoint
+        && !e.trim().is_empty()
+        && !crate::telemetry::valid_endpoint(e.trim())
+    {
+        errors.push(format!(
+            "server.otlp_endpoint: {e:?} is not an http(s) URL (e.g. \"http://otel-collector:4318/v1/traces\")"
         ));
     }
     if s.unix_socket_mode.is_some() && s.unix_socket.is_none() {

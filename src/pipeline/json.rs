@@ -1,6 +1,9 @@
 //! Stages 3–6 for a JSON-fields route: key context → data key → seal the request body →
 //! upstream → open the response body.
 
+use tracing::Instrument as _;
+
+use crate::telemetry::TARGET as TRACE;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -125,16 +128,26 @@ where
                 state
                     .keys
                     .sealing_record_key(&vault, &jr.keys, &key_ctx, messages, size)
+                    .instrument(tracing::info_span!(target: TRACE, "data_key"))
                     .await?
             }
             _ => {
                 state
                     .keys
                     .sealing_key(&jr.keys, &key_ctx, messages, size)
+                    .instrument(tracing::info_span!(target: TRACE, "data_key"))
                     .await?
             }
         };
-        let (sealed, n) = json_fields::seal_scanned(jr, &meta, &key_ctx, &key, &doc, depth)?;
+        let (sealed, n) =
+            tracing::info_span!(target: TRACE, "transform", values = tracing::field::Empty)
+                .in_scope(|| {
+                    let sealed = json_fields::seal_scanned(jr, &meta, &key_ctx, &key, &doc, depth);
+                    if let Ok((_, n)) = &sealed {
+                        tracing::Span::current().record("values", n);
+                    }
+                    sealed
+                })?;
         outcome.sealed = n;
         if n > 0 {
             outcome.key_versions = key
@@ -154,7 +167,11 @@ where
         client,
         Some(forwarded.len()),
     )?;
-    let resp = state.upstream.send(up_req).await?;
+    let resp = state
+        .upstream
+        .send(up_req)
+        .instrument(tracing::info_span!(target: TRACE, "upstream"))
+        .await?;
 
     // The response: JSON bodies are opened. A successful response that is not JSON would
     // hand stored tokens to the client as data (JSONP, text, a store that dropped the type):
@@ -210,6 +227,7 @@ where
         };
         let (opened, report) =
             json_fields::open_scanned_as(jr, &meta, &key_ctx, &state.keys, &doc, depth, shown)
+                .instrument(tracing::info_span!(target: TRACE, "transform"))
                 .await?;
         outcome.opened = report.opened;
         for v in report.key_versions {

@@ -111,8 +111,34 @@ where
         inner: body,
         progress: pending.request.clone(),
     };
+    // The trace span of the request (`crate::telemetry`; a disabled no-op without an
+    // exporter): a child of the caller's span when it sent a valid `traceparent`.
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "request",
+        http.request.method = %parts.method,
+        route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        request_id = pending.ids.request_id(),
+    );
+    crate::telemetry::set_parent(&span, &parts.headers);
     let mut note = access::AccessNote::default();
-    let mut resp = handle_request(state, Request::from_parts(parts, body), client, &mut note).await;
+    let mut resp = tracing::Instrument::instrument(
+        handle_request(
+            state.clone(),
+            Request::from_parts(parts, body),
+            client,
+            &mut note,
+        ),
+        span.clone(),
+    )
+    .await;
+    if !span.is_disabled() {
+        span.record("http.response.status_code", resp.status().as_u16());
+        if let Some(r) = note.route.and_then(|i| pending.state.config.routes.get(i)) {
+            span.record("route", r.name.as_str());
+        }
+    }
     if empty_expect || !pending.request.finished.load(Ordering::Relaxed) {
         resp.headers_mut().insert(
             http::header::CONNECTION,
@@ -251,7 +277,12 @@ where
             authorize::take_grant_tokens(&mut parts.headers);
             let body = body.map_err(Into::into).boxed();
             let result = match upstream::request(&route.upstream, &parts, body, client, None) {
-                Ok(up) => state.upstream.send(up).await.map(|resp| {
+                Ok(up) => tracing::Instrument::instrument(
+                    state.upstream.send(up),
+                    tracing::info_span!(target: crate::telemetry::TARGET, "upstream"),
+                )
+                .await
+                .map(|resp| {
                     let (mut rparts, rbody) = resp.into_parts();
                     upstream::strip_hop_by_hop(&mut rparts.headers);
                     // The upstream's own address never reaches the client; redirects elsewhere
