@@ -5,64 +5,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::Read;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Http, JsonServer};
 use serde_json::Value;
 
-/// An upstream that answers `{}` and keeps every request head it saw.
-fn recording_upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let keep = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let keep = keep.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    let mut body = vec![0u8; len];
-                    let _ = reader.read_exact(&mut body);
-                    keep.lock().unwrap().push(head);
-                    let mut w = stream.try_clone().unwrap();
-                    let _ = w.write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
-                    );
-                }
-            });
-        }
-    });
-    (port, seen)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_carry_access_lines_and_no_secrets() {
     let js = JsonServer::start();
-    let (echo_port, seen) = recording_upstream();
+    // An upstream that answers `{}` and keeps every request it saw.
+    let (echo_port, seen) = common::recording_server("200 OK", "application/json");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
     let port = common::free_port();
@@ -157,7 +111,12 @@ passthrough = true
         .await;
     assert_eq!(r.status, 200);
     // The request id and the trace context reached the upstream.
-    let heads = seen.lock().unwrap().clone();
+    let heads: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(h, _)| h.clone())
+        .collect();
     let head = heads
         .last()
         .expect("the upstream saw the request")

@@ -6,67 +6,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Http;
-
-/// Each request a [`recording_server`] got: its head and its body.
-type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
-/// An HTTP server that answers every request with `status` (and `{}` when given a content
-/// type, else an empty body), keeping each request's head and body.
-fn recording_server(status: &'static str, content_type: &'static str) -> (u16, Seen) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let keep = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let keep = keep.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    let mut body = vec![0u8; len];
-                    let _ = reader.read_exact(&mut body);
-                    keep.lock().unwrap().push((head, body));
-                    let mut w = stream.try_clone().unwrap();
-                    let reply = if content_type.is_empty() {
-                        format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n")
-                    } else {
-                        format!(
-                            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: 2\r\n\r\n{{}}"
-                        )
-                    };
-                    let _ = w.write_all(reply.as_bytes());
-                }
-            });
-        }
-    });
-    (port, seen)
-}
+use common::{Http, recording_server};
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)

@@ -398,6 +398,60 @@ impl Drop for Moto {
 }
 
 /// S3 gateway fixtures shared by the S3 client suites.
+/// Each request a [`recording_server`] got: its head and its body.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An HTTP server that answers every request with `status` (and `{}` when given a content
+/// type, else an empty body), keeping each request's head and body.
+pub fn recording_server(status: &'static str, content_type: &'static str) -> (u16, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Seen::default();
+    let keep = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let keep = keep.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    let _ = std::io::Read::read_exact(&mut reader, &mut body);
+                    keep.lock().unwrap().push((head, body));
+                    let mut w = stream.try_clone().unwrap();
+                    let reply = if content_type.is_empty() {
+                        format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n")
+                    } else {
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: 2\r\n\r\n{{}}"
+                        )
+                    };
+                    let _ = std::io::Write::write_all(&mut w, reply.as_bytes());
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
 pub mod s3 {
     use std::path::{Path, PathBuf};
 
