@@ -405,4 +405,28 @@ fn containerfile_builds_release_and_documents_vendor_modules() {
     // The default target is the one with the builder's binary.
     let last = text.lines().rfind(|l| l.starts_with("FROM ")).unwrap();
     assert_eq!(last, "FROM runtime-base AS runtime");
+    // The image builds with --no-default-features: its feature list must be cargo's defaults
+    // (an image without `otel` would ignore the OTLP endpoint the README tells users to set).
+    let image_features: std::collections::BTreeSet<&str> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG CARGO_FEATURES="))
+        .expect("Containerfile has ARG CARGO_FEATURES=")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let manifest: toml::Table =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+    let defaults: std::collections::BTreeSet<&str> = manifest["features"]["default"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        image_features, defaults,
+        "the image's CARGO_FEATURES are not cargo's defaults"
+    );
 }
