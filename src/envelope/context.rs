@@ -60,12 +60,19 @@ impl Context {
 
     /// The canonical, injective byte encoding (see the module docs).
     pub fn canonical(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.canonical_into(&mut out);
+        out
+    }
+
+    /// [`canonical`](Self::canonical), appended to `out`.
+    pub fn canonical_into(&self, out: &mut Vec<u8>) {
         let size = 4 + self
             .0
             .iter()
             .map(|(k, v)| 8 + k.len() + v.len())
             .sum::<usize>();
-        let mut out = Vec::with_capacity(size);
+        out.reserve(size);
         out.extend_from_slice(&len32(self.0.len()));
         for (k, v) in &self.0 {
             out.extend_from_slice(&len32(k.len()));
@@ -73,7 +80,6 @@ impl Context {
             out.extend_from_slice(&len32(v.len()));
             out.extend_from_slice(v.as_bytes());
         }
-        out
     }
 }
 

@@ -275,11 +275,11 @@ fn vault_error(e: vault::VaultError) -> BackendError {
 }
 
 fn record_cache_key(vault: &str, id: &RecordId, key_context: &Context) -> Vec<u8> {
-    let mut out = Vec::with_capacity(vault.len() + 64);
+    let mut out = Vec::with_capacity(vault.len() + 20 + 64);
     out.extend_from_slice(&(vault.len() as u32).to_be_bytes());
     out.extend_from_slice(vault.as_bytes());
     out.extend_from_slice(&id.0);
-    out.extend_from_slice(&key_context.canonical());
+    key_context.canonical_into(&mut out);
     out
 }
 

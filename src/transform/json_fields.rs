@@ -843,7 +843,7 @@ impl<'a> TokenOpener<'a> {
             versions: Vec::new(),
             vault_label: route.vault_label.as_deref(),
             records: Vec::new(),
-            aad: Vec::new(),
+            aad: Vec::with_capacity(256),
             buf: zeroize::Zeroizing::new(Vec::new()),
         }
     }
@@ -902,6 +902,11 @@ impl<'a> TokenOpener<'a> {
             }
         };
         msg_ctx.canonical_with_into((FIELD_KEY, field.source()), &mut self.aad);
+        if self.buf.capacity() < token.len() {
+            // A new buffer (the old one is zeroized as it goes) rather than a reallocation,
+            // which would copy the previous value's plaintext into memory freed unwiped.
+            self.buf = zeroize::Zeroizing::new(Vec::with_capacity(token.len().max(256)));
+        }
         let range = compact::open_into(&record.key, &self.aad, token, &mut self.buf)
             .map_err(|_| DecryptFailure::Message)?;
         out.extend_from_slice(&self.buf[range]);
@@ -929,14 +934,15 @@ impl<'a> TokenOpener<'a> {
     /// Remember the root-key versions of a header's EDKs under the route's keys.
     fn note_versions(&mut self, header: &crate::envelope::Header) {
         for edk in &header.edks {
-            let v = crate::keys::key_version_label(edk);
             if self
                 .allowed
                 .iter()
                 .any(|a| a.backend == edk.backend && self.keys.same_key(a, &edk.key_id))
-                && !self.versions.contains(&v)
             {
-                self.versions.push(v);
+                let v = crate::keys::key_version_label(edk);
+                if !self.versions.contains(&v) {
+                    self.versions.push(v);
+                }
             }
         }
     }

@@ -447,7 +447,9 @@ fn scan_with_limit(src: &[u8], max_depth: usize, limit: usize) -> Result<Scanned
         max_depth,
         // A guess (typical bodies have a value every 30-40 bytes), capped so that a large body
         // made of a few long strings does not reserve memory it will never use.
-        nodes: Vec::with_capacity((src.len() / 32 + 8).min(1 << 16)),
+        // About one node per 8–12 bytes in typical documents: sized so that a body is
+        // scanned without regrowing the arena.
+        nodes: Vec::with_capacity((src.len() / 8 + 8).min(1 << 16)),
         frames: Vec::with_capacity(16),
         keys: Vec::with_capacity(64),
         unescaped_keys: Vec::new(),
