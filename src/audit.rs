@@ -346,6 +346,22 @@ impl AuditLog {
         Ok(AuditLog { tx: Some(tx) })
     }
 
+    /// Whether an event recorded now goes anywhere: the audit file, or the `audit` tracing
+    /// target at the level [`record`](Self::record) logs it. With neither (no `[audit]` file
+    /// and the log filter above `info` for `audit`), an event is dropped unread, and the hot
+    /// path need not build one ([`record_with`](Self::record_with)).
+    pub fn is_active(&self) -> bool {
+        self.tx.is_some() || tracing::enabled!(target: "audit", tracing::Level::INFO)
+    }
+
+    /// [`record`](Self::record) the event `make` builds, building it only when the event goes
+    /// somewhere ([`is_active`](Self::is_active)).
+    pub async fn record_with(&self, make: impl FnOnce() -> AuditEvent) {
+        if self.is_active() {
+            self.record(make()).await;
+        }
+    }
+
     pub async fn record(&self, event: AuditEvent) {
         // With a file, the file is the audit log: the tracing line is for debugging only.
         if self.tx.is_some() {
@@ -529,4 +545,25 @@ pub fn verify(
         ));
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a file, events are built only when the `audit` target logs at `info`.
+    #[test]
+    fn tracing_only_log_is_active_as_the_filter_says() {
+        let at = |filter: &str| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::sink)
+                .finish();
+            tracing::subscriber::with_default(subscriber, || AuditLog::to_tracing().is_active())
+        };
+        assert!(at("info"));
+        assert!(at("warn,audit=info"));
+        assert!(!at("warn"));
+        assert!(!at("info,audit=warn"));
+    }
 }

@@ -168,6 +168,11 @@ impl DataKeyCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<OpenRecord, BackendError>>,
     {
+        // A hit without try_get_with: its future carries the fetch's (large) one, moved on
+        // every call.
+        if let Some(entry) = self.records.get(&cache_key).await {
+            return Ok((entry, true));
+        }
         let mut missed = false;
         let entry = self
             .records

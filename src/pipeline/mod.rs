@@ -236,7 +236,8 @@ where
         }
         // Explicit pass-through: stream both ways, nothing read or changed.
         RouteKind::Passthrough => {
-            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            // Kept as they are (no copies) until an audit event needs them as text.
+            let (method, uri) = (req.method().clone(), req.uri().clone());
             let (mut parts, body) = req.into_parts();
             let principal = match identity::identify(&state, route, &parts.headers, &client)
                 .await
@@ -259,8 +260,8 @@ where
                             action: "reject",
                             outcome: "error",
                             route: route.name.clone(),
-                            method,
-                            path,
+                            method: method.to_string(),
+                            path: uri.path().to_string(),
                             status: resp.status().as_u16(),
                             client: client.label(),
                             reason: Some(audit_reason(&e)),
@@ -303,7 +304,8 @@ where
         }
         // 2–6. Context, data key, transform, upstream, response transform.
         RouteKind::JsonFields(jr) => {
-            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            // Kept as they are (no copies) until an audit event needs them as text.
+            let (method, uri) = (req.method().clone(), req.uri().clone());
             let mut outcome = json::Outcome::default();
             let mut who = None;
             let result = match identity::identify(&state, route, req.headers(), &client).await {
@@ -342,7 +344,7 @@ where
             finish(&state, Some(route), &mut resp, started, note);
             state
                 .audit
-                .record(AuditEvent {
+                .record_with(|| AuditEvent {
                     action: if outcome.sealed > 0 {
                         "seal"
                     } else if outcome.opened > 0 || error.is_none() {
@@ -367,8 +369,8 @@ where
                         _ => std::mem::take(&mut outcome.basis),
                     },
                     route: route.name.clone(),
-                    method,
-                    path,
+                    method: method.to_string(),
+                    path: uri.path().to_string(),
                     status: resp.status().as_u16(),
                     client: client.label(),
                     keys: jr.keys.iter().map(|k| k.to_string()).collect(),
