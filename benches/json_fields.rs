@@ -9,18 +9,22 @@
 //!   `enc:v2:` tokens, records in a directory vault), spliced path, warm caches: the sealing key
 //!   comes from the cache and the opening side finds the record's key in the record cache.
 //! - Before the groups, the bench prints the size of one SSN token (v1 local, v1 local +
-//!   escrow, v2); `JSON_FIELDS_ALLOC_PROBE` runs one operation N times for an allocation
-//!   tracer (see below). Allocations per value are counted, and held at zero for v2, by
+//!   escrow, v2). Allocations per value are counted, and held at zero for v2, by
 //!   `tests/alloc_count.rs` (a counting allocator).
 //! - `json_fields_parts/*`: the pieces of one field (path lookup, cache hits, one token), to see
 //!   where the per-document time goes.
 //! - `aead_core/*`: the C2SP chunked AES-256-GCM layer (`envelope::chunked`) on 1 MiB.
 //!
 //! Run: `cargo bench --bench json_fields` (about a minute); `-- v2` for the v2 cases only.
+//!
+//! The bench allocates with mimalloc, as the `envelope-proxy` binary does (`src/main.rs`).
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use envelope_proxy::config::{self, JsonRoute, RouteKind};
@@ -218,30 +222,6 @@ fn json_fields(c: &mut Criterion) {
         sealed_v2.len(),
         rt.block_on(vault.list()).expect("list").len()
     );
-
-    // Allocation probe: `JSON_FIELDS_ALLOC_PROBE=OP:N` (OP one of seal_v1, open_v1, seal_v2,
-    // open_v2) runs OP N more times after the warm-up above and exits before the benchmarks.
-    // The crate forbids unsafe code (Cargo.toml [lints]), so the bench cannot install a
-    // counting global allocator; count under an allocation tracer instead, and take the
-    // difference of two runs per operation:
-    //   for n in 0 1000; do JSON_FIELDS_ALLOC_PROBE=open_v2:$n heaptrack -o /tmp/p$n \
-    //     target/release/deps/json_fields-HASH --bench; done
-    //   heaptrack_print /tmp/p1000.zst | grep 'calls to allocation'   (minus the n=0 run) / 1000
-    if let Ok(probe) = std::env::var("JSON_FIELDS_ALLOC_PROBE") {
-        let (op, n) = probe.split_once(':').expect("JSON_FIELDS_ALLOC_PROBE=OP:N");
-        let n: u64 = n.parse().expect("N");
-        for _ in 0..n {
-            match op {
-                "seal_v1" => drop(black_box(seal_bytes(jr, &meta))),
-                "open_v1" => drop(black_box(open_bytes(jr, &meta, &sealed_bytes))),
-                "seal_v2" => drop(black_box(seal_bytes(jr2, &meta_v2))),
-                "open_v2" => drop(black_box(open_bytes(jr2, &meta_v2, &sealed_v2))),
-                other => panic!("unknown probe {other:?}"),
-            }
-        }
-        eprintln!("probe {op}: {n} runs");
-        std::process::exit(0);
-    }
 
     // One SSN ("123-45-6789", 13 bytes of JSON) as a token: v1 under one local key, v1 under
     // a local key and an escrow key (two EDKs), v2 (any backends, any number of keys).
