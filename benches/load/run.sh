@@ -411,17 +411,32 @@ report() {
 	echo "### Goals"
 	echo
 	awk -F'\t' '
-		{ key = $1 "/" $2 "/" $3; rps[key] = $5; p50[key] = $6; cpu[key] = $10 }
+		{ key = $1 "/" $2 "/" $3; rps[key] = $5; p50[key] = $6; cpu[key] = $10; load[key] = $12 }
+		# A route against pass-through, goal in %. Throughput compares the routes only while the
+		# proxy core is the limit; when a run was held back by the other core instead (wrk and the
+		# store at >= 90 % while the proxy was not), the ratio says nothing, and the proxy CPU per
+		# request decides (what throughput would be with the proxy core the limit), said so.
+		function held(k) { return load[k] >= 90 && cpu[k] < 90 }
+		function judge(label, c, m, goal,    e, p, ce, cp, r, how) {
+			e = rps[c "/" m "/tput"]; p = rps["passthrough/" m "/tput"]
+			if (!(e > 0 && p > 0)) return
+			ce = cpu[c "/" m "/tput"] * 1e4 / e; cp = cpu["passthrough/" m "/tput"] * 1e4 / p
+			if (held(c "/" m "/tput") || held("passthrough/" m "/tput")) {
+				r = 100 * cp / ce
+				how = sprintf("throughput %.0f%% is no measure (the load core was the limit), so by proxy CPU per request: %.0f%%", 100 * e / p, r)
+			} else {
+				r = 100 * e / p
+				how = sprintf("%.0f%% of pass-through throughput", r)
+			}
+			printf "- %s: %s at %s (goal ≥ %d%%): %s; proxy CPU per request %.1f µs (pass-through %.1f µs)\n", m, label, how, goal, (r >= goal ? "met" : "NOT met"), ce, cp
+		}
 		END {
 			split("GET POST", ms, " ")
 			for (i = 1; i <= 2; i++) {
 				m = ms[i]
-				e = rps["encrypting/" m "/tput"]; p = rps["passthrough/" m "/tput"]; n = rps["nginx/" m "/tput"]
-				if (e > 0 && p > 0)
-					printf "- %s: encrypting route at %.0f%% of pass-through throughput (goal ≥ 80%%): %s\n", m, 100 * e / p, (e >= 0.8 * p ? "met" : "NOT met")
-				e = rps["encrypting-v2/" m "/tput"]; goal = (m == "GET" ? 80 : 85)
-				if (e > 0 && p > 0)
-					printf "- %s: encrypting route with v2 tokens at %.0f%% of pass-through throughput (goal ≥ %d%%): %s; proxy CPU per request %.1f µs (pass-through %.1f µs)\n", m, 100 * e / p, goal, (e >= goal / 100 * p ? "met" : "NOT met"), cpu["encrypting-v2/" m "/tput"] * 1e4 / e, cpu["passthrough/" m "/tput"] * 1e4 / p
+				p = rps["passthrough/" m "/tput"]; n = rps["nginx/" m "/tput"]
+				judge("encrypting route", "encrypting", m, 80)
+				judge("encrypting route with v2 tokens", "encrypting-v2", m, (m == "GET" ? 80 : 85))
 				if (p > 0 && n > 0)
 					printf "- %s: pass-through at %.0f%% of nginx throughput (goal ≥ 100%%): %s\n", m, 100 * p / n, (p >= n ? "met" : "NOT met")
 				d = p50["direct/" m "/lat"]
