@@ -226,9 +226,13 @@ where
             ReadView::Withheld(_) => View::Withheld,
         };
         let (opened, report) =
-            json_fields::open_scanned_as(jr, &meta, &key_ctx, &state.keys, &doc, depth, shown)
-                .instrument(tracing::info_span!(target: TRACE, "transform"))
-                .await?;
+            // Boxed: the future holds the opener and the key service's lookups (kilobytes),
+            // which would otherwise be moved into place on every read.
+            Box::pin(json_fields::open_scanned_as(
+                jr, &meta, &key_ctx, &state.keys, &doc, depth, shown,
+            ))
+            .instrument(tracing::info_span!(target: TRACE, "transform"))
+            .await?;
         outcome.opened = report.opened;
         for v in report.key_versions {
             if !outcome.key_versions.contains(&v) {
