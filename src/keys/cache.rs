@@ -245,6 +245,7 @@ mod tests {
             data_key: DataKey::generate(),
             header: Header { edks: vec![] },
             record: None,
+            labels: vec![],
         }
     }
 

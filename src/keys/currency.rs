@@ -21,6 +21,16 @@ pub fn key_version_label(edk: &crate::envelope::WrappedKey) -> String {
     format!("{}:{}:{}", edk.backend, edk.key_id, edk.key_version)
 }
 
+/// [`key_version_label`] of each of a header's EDKs, in order: formatted once per data key
+/// (held with it in the cache), shared by every request that uses it.
+pub fn key_version_labels(header: &Header) -> Vec<std::sync::Arc<str>> {
+    header
+        .edks
+        .iter()
+        .map(|edk| key_version_label(edk).into())
+        .collect()
+}
+
 impl KeyService {
     /// Whether the stored EDK key id `wrapped_key_id` is of the configured key `k`.
     pub fn same_key(&self, k: &KeyRef, wrapped_key_id: &str) -> bool {

@@ -11,7 +11,7 @@
 pub mod aws_kms;
 pub mod cache;
 pub mod currency;
-pub use currency::key_version_label;
+pub use currency::{key_version_label, key_version_labels};
 pub mod keyring;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
@@ -412,6 +412,8 @@ pub struct SealingKey {
     pub data_key: DataKey,
     pub header: Header,
     pub record: Option<Arc<RecordKey>>,
+    /// [`key_version_labels`] of `header`, for the audit log.
+    pub labels: Vec<Arc<str>>,
 }
 
 /// A record's key for opening v2 tokens, with the record's header (its EDKs, for the audit
@@ -419,6 +421,19 @@ pub struct SealingKey {
 pub struct OpenRecord {
     pub key: Arc<RecordKey>,
     pub header: Header,
+    /// [`key_version_labels`] of `header`, for the audit log.
+    pub labels: Vec<Arc<str>>,
+}
+
+impl OpenRecord {
+    pub fn new(key: Arc<RecordKey>, header: Header) -> Self {
+        let labels = key_version_labels(&header);
+        OpenRecord {
+            key,
+            header,
+            labels,
+        }
+    }
 }
 
 /// The pipeline's view of keys: backends by name, behind the data-key cache.
@@ -554,10 +569,7 @@ impl KeyService {
         self.cache
             .insert_record(
                 record_cache_key(vault.label(), &id, key_context),
-                Arc::new(OpenRecord {
-                    key: record_key.clone(),
-                    header: key.header.clone(),
-                }),
+                Arc::new(OpenRecord::new(record_key.clone(), key.header.clone())),
             )
             .await;
         key.record = Some(record_key);
@@ -642,10 +654,7 @@ impl KeyService {
                 "record {id}: the data key does not match its commitment"
             ))
         })?;
-        Ok(OpenRecord {
-            key: Arc::new(key),
-            header: rec.header,
-        })
+        Ok(OpenRecord::new(Arc::new(key), rec.header))
     }
 
     async fn new_sealing_key(
@@ -683,9 +692,11 @@ impl KeyService {
                 .inspect_err(|e| self.metrics.backend_error(&other.backend, "wrap", e.kind()))?;
             edks.push(wrapped);
         }
+        let header = Header { edks };
         Ok(SealingKey {
             data_key: generated.plaintext,
-            header: Header { edks },
+            labels: key_version_labels(&header),
+            header,
             record: None,
         })
     }

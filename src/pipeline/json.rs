@@ -29,10 +29,11 @@ pub struct Outcome {
     pub redacted: usize,
     pub masked: usize,
     pub withheld: usize,
-    /// What allowed each key use (`statement:SID`, `grant:ID`, `no-policy`).
-    pub basis: Vec<String>,
+    /// What allowed each key use (`statement:SID`, `grant:ID`, `no-policy`). Kept as is, and
+    /// named only if an audit event is written.
+    pub basis: Vec<crate::policy::Basis>,
     /// The root-key versions sealed or opened under (`BACKEND:KEY:VERSION`).
-    pub key_versions: Vec<String>,
+    pub key_versions: Vec<Arc<str>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -117,7 +118,7 @@ where
             &key_ctx,
             &tokens,
         )?;
-        outcome.basis.extend(allowed.iter().map(|b| b.to_string()));
+        outcome.basis.extend(allowed.iter().cloned());
         let messages = json_fields::estimate_messages_scanned(jr, &doc);
         let size = bytes.len() as u64;
         let key = match (jr.token_format, &jr.vault_label) {
@@ -150,12 +151,7 @@ where
                 })?;
         outcome.sealed = n;
         if n > 0 {
-            outcome.key_versions = key
-                .header
-                .edks
-                .iter()
-                .map(crate::keys::key_version_label)
-                .collect();
+            outcome.key_versions = key.labels.clone();
         }
         Bytes::from(sealed)
     };
@@ -245,7 +241,7 @@ where
         if report.opened > 0
             && let ReadView::Plain(b) | ReadView::Masked(b) = &view
         {
-            outcome.basis.extend(b.iter().map(|b| b.to_string()));
+            outcome.basis.extend(b.iter().cloned());
         }
         if report.withheld > 0 {
             rparts

@@ -718,7 +718,7 @@ pub struct OpenReport {
     pub withheld: usize,
     /// The root-key versions of the tokens opened (`BACKEND:KEY:VERSION`, each once): the
     /// wrapped keys of the route's keys in their headers (for the audit log).
-    pub key_versions: Vec<String>,
+    pub key_versions: Vec<Arc<str>>,
 }
 
 /// Open every token at a configured path in `body`.
@@ -824,7 +824,7 @@ struct TokenOpener<'a> {
     allowed: &'a [crate::keys::KeyRef],
     opened: Vec<(Vec<u8>, Arc<DataKey>)>,
     /// `BACKEND:KEY:VERSION` of the EDKs (of the route's keys) of the headers opened.
-    versions: Vec<String>,
+    versions: Vec<Arc<str>>,
     /// v2: the route's key vault, the records met in this body, and reused buffers (`buf`
     /// holds plaintext between values: zeroized when the opener goes).
     vault_label: Option<&'a str>,
@@ -927,19 +927,23 @@ impl<'a> TokenOpener<'a> {
             .opening_record_key(&vault, id, self.key_ctx, self.allowed)
             .await
             .map_err(DecryptFailure::Backend)?;
-        self.note_versions(&record.header);
+        self.note_versions(&record.header, Some(&record.labels));
         Ok(record)
     }
 
     /// Remember the root-key versions of a header's EDKs under the route's keys.
-    fn note_versions(&mut self, header: &crate::envelope::Header) {
-        for edk in &header.edks {
+    /// `labels`: the header's [`crate::keys::key_version_labels`], when they are at hand.
+    fn note_versions(&mut self, header: &crate::envelope::Header, labels: Option<&[Arc<str>]>) {
+        for (i, edk) in header.edks.iter().enumerate() {
             if self
                 .allowed
                 .iter()
                 .any(|a| a.backend == edk.backend && self.keys.same_key(a, &edk.key_id))
             {
-                let v = crate::keys::key_version_label(edk);
+                let v: Arc<str> = match labels.and_then(|l| l.get(i)) {
+                    Some(l) => l.clone(),
+                    None => crate::keys::key_version_label(edk).into(),
+                };
                 if !self.versions.contains(&v) {
                     self.versions.push(v);
                 }
@@ -961,7 +965,7 @@ impl<'a> TokenOpener<'a> {
             })?;
         self.opened
             .push((parsed.header_bytes().to_vec(), k.clone()));
-        self.note_versions(&parsed.header);
+        self.note_versions(&parsed.header, None);
         Ok(k)
     }
 }

@@ -484,6 +484,24 @@ impl Validator {
         if src.len() > u32::MAX as usize {
             return Err(syntax_at(src, u32::MAX as usize));
         }
+        // A string alone (most field values): checked in place, with no node built. Anything
+        // else, or a string followed by more (whitespace, garbage), takes the full check.
+        if src.first() == Some(&b'"') {
+            let mut scanner = Scanner {
+                src,
+                pos: 0,
+                max_depth,
+                nodes: Vec::new(),
+                frames: Vec::new(),
+                keys: Vec::new(),
+                unescaped_keys: Vec::new(),
+                pending_key: (0, 0, 0),
+            };
+            if scanner.scan_string().is_ok() && scanner.pos == src.len() {
+                std::str::from_utf8(src).map_err(|e| syntax_at(src, e.valid_up_to()))?;
+                return Ok(());
+            }
+        }
         let mut scanner = Scanner {
             src,
             pos: 0,
@@ -2393,6 +2411,20 @@ mod tests {
     fn check_agreement(input: &[u8], max_depth: usize) -> Result<(), TestCaseError> {
         let ours = scan(input, max_depth);
         let text = String::from_utf8_lossy(input);
+        // The validator (with its string fast path) says what the scan says, fresh or reused.
+        let mut validator = Validator::default();
+        prop_assert_eq!(
+            validator.check(input, max_depth).is_ok(),
+            ours.is_ok(),
+            "{:?}",
+            text
+        );
+        prop_assert_eq!(
+            validator.check(input, max_depth).is_ok(),
+            ours.is_ok(),
+            "{:?}",
+            text
+        );
         prop_assert_eq!(
             ours.is_ok(),
             oracle::accepts(input, max_depth),
