@@ -566,6 +566,9 @@ pub struct JsonRoute {
     pub vault_label: Option<String>,
     pub keys: Vec<KeyRef>,
     pub fields: Vec<FieldPath>,
+    /// Whether two of `fields` may match nested values (`$.profile`, `$.profile.name`):
+    /// such routes take the DOM path (decided once, here, from the paths alone).
+    pub fields_may_nest: bool,
     pub documents: Vec<FieldPath>,
     pub key_context: Vec<(String, Template)>,
     pub message_context: Vec<(String, Template)>,
@@ -2054,6 +2057,7 @@ fn resolve_route(
             vault_label,
             key_vault,
             keys,
+            fields_may_nest: FieldPath::any_may_nest(&fields),
             fields,
             documents,
             key_context,

@@ -64,6 +64,14 @@ impl FieldPath {
         &self.source
     }
 
+    /// Whether two of `paths` may match nested values (one inside the other's match).
+    pub fn any_may_nest(paths: &[FieldPath]) -> bool {
+        (0..paths.len()).any(|i| {
+            (i + 1..paths.len())
+                .any(|j| json_scan::may_overlap(&paths[i].compiled, &paths[j].compiled))
+        })
+    }
+
     /// The member names a query parameter would call the encrypted values by.
     pub fn last_names(&self) -> Vec<&str> {
         self.compiled.last_names()

@@ -411,14 +411,10 @@ struct Match {
 fn splice_plan(route: &JsonRoute, doc: &Scanned, docs: &[NodeId]) -> Option<Vec<Match>> {
     // Field paths that may nest (`$.profile`, `$.profile.name`) seal one value inside another's
     // token, which a scan of the stored body cannot see into: those routes take the DOM path.
-    let fields = &route.fields;
-    if (0..fields.len()).any(|i| {
-        (i + 1..fields.len())
-            .any(|j| json_scan::may_overlap(&fields[i].compiled, &fields[j].compiled))
-    }) {
+    if route.fields_may_nest {
         return None;
     }
-    let mut matches = Vec::with_capacity(docs.len() * fields.len());
+    let mut matches = Vec::with_capacity(docs.len() * route.fields.len());
     for (di, &d) in docs.iter().enumerate() {
         for (fi, f) in route.fields.iter().enumerate() {
             f.compiled.for_each_match(doc, d, |node| {

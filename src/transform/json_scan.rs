@@ -445,10 +445,9 @@ fn scan_with_limit(src: &[u8], max_depth: usize, limit: usize) -> Result<Scanned
         src,
         pos: 0,
         max_depth,
-        // A guess (typical bodies have a value every 30-40 bytes), capped so that a large body
-        // made of a few long strings does not reserve memory it will never use.
         // About one node per 8–12 bytes in typical documents: sized so that a body is
-        // scanned without regrowing the arena.
+        // scanned without regrowing the arena, capped so that a large body made of a few long
+        // strings does not reserve memory it will never use.
         nodes: Vec::with_capacity((src.len() / 8 + 8).min(1 << 16)),
         frames: Vec::with_capacity(16),
         keys: Vec::with_capacity(64),
@@ -512,6 +511,10 @@ impl Validator {
             unescaped_keys: std::mem::take(&mut self.unescaped_keys),
             pending_key: (0, 0, 0),
         };
+        // Sized once for the value (as `scan` sizes its arena), not grown step by step.
+        scanner.nodes.reserve((src.len() / 8 + 8).min(1 << 16));
+        scanner.keys.reserve((src.len() / 16 + 4).min(1 << 16));
+        scanner.frames.reserve(8);
         let ran = scanner.run();
         self.nodes = scanner.nodes;
         self.frames = scanner.frames;
