@@ -4,14 +4,19 @@
 //!   `max_age`, has sealed `max_messages` messages or `max_bytes` bytes, whichever comes first.
 //!   Key contexts partition the cache: one tenant's data key never seals another's data.
 //! - **Opening side**: (wrapped key, key context) → data key, for `open_ttl`.
+//! - **Records** (v2 tokens): (vault, record id, key context) → the record's key, for
+//!   `open_ttl`, behind a plain map that answers repeated hits without moka's per-read
+//!   bookkeeping (same lifetime, cleared with it).
 //! - **Single-flight**: concurrent misses on one entry share one backend call (moka's
 //!   `try_get_with` coalesces initialisers).
 //! - Evicted keys are zeroized when their last user drops them ([`DataKey`] zeroizes on drop).
 //! - Authorization is not the cache's business: callers check it on every request, hit or miss.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use moka::future::Cache;
 
@@ -32,6 +37,17 @@ pub struct DataKeyCache {
     open: Cache<Vec<u8>, Arc<DataKey>>,
     /// (vault, record id, key context) → the record's key, for v2 tokens.
     records: Cache<Vec<u8>, Arc<OpenRecord>>,
+    /// In front of `records`: what was read from it lately, each until `open_ttl` after its
+    /// record was opened (as `records` keeps it), at most `max_entries` (cleared when full),
+    /// cleared by [`DataKeyCache::invalidate_all`]. A hit here costs a map lookup.
+    front: RwLock<Front>,
+}
+
+#[derive(Default)]
+struct Front {
+    /// Bumped by every invalidation: a fetch that began before one is not remembered here.
+    generation: u64,
+    entries: HashMap<Vec<u8>, Arc<OpenRecord>>,
 }
 
 impl DataKeyCache {
@@ -53,6 +69,7 @@ impl DataKeyCache {
             seal,
             open,
             records,
+            front: RwLock::default(),
         }
     }
 
@@ -168,21 +185,61 @@ impl DataKeyCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<OpenRecord, BackendError>>,
     {
+        if let Some(entry) = self.front_get(&cache_key) {
+            return Ok((entry, true));
+        }
+        let generation = self.front_generation();
         // A hit without try_get_with: its future carries the fetch's (large) one, moved on
         // every call.
         if let Some(entry) = self.records.get(&cache_key).await {
+            self.front_put(generation, cache_key, &entry);
             return Ok((entry, true));
         }
         let mut missed = false;
         let entry = self
             .records
-            .try_get_with(cache_key, async {
+            .try_get_with(cache_key.clone(), async {
                 missed = true;
                 fetch().await.map(Arc::new)
             })
             .await
             .map_err(|e: Arc<BackendError>| (*e).clone())?;
+        self.front_put(generation, cache_key, &entry);
         Ok((entry, !missed))
+    }
+
+    fn front_get(&self, cache_key: &[u8]) -> Option<Arc<OpenRecord>> {
+        let front = self.front.read().unwrap_or_else(|e| e.into_inner());
+        let entry = front.entries.get(cache_key)?;
+        (entry.opened_at.elapsed() < self.limits.open_ttl).then(|| entry.clone())
+    }
+
+    fn front_generation(&self) -> u64 {
+        self.front
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation
+    }
+
+    fn front_put(&self, generation: u64, cache_key: Vec<u8>, entry: &Arc<OpenRecord>) {
+        if entry.opened_at.elapsed() >= self.limits.open_ttl {
+            return;
+        }
+        let mut front = self.front.write().unwrap_or_else(|e| e.into_inner());
+        if front.generation != generation {
+            return;
+        }
+        if front.entries.len() as u64 >= self.limits.max_entries.max(1) {
+            let now = Instant::now();
+            let ttl = self.limits.open_ttl;
+            front
+                .entries
+                .retain(|_, e| now.saturating_duration_since(e.opened_at) < ttl);
+            if front.entries.len() as u64 >= self.limits.max_entries.max(1) {
+                front.entries.clear();
+            }
+        }
+        front.entries.insert(cache_key, entry.clone());
     }
 
     /// Remember a record's key (the sealing side primes the opening side).
@@ -203,6 +260,11 @@ impl DataKeyCache {
         self.seal.invalidate_all();
         self.open.invalidate_all();
         self.records.invalidate_all();
+        // After `records`: a read that found an entry there before it went either put it in
+        // the front before this clears it, or sees the new generation and does not.
+        let mut front = self.front.write().unwrap_or_else(|e| e.into_inner());
+        front.generation += 1;
+        front.entries.clear();
     }
 }
 
@@ -251,6 +313,80 @@ mod tests {
 
     fn keys() -> Vec<KeyRef> {
         vec![KeyRef::parse("users").unwrap()]
+    }
+
+    fn fake_record() -> OpenRecord {
+        use crate::envelope::record::{RecordId, RecordKey};
+        OpenRecord::new(
+            Arc::new(RecordKey::new(&[7; 32], RecordId::generate())),
+            Header { edks: vec![] },
+        )
+    }
+
+    /// Fetches through `cache.record`, counting calls to the vault.
+    async fn read(cache: &DataKeyCache, key: &[u8], calls: &AtomicUsize) -> bool {
+        let (_, hit) = cache
+            .record(key.to_vec(), || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok(fake_record())
+            })
+            .await
+            .unwrap();
+        hit
+    }
+
+    #[tokio::test]
+    async fn records_are_kept_until_invalidated_or_too_old() {
+        let cache = DataKeyCache::new(CacheLimits {
+            open_ttl: Duration::from_secs(2),
+            ..Default::default()
+        });
+        let calls = AtomicUsize::new(0);
+        assert!(!read(&cache, b"a", &calls).await);
+        for _ in 0..3 {
+            assert!(read(&cache, b"a", &calls).await);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Invalidation (a key disabled, rotated, scheduled for deletion) empties every layer.
+        cache.invalidate_all();
+        assert!(!read(&cache, b"a", &calls).await);
+        assert!(read(&cache, b"a", &calls).await);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Past open_ttl from when it was opened, a record is read again.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(!read(&cache, b"a", &calls).await);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_record_fetched_across_an_invalidation_is_not_kept() {
+        let cache = DataKeyCache::new(CacheLimits::default());
+        let calls = AtomicUsize::new(0);
+        // The invalidation lands while the vault is being read: what that read returns may
+        // predate it (the key's state changed meanwhile), so it is not remembered in front.
+        cache
+            .record(b"a".to_vec(), || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                cache.invalidate_all();
+                Ok(fake_record())
+            })
+            .await
+            .unwrap();
+        let front = cache.front.read().unwrap();
+        assert!(front.entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_front_stays_within_max_entries() {
+        let cache = DataKeyCache::new(CacheLimits {
+            max_entries: 4,
+            ..Default::default()
+        });
+        let calls = AtomicUsize::new(0);
+        for i in 0..20u8 {
+            read(&cache, &[i], &calls).await;
+            assert!(cache.front.read().unwrap().entries.len() <= 4);
+        }
     }
 
     #[tokio::test]

@@ -423,6 +423,9 @@ pub struct OpenRecord {
     pub header: Header,
     /// [`key_version_labels`] of `header`, for the audit log.
     pub labels: Vec<Arc<str>>,
+    /// When the record was opened (or written): the data-key cache keeps it `open_ttl` from
+    /// then.
+    pub opened_at: std::time::Instant,
 }
 
 impl OpenRecord {
@@ -432,6 +435,7 @@ impl OpenRecord {
             key,
             header,
             labels,
+            opened_at: std::time::Instant::now(),
         }
     }
 }
