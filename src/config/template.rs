@@ -105,23 +105,27 @@ impl Template {
 
     /// Render with values from `lookup`; `Err` names the missing source(s).
     pub fn render(&self, lookup: &dyn Lookup) -> Result<String, String> {
+        let var = |alternatives: &[Source]| {
+            alternatives
+                .iter()
+                .find_map(|s| lookup.lookup(s))
+                .ok_or_else(|| {
+                    alternatives
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                })
+        };
+        // One variable alone (the usual `{path.tenant}`): its value as the lookup made it.
+        if let [Part::Var(alternatives)] = self.parts.as_slice() {
+            return var(alternatives);
+        }
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(l) => out.push_str(l),
-                Part::Var(alternatives) => {
-                    let value = alternatives
-                        .iter()
-                        .find_map(|s| lookup.lookup(s))
-                        .ok_or_else(|| {
-                            alternatives
-                                .iter()
-                                .map(|s| s.to_string())
-                                .collect::<Vec<_>>()
-                                .join(" or ")
-                        })?;
-                    out.push_str(&value);
-                }
+                Part::Var(alternatives) => out.push_str(&var(alternatives)?),
             }
         }
         Ok(out)
