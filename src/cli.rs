@@ -238,6 +238,11 @@ enum KeysAction {
         route: String,
         #[arg(long)]
         force: bool,
+        /// Also open EDKs under KEY (repeat): to move records from a key or backend the route
+        /// no longer names. Without it only the route's own keys open records; records of
+        /// other keys (another route's, in a shared vault) are left alone and counted.
+        #[arg(long = "from", value_name = "KEY", value_parser = parse_key_ref)]
+        from: Vec<crate::config::KeyRef>,
     },
     /// Crypto-shredding: schedule the deletion of every data-key record of one key context
     /// (values under them stop opening at once, 409 key_record_pending_shred); after the
@@ -351,6 +356,10 @@ enum GrantsAction {
     },
     /// Revoke a grant (an administrator's act).
     Revoke { id: String },
+}
+
+fn parse_key_ref(s: &str) -> Result<crate::config::KeyRef, String> {
+    crate::config::KeyRef::parse(s).ok_or_else(|| format!("not a key (KEY or BACKEND:KEY): {s:?}"))
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -733,19 +742,34 @@ async fn vault_command(cfg: &Config, action: KeysAction, now: u64) -> Result<(),
     };
     let vault = crate::keys::vault::open(kv, &route.upstream, &cfg.server)?;
     match action {
-        KeysAction::Rewrap { force, .. } => {
+        KeysAction::Rewrap { force, from, .. } => {
             let (_, backends) = crate::keys::connect_backends(cfg).await?;
             let keys = KeyService::new(backends, cfg.cache.clone(), Arc::new(Metrics::new()));
-            let r = manage::rewrap(&keys, &vault, &jr.keys, force)
+            let mut names: Vec<&str> = jr.key_context.iter().map(|(n, _)| n.as_str()).collect();
+            names.sort_unstable();
+            let scope = manage::RewrapScope {
+                route_keys: &jr.keys,
+                from: &from,
+                context_names: &names,
+            };
+            let r = manage::rewrap(&keys, &vault, &scope, force)
                 .await
                 .map_err(|e| e.to_string())?;
             println!(
-                "{}: {} records rewrapped, {} already current, {} changed meanwhile, {} failed",
+                "{}: {} records rewrapped, {} already current, {} changed meanwhile, {} failed, \
+                 {} left alone (another key context's names, or no wrapped key under the \
+                 route's keys{})",
                 vault.label(),
                 r.rewrapped,
                 r.current,
                 r.conflicts,
-                r.failed.len()
+                r.failed.len(),
+                r.skipped,
+                if from.is_empty() {
+                    "; --from KEY opens others"
+                } else {
+                    " or --from"
+                },
             );
             for f in &r.failed {
                 eprintln!("failed: {f}");

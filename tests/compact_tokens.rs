@@ -256,6 +256,17 @@ async fn tampered_swapped_deleted_and_foreign_records_are_refused_never_redacted
             StatusCode::BAD_GATEWAY,
             "key_record_invalid",
         ),
+        (
+            // A state this version does not know is not taken for "active".
+            "unknown state",
+            {
+                let mut r = original.clone();
+                r["state"] = "shredded".into();
+                r
+            },
+            StatusCode::BAD_GATEWAY,
+            "key_record_invalid",
+        ),
     ];
     for (what, doc, status, code) in cases {
         let put = http.put_json(&record_url(&acme), &doc).await;
@@ -291,6 +302,91 @@ async fn tampered_swapped_deleted_and_foreign_records_are_refused_never_redacted
     let r = http.get(&proxy.url("/tenants/acme/users/x1"), &[]).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert_eq!(r.error_code(), "key_record_invalid");
+}
+
+/// Two routes sharing one vault, with different root keys: neither opens the other's records
+/// (with the record's key cached by the route that wrote it, or on a cold cache), and a rewrap
+/// of one route leaves the other's records alone.
+#[tokio::test]
+async fn routes_sharing_a_vault_never_open_or_rewrap_each_others_records() {
+    let js = JsonServer::start();
+    let routes = format!(
+        r#"{}
+[[route]]
+name = "pages"
+path = "/tenants/{{tenant}}/page"
+upstream = "{}"
+key = "staff"
+fields = {FIELDS}
+context = {{ tenant = "{{path.tenant}}" }}
+message_context = {{ id = "{{json.id}}" }}
+token_format = "v2"
+[route.key_vault]
+kind = "rest"
+path = "/envelope-keys/{{id}}"
+create = "post"
+"#,
+        route(&js.url(), "v2"),
+        js.url()
+    );
+    let proxy = Proxy::start(&routes, "").await;
+    let http = Http::default();
+    let w = http
+        .post_json(&proxy.url("/tenants/acme/users"), &[], &sample("u1"))
+        .await;
+    assert_eq!(w.status, StatusCode::CREATED, "{}", w.text());
+    // The writer has the record's key cached; the users route reads it.
+    let r = http.get(&proxy.url("/tenants/acme/users/u1"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    // Someone with access to the store copies the user into the pages route's resource:
+    // same vault, key context, message context and field, but the record's data key is
+    // wrapped under "users" only, and the pages route opens through "staff".
+    let stored = stored_user(&js, "u1").await;
+    let put = http.put_json(&format!("{}/page", js.url()), &stored).await;
+    assert!(put.status.is_success(), "{}", put.text());
+    let fresh = replica(&proxy, &routes).await;
+    for (who, p) in [("warm cache", &proxy), ("cold cache", &fresh)] {
+        let r = http.get(&p.url("/tenants/acme/page"), &[]).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{who}: {}", r.text());
+        assert_eq!(r.error_code(), "key_record_invalid", "{who}");
+        assert!(!r.text().contains("123-45-6789"), "{who}");
+    }
+
+    // A rewrap of the pages route leaves the users route's record as it was.
+    let before = records(&js).await;
+    assert_eq!(before.len(), 1);
+    let (ok, out) = cli(&proxy, &["keys", "rewrap", "--route", "pages"], "");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("0 records rewrapped") && out.contains("1 left alone"),
+        "{out}"
+    );
+    assert_eq!(records(&js).await, before);
+    let r = http.get(&fresh.url("/tenants/acme/users/u1"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), sample("u1"));
+    // `--from` moves records from a key the route does not name: the record is now wrapped
+    // under "staff" only (the pages route reads the copy; the users route no longer can).
+    let (ok, out) = cli(
+        &proxy,
+        &["keys", "rewrap", "--route", "pages", "--from", "users"],
+        "",
+    );
+    assert!(ok && out.contains("1 records rewrapped"), "{out}");
+    let moved = replica(&proxy, &routes).await;
+    let r = http.get(&moved.url("/tenants/acme/page"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json(), sample("u1"));
+    let r = http.get(&moved.url("/tenants/acme/users/u1"), &[]).await;
+    assert_eq!(r.error_code(), "key_record_invalid", "{}", r.text());
+    // `--from` must name a key.
+    let (ok, out) = cli(
+        &proxy,
+        &["keys", "rewrap", "--route", "pages", "--from", ""],
+        "",
+    );
+    assert!(!ok && out.contains("not a key"), "{out}");
 }
 
 #[tokio::test]

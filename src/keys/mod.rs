@@ -274,10 +274,21 @@ fn vault_error(e: vault::VaultError) -> BackendError {
     }
 }
 
-fn record_cache_key(vault: &str, id: &RecordId, key_context: &Context) -> Vec<u8> {
+/// The record cache's key: the vault, the record, the key context and the root keys the
+/// record was checked against. A record is opened only through EDKs under the route's keys;
+/// two routes sharing a vault with different keys must not find each other's opened records.
+fn record_cache_key(vault: &str, id: &RecordId, key_context: &Context, keys: &[KeyRef]) -> Vec<u8> {
     let mut out = Vec::with_capacity(vault.len() + 20 + 64);
-    out.extend_from_slice(&(vault.len() as u32).to_be_bytes());
-    out.extend_from_slice(vault.as_bytes());
+    let put = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    put(&mut out, vault.as_bytes());
+    out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+    for k in keys {
+        put(&mut out, k.backend.as_bytes());
+        put(&mut out, k.key_id.as_bytes());
+    }
     out.extend_from_slice(&id.0);
     key_context.canonical_into(&mut out);
     out
@@ -572,7 +583,7 @@ impl KeyService {
         // What is written is often read back at once: the opening side has it already.
         self.cache
             .insert_record(
-                record_cache_key(vault.label(), &id, key_context),
+                record_cache_key(vault.label(), &id, key_context, keys),
                 Arc::new(OpenRecord::new(record_key.clone(), key.header.clone())),
             )
             .await;
@@ -592,9 +603,10 @@ impl KeyService {
     ) -> Result<Arc<OpenRecord>, BackendError> {
         let (entry, hit) = self
             .cache
-            .record(record_cache_key(vault.label(), id, key_context), || {
-                self.fetch_record(vault, id, key_context, allowed)
-            })
+            .record(
+                record_cache_key(vault.label(), id, key_context, allowed),
+                || self.fetch_record(vault, id, key_context, allowed),
+            )
             .await?;
         self.metrics.record_cache(hit);
         Ok(entry)
@@ -630,6 +642,13 @@ impl KeyService {
                         .unwrap_or_default()
                 ),
             });
+        }
+        if stored.doc.state != vault::STATE_ACTIVE {
+            // A state this version does not know (a typo, or one a newer version wrote) is
+            // not taken for "active".
+            return Err(BackendError::RecordInvalid(format!(
+                "record {id} is in an unknown state (not \"active\")"
+            )));
         }
         let rec = stored.doc.record().map_err(vault_error)?;
         if rec.id != *id {

@@ -22,7 +22,22 @@ pub struct RewrapReport {
     pub rewrapped: usize,
     pub current: usize,
     pub conflicts: usize,
+    /// Records left alone: another key context's names, or no EDK under the route's keys
+    /// (nor under `from`): another route's records in a shared vault, or ones only a key the
+    /// route no longer names can open.
+    pub skipped: usize,
     pub failed: Vec<String>,
+}
+
+/// Which records a rewrap may touch, and with which keys it may open them.
+pub struct RewrapScope<'a> {
+    /// The route's keys: the records are wrapped again under these.
+    pub route_keys: &'a [KeyRef],
+    /// Other keys whose EDKs may be opened too (a route moved to another key or backend).
+    pub from: &'a [KeyRef],
+    /// The names of the route's key context, in order: a record of other names is another
+    /// route's.
+    pub context_names: &'a [&'a str],
 }
 
 /// Each route key's current version (0: the backend has none, or could not say), looked up
@@ -53,16 +68,34 @@ fn is_current(
         })
 }
 
-/// Re-wrap every record of `vault` under `route_keys` (their current versions): the data key
-/// is unwrapped with whichever configured backend its EDKs name, checked against the record's
-/// commitment, and wrapped again; id, commitment and key context stay. Each replacement is
+/// Re-wrap the route's records of `vault` under its keys (their current versions): the data
+/// key is unwrapped through an EDK under the route's keys or `scope.from` only, checked against
+/// the record's commitment, and wrapped again; id, commitment and key context stay. Records of
+/// another key context's names, or without an EDK under those keys, are skipped: in a vault
+/// that routes share, one route's rewrap never takes another's records. Each replacement is
 /// conditional on the record being unchanged since it was read.
 pub async fn rewrap(
     keys: &KeyService,
     vault: &Vault,
-    route_keys: &[KeyRef],
+    scope: &RewrapScope<'_>,
     force: bool,
 ) -> Result<RewrapReport, VaultError> {
+    let route_keys = scope.route_keys;
+    let allowed: Vec<KeyRef> = route_keys.iter().chain(scope.from).cloned().collect();
+    // Names resolved first (a KMS alias's key ARN), so stored EDKs can be matched against
+    // them below: a key that cannot be resolved (an outage) fails the run rather than leave
+    // its records "skipped".
+    for k in &allowed {
+        let backend = keys
+            .backend(&k.backend)
+            .map_err(|e| VaultError::Unavailable(e.to_string()))?;
+        if !backend.resolved(&k.key_id) {
+            backend
+                .resolve_key(&k.key_id)
+                .await
+                .map_err(|e| VaultError::Unavailable(format!("{k}: {e}")))?;
+        }
+    }
     let mut report = RewrapReport::default();
     let current = current_versions(keys, route_keys).await;
     for listed in vault.list().await? {
@@ -83,11 +116,25 @@ pub async fn rewrap(
                 continue;
             }
         };
+        let names_match = rec
+            .key_context
+            .iter()
+            .map(|(k, _)| k)
+            .eq(scope.context_names.iter().copied());
+        let under_allowed = rec.header.edks.iter().any(|e| {
+            allowed
+                .iter()
+                .any(|k| k.backend == e.backend && keys.same_key(k, &e.key_id))
+        });
+        if !names_match || !under_allowed {
+            report.skipped += 1;
+            continue;
+        }
         if !force && is_current(keys, &rec.header, route_keys, &current) {
             report.current += 1;
             continue;
         }
-        match rewrap_one(keys, &rec, route_keys).await {
+        match rewrap_one(keys, &rec, route_keys, &allowed).await {
             Ok(new) => {
                 let mut doc =
                     VaultDoc::new(&new).map_err(|e| VaultError::Malformed(format!("{id}: {e}")))?;
@@ -109,9 +156,10 @@ async fn rewrap_one(
     keys: &KeyService,
     rec: &Record,
     route_keys: &[KeyRef],
+    allowed: &[KeyRef],
 ) -> Result<Record, BackendError> {
     let bound = record::backend_context(&rec.key_context, &rec.id);
-    let data_key = keys.opening_key(&rec.header, &bound).await?;
+    let data_key = keys.opening_key_for(&rec.header, &bound, allowed).await?;
     if RecordKey::open(data_key.expose(), rec).is_none() {
         return Err(BackendError::RecordInvalid(format!(
             "record {}: the data key does not match its commitment",
@@ -237,14 +285,18 @@ pub async fn apply_due_shreds(vault: &Vault, now: u64) -> Result<Vec<String>, St
             .iter()
             .filter(|s| s.doc.record().is_ok_and(|r| r.key_context == ctx))
             .collect();
-        // Read again: a cancel since the listing keeps the whole key context.
-        let mut still_due = false;
+        // Read again: a cancel since the listing keeps the whole key context. Every record
+        // that was due must still be: one put back (a cancel that is under way, or one that
+        // stopped halfway) keeps them all.
+        let mut still_due = true;
         for s in of_ctx.iter().filter(|s| due(&s.doc)) {
-            if let Some(id) = s.doc.id()
-                && let Some(now_doc) = vault.get(&id).await.map_err(|e| e.to_string())?
-                && due(&now_doc.doc)
-            {
-                still_due = true;
+            let now_doc = match s.doc.id() {
+                Some(id) => vault.get(&id).await.map_err(|e| e.to_string())?,
+                None => None,
+            };
+            if !now_doc.is_some_and(|d| due(&d.doc)) {
+                still_due = false;
+                break;
             }
         }
         if !still_due {
@@ -341,5 +393,99 @@ impl VaultStore for ExportVault {
         Err(VaultError::Unavailable(
             "a vault export is read-only".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::envelope::header::WrappedKey;
+    use crate::envelope::record::RecordId;
+
+    /// A vault whose listing is a snapshot taken earlier: what `apply_due_shreds` sees when a
+    /// cancel runs between its listing and its second read.
+    struct Racing {
+        listed: Vec<VaultDoc>,
+        now: Mutex<Vec<VaultDoc>>,
+        deleted: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl VaultStore for Racing {
+        fn label(&self) -> &str {
+            "racing"
+        }
+        async fn get(&self, id: &RecordId) -> Result<Option<Stored>, VaultError> {
+            let now = self.now.lock().unwrap();
+            Ok(now.iter().find(|d| d.id() == Some(*id)).map(|d| Stored {
+                doc: d.clone(),
+                version: None,
+            }))
+        }
+        async fn create(&self, _: &VaultDoc) -> Result<(), VaultError> {
+            unreachable!("not used")
+        }
+        async fn replace(&self, _: &Stored, _: &VaultDoc) -> Result<(), VaultError> {
+            unreachable!("not used")
+        }
+        async fn list(&self) -> Result<Vec<Stored>, VaultError> {
+            Ok(self
+                .listed
+                .iter()
+                .map(|d| Stored {
+                    doc: d.clone(),
+                    version: None,
+                })
+                .collect())
+        }
+        async fn delete(&self, id: &RecordId) -> Result<(), VaultError> {
+            self.deleted.lock().unwrap().push(id.hex());
+            Ok(())
+        }
+    }
+
+    fn doc(tenant: &str, state: &str, after: Option<u64>) -> VaultDoc {
+        let rec = Record {
+            id: RecordId::generate(),
+            commitment: [7; record::COMMITMENT_LEN],
+            key_context: [("tenant", tenant)].into_iter().collect(),
+            header: Header {
+                edks: vec![WrappedKey {
+                    backend: "local".into(),
+                    key_id: "users".into(),
+                    key_version: 1,
+                    blob: vec![1; 40],
+                }],
+            },
+        };
+        let mut d = VaultDoc::new(&rec).unwrap();
+        d.state = state.into();
+        d.shred_after = after;
+        d
+    }
+
+    #[tokio::test]
+    async fn a_cancel_between_the_listing_and_the_deletion_keeps_the_whole_key_context() {
+        let due = |t| doc(t, STATE_PENDING_SHRED, Some(100));
+        let (a1, a2, other) = (due("acme"), due("acme"), due("globex"));
+        // Listed as due; by the time they are read again, one of acme's is back in use.
+        let mut a2_cancelled = a2.clone();
+        a2_cancelled.state = STATE_ACTIVE.into();
+        a2_cancelled.shred_after = None;
+        let racing = Arc::new(Racing {
+            listed: vec![a1.clone(), a2.clone(), other.clone()],
+            now: Mutex::new(vec![a1.clone(), a2_cancelled, other.clone()]),
+            deleted: Mutex::new(Vec::new()),
+        });
+        let vault: Vault = racing.clone();
+        let deleted = apply_due_shreds(&vault, 200).await.unwrap();
+        // acme's records stay (one was cancelled: a cancel under way keeps them all);
+        // globex's, still due, goes.
+        assert_eq!(deleted, vec![other.id.clone()]);
+        assert_eq!(*racing.deleted.lock().unwrap(), vec![other.id]);
+        // Nothing is due before the window ends.
+        assert!(apply_due_shreds(&vault, 99).await.unwrap().is_empty());
     }
 }
