@@ -9,6 +9,11 @@
 //!   bookkeeping (same lifetime, cleared with it).
 //! - **Single-flight**: concurrent misses on one entry share one backend call (moka's
 //!   `try_get_with` coalesces initialisers).
+//! - **Invalidation** ([`DataKeyCache::invalidate_all`]: a root key disabled, rotated, scheduled
+//!   for deletion, a record shredded) is final: every entry is stamped with the cache's
+//!   generation as it was when its fetch began, and an entry whose fetch began before the last
+//!   invalidation is never served, even one inserted after it (moka's `invalidate_all` hides
+//!   only what was there when it ran).
 //! - Evicted keys are zeroized when their last user drops them ([`DataKey`] zeroizes on drop).
 //! - Authorization is not the cache's business: callers check it on every request, hit or miss.
 
@@ -26,17 +31,28 @@ use crate::envelope::{Context, WrappedKey};
 pub use crate::config::keys::CacheLimits;
 
 struct SealEntry {
+    /// The cache's generation when this key's making began.
+    generation: u64,
     key: Arc<SealingKey>,
     messages: AtomicU64,
     bytes: AtomicU64,
 }
 
+/// A cached value with the cache's generation as it was when its fetch began.
+#[derive(Clone)]
+struct Stamped<V> {
+    generation: u64,
+    value: V,
+}
+
 pub struct DataKeyCache {
     limits: CacheLimits,
+    /// Bumped by every invalidation, before the caches are emptied.
+    generation: AtomicU64,
     seal: Cache<Vec<u8>, Arc<SealEntry>>,
-    open: Cache<Vec<u8>, Arc<DataKey>>,
-    /// (vault, record id, key context) → the record's key, for v2 tokens.
-    records: Cache<Vec<u8>, Arc<OpenRecord>>,
+    open: Cache<Vec<u8>, Stamped<Arc<DataKey>>>,
+    /// (vault, record id, key context, route keys) → the record's key, for v2 tokens.
+    records: Cache<Vec<u8>, Stamped<Arc<OpenRecord>>>,
     /// In front of `records`: what was read from it lately, each until `open_ttl` after its
     /// record was opened (as `records` keeps it), at most `max_entries` (cleared when full),
     /// cleared by [`DataKeyCache::invalidate_all`]. A hit here costs a map lookup.
@@ -66,6 +82,7 @@ impl DataKeyCache {
             .build();
         DataKeyCache {
             limits,
+            generation: AtomicU64::new(0),
             seal,
             open,
             records,
@@ -98,8 +115,10 @@ impl DataKeyCache {
         } else {
             self.limits.max_messages
         };
-        // A few rounds: an entry used up by this message (or by racing ones) is replaced.
+        // A few rounds: an entry used up by this message (or by racing ones), or made before
+        // an invalidation, is replaced.
         for _ in 0..3 {
+            let started = self.generation();
             let mut missed = false;
             let entry = self
                 .seal
@@ -118,10 +137,17 @@ impl DataKeyCache {
                     for edk in edks {
                         let copy = Arc::new(DataKey::from_bytes(*key.data_key.expose()));
                         self.open
-                            .insert(open_cache_key(edk, key_context), copy)
+                            .insert(
+                                open_cache_key(edk, key_context),
+                                Stamped {
+                                    generation: started,
+                                    value: copy,
+                                },
+                            )
                             .await;
                     }
                     Ok(Arc::new(SealEntry {
+                        generation: started,
                         key: Arc::new(key),
                         messages: AtomicU64::new(0),
                         bytes: AtomicU64::new(0),
@@ -129,6 +155,11 @@ impl DataKeyCache {
                 })
                 .await
                 .map_err(|e: Arc<BackendError>| (*e).clone())?;
+            if entry.generation != self.generation() {
+                // Made before an invalidation: never used, by this request or a later one.
+                self.drop_seal_entry(&cache_key, &entry).await;
+                continue;
+            }
             let used_messages = entry
                 .messages
                 .fetch_add(messages, Ordering::Relaxed)
@@ -140,12 +171,8 @@ impl DataKeyCache {
             if used_messages <= max_messages && used_bytes <= self.limits.max_bytes {
                 return Ok((entry.key.clone(), !missed));
             }
-            // Used up: drop it (only if it is still this entry) and go round again.
-            if let Some(current) = self.seal.get(&cache_key).await
-                && Arc::ptr_eq(&current, &entry)
-            {
-                self.seal.invalidate(&cache_key).await;
-            }
+            // Used up: drop it and go round again.
+            self.drop_seal_entry(&cache_key, &entry).await;
         }
         // A single message larger than max_bytes, or heavy churn: a key of its own.
         Ok((Arc::new(make().await?), false))
@@ -163,16 +190,69 @@ impl DataKeyCache {
         Fut: Future<Output = Result<DataKey, BackendError>>,
     {
         let cache_key = open_cache_key(edk, key_context);
+        self.current(&self.open, cache_key, async {
+            unwrap().await.map(Arc::new)
+        })
+        .await
+    }
+
+    /// Drop the sealing entry `entry` of `cache_key` (only if it is still that one).
+    async fn drop_seal_entry(&self, cache_key: &[u8], entry: &Arc<SealEntry>) {
+        if let Some(current) = self.seal.get(cache_key).await
+            && Arc::ptr_eq(&current, entry)
+        {
+            self.seal.invalidate(cache_key).await;
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// `cache[cache_key]`, or what `fetch` gives on a miss (concurrent misses share one
+    /// fetch), never an entry whose fetch began before the last invalidation. Returns the
+    /// value and whether it was a hit.
+    async fn current<V, Fut>(
+        &self,
+        cache: &Cache<Vec<u8>, Stamped<V>>,
+        cache_key: Vec<u8>,
+        fetch: Fut,
+    ) -> Result<(V, bool), BackendError>
+    where
+        V: Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<V, BackendError>>,
+    {
+        let started = self.generation();
+        if let Some(entry) = cache.get(&cache_key).await {
+            if entry.generation == started {
+                return Ok((entry.value, true));
+            }
+            // Fetched before an invalidation and inserted after it.
+            cache.invalidate(&cache_key).await;
+        }
         let mut missed = false;
-        let key = self
-            .open
-            .try_get_with(cache_key, async {
+        let entry = cache
+            .try_get_with(cache_key.clone(), async {
                 missed = true;
-                unwrap().await.map(Arc::new)
+                fetch.await.map(|value| Stamped {
+                    generation: started,
+                    value,
+                })
             })
             .await
             .map_err(|e: Arc<BackendError>| (*e).clone())?;
-        Ok((key, !missed))
+        if entry.generation != self.generation() {
+            // An invalidation came while it was fetched: kept for no one else.
+            cache.invalidate(&cache_key).await;
+        }
+        if entry.generation < started {
+            // Another caller's fetch from before an invalidation, inserted between the check
+            // above and this call: not for a request that began after it.
+            return Err(BackendError::Unavailable(
+                "the key cache was invalidated meanwhile; retry".into(),
+            ));
+        }
+        Ok((entry.value, !missed))
     }
 
     /// The key of a data-key record; `fetch` is called on a miss (single-flight).
@@ -189,23 +269,13 @@ impl DataKeyCache {
             return Ok((entry, true));
         }
         let generation = self.front_generation();
-        // A hit without try_get_with: its future carries the fetch's (large) one, moved on
-        // every call.
-        if let Some(entry) = self.records.get(&cache_key).await {
-            self.front_put(generation, cache_key, &entry);
-            return Ok((entry, true));
-        }
-        let mut missed = false;
-        let entry = self
-            .records
-            .try_get_with(cache_key.clone(), async {
-                missed = true;
+        let (entry, hit) = self
+            .current(&self.records, cache_key.clone(), async {
                 fetch().await.map(Arc::new)
             })
-            .await
-            .map_err(|e: Arc<BackendError>| (*e).clone())?;
+            .await?;
         self.front_put(generation, cache_key, &entry);
-        Ok((entry, !missed))
+        Ok((entry, hit))
     }
 
     fn front_get(&self, cache_key: &[u8]) -> Option<Arc<OpenRecord>> {
@@ -244,7 +314,11 @@ impl DataKeyCache {
 
     /// Remember a record's key (the sealing side primes the opening side).
     pub async fn insert_record(&self, cache_key: Vec<u8>, entry: Arc<OpenRecord>) {
-        self.records.insert(cache_key, entry).await;
+        let stamped = Stamped {
+            generation: self.generation(),
+            value: entry,
+        };
+        self.records.insert(cache_key, stamped).await;
     }
 
     /// Drop every cached key (a root key was rotated, disabled or scheduled for deletion).
@@ -257,6 +331,9 @@ impl DataKeyCache {
     }
 
     pub fn invalidate_all(&self) {
+        // First: a fetch that begins from now on sees the backend's new state, and what a
+        // fetch that began before brings is not served.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.seal.invalidate_all();
         self.open.invalidate_all();
         self.records.invalidate_all();
@@ -372,8 +449,69 @@ mod tests {
             })
             .await
             .unwrap();
-        let front = cache.front.read().unwrap();
-        assert!(front.entries.is_empty());
+        assert!(cache.front.read().unwrap().entries.is_empty());
+        // Nor behind it: the next read fetches again (moka's invalidate_all hides only what
+        // was cached when it ran; this was inserted after).
+        assert!(!read(&cache, b"a", &calls).await);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(read(&cache, b"a", &calls).await);
+    }
+
+    #[tokio::test]
+    async fn keys_made_or_unwrapped_across_an_invalidation_are_not_kept() {
+        let cache = DataKeyCache::new(CacheLimits::default());
+        let calls = AtomicUsize::new(0);
+        let ctx = Context::new();
+        // Sealing: a key whose making straddles an invalidation is not used, nor kept.
+        let make = || async {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                cache.invalidate_all();
+            }
+            Ok(fake_key())
+        };
+        let (first, hit) = cache
+            .sealing_key(b"v1", &keys(), &ctx, 1, 1, make)
+            .await
+            .unwrap();
+        assert!(!hit);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "made again after the invalidation"
+        );
+        let (again, hit) = cache
+            .sealing_key(b"v1", &keys(), &ctx, 1, 1, make)
+            .await
+            .unwrap();
+        assert!(hit && Arc::ptr_eq(&first, &again));
+        // Opening: the unwrapping caller gets its key; the next one unwraps again.
+        let edk = WrappedKey {
+            backend: "local".into(),
+            key_id: "users".into(),
+            key_version: 1,
+            blob: vec![1; 8],
+        };
+        let unwraps = AtomicUsize::new(0);
+        let open = |straddle: bool| {
+            let (cache, edk, ctx, unwraps) = (&cache, &edk, &ctx, &unwraps);
+            async move {
+                cache
+                    .opening_key(edk, ctx, || async {
+                        unwraps.fetch_add(1, Ordering::SeqCst);
+                        if straddle {
+                            cache.invalidate_all();
+                        }
+                        Ok(DataKey::generate())
+                    })
+                    .await
+                    .unwrap()
+                    .1
+            }
+        };
+        assert!(!open(true).await);
+        assert!(!open(false).await);
+        assert!(open(false).await);
+        assert_eq!(unwraps.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
