@@ -387,6 +387,21 @@ create = "post"
         "",
     );
     assert!(!ok && out.contains("not a key"), "{out}");
+    // One bad document in the vault stops management loudly (nothing is done on a partial
+    // view), and is named so that it can be found.
+    let w = http
+        .post_json(
+            &format!("{}/envelope-keys", js.url()),
+            &[],
+            &json!({"id": "x", "record": 5}),
+        )
+        .await;
+    assert!(w.status.is_success(), "{}", w.text());
+    let (ok, out) = cli(&proxy, &["keys", "rewrap", "--route", "pages"], "");
+    assert!(
+        !ok && out.contains("document 1 of the listing is not a vault document"),
+        "{out}"
+    );
 }
 
 #[tokio::test]

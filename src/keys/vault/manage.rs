@@ -140,6 +140,21 @@ pub async fn rewrap(
                     VaultDoc::new(&new).map_err(|e| VaultError::Malformed(format!("{id}: {e}")))?;
                 doc.state = stored.doc.state.clone();
                 doc.shred_after = stored.doc.shred_after;
+                // Read once more just before writing: a shredding scheduled or cancelled while
+                // the key was re-wrapped must not be undone by this write. Stores that honour
+                // `If-Match` make the write itself conditional; on others this leaves only
+                // the moment between this read and the write.
+                match vault.get(&id).await {
+                    Ok(Some(now)) if now.doc == stored.doc => {}
+                    Ok(_) => {
+                        report.conflicts += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        report.failed.push(format!("{id}: {e}"));
+                        continue;
+                    }
+                }
                 match vault.replace(&stored, &doc).await {
                     Ok(()) => report.rewrapped += 1,
                     Err(VaultError::Conflict(_)) => report.conflicts += 1,

@@ -193,16 +193,27 @@ impl VaultStore for RestVault {
         if !status.is_success() {
             return Err(self.failed("GET (list)", status));
         }
-        let docs: Vec<VaultDoc> = serde_json::from_slice(&body).map_err(|_| {
+        let docs: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|_| {
             VaultError::Malformed(format!(
                 "{}: the listing is not a JSON array of records",
                 self.label
             ))
         })?;
-        Ok(docs
-            .into_iter()
-            .map(|doc| Stored { doc, version: None })
-            .collect())
+        // One bad document fails the listing (nothing is managed on a partial view), named so
+        // that it can be found and removed.
+        docs.into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                serde_json::from_value::<VaultDoc>(v)
+                    .map(|doc| Stored { doc, version: None })
+                    .map_err(|e| {
+                        VaultError::Malformed(format!(
+                            "{}: document {i} of the listing is not a vault document ({e})",
+                            self.label
+                        ))
+                    })
+            })
+            .collect()
     }
 
     async fn delete(&self, id: &RecordId) -> Result<(), VaultError> {
