@@ -182,10 +182,21 @@ impl VaultStore for DirVault {
         .await
     }
 
-    async fn delete(&self, id: &RecordId) -> Result<(), VaultError> {
-        let path = self.path(id);
+    async fn delete(&self, current: &Stored) -> Result<(), VaultError> {
+        let id = current
+            .doc
+            .id()
+            .ok_or_else(|| VaultError::Malformed("record id".into()))?;
+        let expected = current.version.clone();
+        let name = current.doc.id.clone();
+        let path = self.path(&id);
         self.blocking(move |dir| {
             let _lock = lock(&dir)?;
+            match read(&path)? {
+                None => return Ok(()),
+                Some(now) if now.version != expected => return Err(VaultError::Conflict(name)),
+                Some(_) => {}
+            }
             match fs::remove_file(&path) {
                 Ok(()) => sync_dir(&dir),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -193,5 +204,46 @@ impl VaultStore for DirVault {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::header::{Header, WrappedKey};
+    use crate::envelope::record::{COMMITMENT_LEN, Record};
+
+    #[tokio::test]
+    async fn a_record_changed_since_it_was_read_is_not_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vault = DirVault::new(&tmp.path().join("v"), "dir:test".into());
+        let rec = Record {
+            id: RecordId::generate(),
+            commitment: [7; COMMITMENT_LEN],
+            key_context: [("tenant", "acme")].into_iter().collect(),
+            header: Header {
+                edks: vec![WrappedKey {
+                    backend: "local".into(),
+                    key_id: "users".into(),
+                    key_version: 1,
+                    blob: vec![1; 40],
+                }],
+            },
+        };
+        vault.create(&VaultDoc::new(&rec).unwrap()).await.unwrap();
+        let read_before = vault.get(&rec.id).await.unwrap().unwrap();
+        // Changed meanwhile (a shredding cancelled, a rewrap): the earlier reading is stale.
+        let mut changed = read_before.doc.clone();
+        changed.state = "pending_shred".into();
+        vault.replace(&read_before, &changed).await.unwrap();
+        assert!(matches!(
+            vault.delete(&read_before).await,
+            Err(VaultError::Conflict(_))
+        ));
+        let current = vault.get(&rec.id).await.unwrap().expect("still there");
+        vault.delete(&current).await.unwrap();
+        assert!(vault.get(&rec.id).await.unwrap().is_none());
+        // Absent is fine.
+        vault.delete(&current).await.unwrap();
     }
 }

@@ -303,24 +303,31 @@ pub async fn apply_due_shreds(vault: &Vault, now: u64) -> Result<Vec<String>, St
         // Read again: a cancel since the listing keeps the whole key context. Every record
         // that was due must still be: one put back (a cancel that is under way, or one that
         // stopped halfway) keeps them all.
-        let mut still_due = true;
-        for s in of_ctx.iter().filter(|s| due(&s.doc)) {
-            let now_doc = match s.doc.id() {
+        let (was_due, others): (Vec<&Stored>, Vec<&Stored>) =
+            of_ctx.into_iter().partition(|s| due(&s.doc));
+        let expected = was_due.len();
+        let mut still_due = Vec::with_capacity(expected);
+        for s in was_due {
+            let now = match s.doc.id() {
                 Some(id) => vault.get(&id).await.map_err(|e| e.to_string())?,
                 None => None,
             };
-            if !now_doc.is_some_and(|d| due(&d.doc)) {
-                still_due = false;
-                break;
+            match now {
+                Some(now) if due(&now.doc) => still_due.push(now),
+                _ => break,
             }
         }
-        if !still_due {
+        if still_due.len() < expected {
             continue;
         }
-        for s in of_ctx {
-            if let Some(id) = s.doc.id() {
-                vault.delete(&id).await.map_err(|e| e.to_string())?;
-                deleted.push(s.doc.id.clone());
+        // The others first, the due records last: if a deletion finds its record changed
+        // (a conditional delete refused), the due records stay and the next run takes the
+        // whole key context again.
+        for s in others.into_iter().chain(still_due.iter()) {
+            match vault.delete(s).await {
+                Ok(()) => deleted.push(s.doc.id.clone()),
+                Err(VaultError::Conflict(_)) => break,
+                Err(e) => return Err(e.to_string()),
             }
         }
     }
@@ -404,7 +411,7 @@ impl VaultStore for ExportVault {
             })
             .collect())
     }
-    async fn delete(&self, _: &crate::envelope::record::RecordId) -> Result<(), VaultError> {
+    async fn delete(&self, _: &Stored) -> Result<(), VaultError> {
         Err(VaultError::Unavailable(
             "a vault export is read-only".into(),
         ))
@@ -425,6 +432,8 @@ mod tests {
         listed: Vec<VaultDoc>,
         now: Mutex<Vec<VaultDoc>>,
         deleted: Mutex<Vec<String>>,
+        /// A record changed since it was read: its conditional delete is refused.
+        changed: Option<String>,
     }
 
     #[async_trait::async_trait]
@@ -455,8 +464,11 @@ mod tests {
                 })
                 .collect())
         }
-        async fn delete(&self, id: &RecordId) -> Result<(), VaultError> {
-            self.deleted.lock().unwrap().push(id.hex());
+        async fn delete(&self, current: &Stored) -> Result<(), VaultError> {
+            if self.changed.as_ref() == Some(&current.doc.id) {
+                return Err(VaultError::Conflict(current.doc.id.clone()));
+            }
+            self.deleted.lock().unwrap().push(current.doc.id.clone());
             Ok(())
         }
     }
@@ -493,6 +505,7 @@ mod tests {
             listed: vec![a1.clone(), a2.clone(), other.clone()],
             now: Mutex::new(vec![a1.clone(), a2_cancelled, other.clone()]),
             deleted: Mutex::new(Vec::new()),
+            changed: None,
         });
         let vault: Vault = racing.clone();
         let deleted = apply_due_shreds(&vault, 200).await.unwrap();
@@ -502,5 +515,23 @@ mod tests {
         assert_eq!(*racing.deleted.lock().unwrap(), vec![other.id]);
         // Nothing is due before the window ends.
         assert!(apply_due_shreds(&vault, 99).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_due_records_go_last_so_a_refused_delete_leaves_the_context_to_the_next_run() {
+        // acme: one record due, one written during the window (active) that changed since the
+        // listing. Its delete is refused: the due record must stay, or nothing would take the
+        // rest of acme's records on the next run.
+        let due = doc("acme", STATE_PENDING_SHRED, Some(100));
+        let during = doc("acme", STATE_ACTIVE, None);
+        let racing = Arc::new(Racing {
+            listed: vec![due.clone(), during.clone()],
+            now: Mutex::new(vec![due.clone(), during.clone()]),
+            deleted: Mutex::new(Vec::new()),
+            changed: Some(during.id.clone()),
+        });
+        let vault: Vault = racing.clone();
+        assert!(apply_due_shreds(&vault, 200).await.unwrap().is_empty());
+        assert!(racing.deleted.lock().unwrap().is_empty());
     }
 }

@@ -118,8 +118,9 @@ pub trait VaultStore: Send + Sync + 'static {
     /// Every record.
     async fn list(&self) -> Result<Vec<Stored>, VaultError>;
 
-    /// Delete a record (absent is fine).
-    async fn delete(&self, id: &RecordId) -> Result<(), VaultError>;
+    /// Delete the record `current` is a reading of, only if it is unchanged where the store
+    /// can tell ([`VaultError::Conflict`] otherwise); absent is fine.
+    async fn delete(&self, current: &Stored) -> Result<(), VaultError>;
 }
 
 pub type Vault = Arc<dyn VaultStore>;

@@ -216,14 +216,25 @@ impl VaultStore for RestVault {
             .collect()
     }
 
-    async fn delete(&self, id: &RecordId) -> Result<(), VaultError> {
+    async fn delete(&self, current: &Stored) -> Result<(), VaultError> {
+        let id = current
+            .doc
+            .id()
+            .ok_or_else(|| VaultError::Malformed("record id".into()))?;
         let (status, _, _) = self
-            .call(Method::DELETE, self.url(Some(id)), None, None)
+            .call(
+                Method::DELETE,
+                self.url(Some(&id)),
+                None,
+                current.version.as_deref(),
+            )
             .await?;
-        if status.is_success() || status == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            Err(self.failed("DELETE", status))
+        match status {
+            StatusCode::PRECONDITION_FAILED | StatusCode::CONFLICT => {
+                Err(VaultError::Conflict(current.doc.id.clone()))
+            }
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            s => Err(self.failed("DELETE", s)),
         }
     }
 }
