@@ -230,6 +230,17 @@ impl RecordKey {
         }
     }
 
+    /// Count `n` messages as sealed (tests: a key near its nonce limit).
+    #[cfg(test)]
+    pub(crate) fn count_sealed(&self, n: u64) {
+        self.sealed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// How many more messages this key may seal (its nonces left).
+    pub fn remaining(&self) -> u64 {
+        MAX_MESSAGES.saturating_sub(self.sealed.load(Ordering::Relaxed))
+    }
+
     /// A fresh nonce: a random per-key base XOR a counter, so nonces never repeat under one
     /// key in this process (the only one that seals with it). `None` past [`MAX_MESSAGES`].
     pub(super) fn next_nonce(&self) -> Option<[u8; 12]> {

@@ -168,7 +168,15 @@ impl DataKeyCache {
                 .bytes
                 .fetch_add(bytes, Ordering::Relaxed)
                 .saturating_add(bytes);
-            if used_messages <= max_messages && used_bytes <= self.limits.max_bytes {
+            // A v2 key also counts what it really sealed (the estimate above may fall short,
+            // e.g. with wildcard paths): one near its nonce limit is replaced, not kept until
+            // max_age while every write fails.
+            let nonces_left = entry
+                .key
+                .record
+                .as_ref()
+                .is_none_or(|r| r.remaining() >= messages);
+            if used_messages <= max_messages && used_bytes <= self.limits.max_bytes && nonces_left {
                 return Ok((entry.key.clone(), !missed));
             }
             // Used up: drop it and go round again.
@@ -546,6 +554,38 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_v2_key_near_its_nonce_limit_is_replaced() {
+        use crate::envelope::record::{MAX_MESSAGES, RecordId, RecordKey};
+        let cache = DataKeyCache::new(CacheLimits::default());
+        let calls = AtomicUsize::new(0);
+        let make = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut key = fake_key();
+            key.record = Some(Arc::new(RecordKey::new(&[7; 32], RecordId::generate())));
+            Ok(key)
+        };
+        let ctx = Context::new();
+        let (first, _) = cache
+            .sealing_key(b"v2:test", &keys(), &ctx, 1, 1, make)
+            .await
+            .unwrap();
+        // More was sealed than the cache was told (an estimate that fell short): 2 nonces left.
+        let record = first.record.as_ref().unwrap();
+        record.count_sealed(MAX_MESSAGES - 2);
+        let (same, _) = cache
+            .sealing_key(b"v2:test", &keys(), &ctx, 2, 1, make)
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &same));
+        let (next, hit) = cache
+            .sealing_key(b"v2:test", &keys(), &ctx, 3, 1, make)
+            .await
+            .unwrap();
+        assert!(!hit && !Arc::ptr_eq(&first, &next));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
