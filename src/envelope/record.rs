@@ -256,6 +256,24 @@ impl RecordKey {
     }
 }
 
+/// A well-formed record of key context `tenant=TENANT` whose EDK opens under no key (tests of
+/// what stores and management do with records, not of opening them).
+#[cfg(test)]
+pub(crate) fn sample_record(tenant: &str) -> Record {
+    Record {
+        id: RecordId::generate(),
+        commitment: [7; COMMITMENT_LEN],
+        key_context: [("tenant", tenant)].into_iter().collect(),
+        header: Header {
+            edks: vec![crate::envelope::WrappedKey {
+                backend: "local".into(),
+                key_id: "users".into(),
+                key_version: 1,
+                blob: vec![1; 40],
+            }],
+        },
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -210,26 +210,12 @@ impl VaultStore for DirVault {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::header::{Header, WrappedKey};
-    use crate::envelope::record::{COMMITMENT_LEN, Record};
 
     #[tokio::test]
     async fn a_record_changed_since_it_was_read_is_not_deleted() {
         let tmp = tempfile::tempdir().unwrap();
         let vault = DirVault::new(&tmp.path().join("v"), "dir:test".into());
-        let rec = Record {
-            id: RecordId::generate(),
-            commitment: [7; COMMITMENT_LEN],
-            key_context: [("tenant", "acme")].into_iter().collect(),
-            header: Header {
-                edks: vec![WrappedKey {
-                    backend: "local".into(),
-                    key_id: "users".into(),
-                    key_version: 1,
-                    blob: vec![1; 40],
-                }],
-            },
-        };
+        let rec = crate::envelope::record::sample_record("acme");
         vault.create(&VaultDoc::new(&rec).unwrap()).await.unwrap();
         let read_before = vault.get(&rec.id).await.unwrap().unwrap();
         // Changed meanwhile (a shredding cancelled, a rewrap): the earlier reading is stale.

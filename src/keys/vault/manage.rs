@@ -423,7 +423,6 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::envelope::header::WrappedKey;
     use crate::envelope::record::RecordId;
 
     /// A vault whose listing is a snapshot taken earlier: what `apply_due_shreds` sees when a
@@ -474,20 +473,7 @@ mod tests {
     }
 
     fn doc(tenant: &str, state: &str, after: Option<u64>) -> VaultDoc {
-        let rec = Record {
-            id: RecordId::generate(),
-            commitment: [7; record::COMMITMENT_LEN],
-            key_context: [("tenant", tenant)].into_iter().collect(),
-            header: Header {
-                edks: vec![WrappedKey {
-                    backend: "local".into(),
-                    key_id: "users".into(),
-                    key_version: 1,
-                    blob: vec![1; 40],
-                }],
-            },
-        };
-        let mut d = VaultDoc::new(&rec).unwrap();
+        let mut d = VaultDoc::new(&record::sample_record(tenant)).unwrap();
         d.state = state.into();
         d.shred_after = after;
         d
